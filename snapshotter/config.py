@@ -1,0 +1,75 @@
+"""Settings: defaults, overridden by /etc/lazysnap/config.toml, overridden by flags.
+
+Every key is documented in systemd/config.toml. Unknown keys are an error, so a typo
+never silently leaves a default in force.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/lazysnap/config.toml")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+MAX_SOCKET_PATH = 107
+"""Linux's limit on a unix socket path (sun_path minus the NUL)."""
+
+
+@dataclass
+class Config:
+    root: Path = Path("/var/lib/lazysnap")
+    """State: metadata.db and snapshots/<id>/{fs,work}."""
+    address: Path = Path("/run/lazysnap/lazysnap.sock")
+    """The gRPC socket containerd's proxy_plugins entry points at."""
+    log_level: str = "info"
+    grpc_workers: int = 16
+    """Threads serving gRPC calls at once."""
+
+    def validate(self) -> Config:
+        if not self.root.is_absolute():
+            raise ConfigError(f"root must be an absolute path, got {self.root}")
+        if not self.address.is_absolute():
+            raise ConfigError(f"address must be an absolute path (no unix:// prefix), got {self.address}")
+        if len(str(self.address)) > MAX_SOCKET_PATH:
+            raise ConfigError(f"address {self.address} is longer than {MAX_SOCKET_PATH} characters")
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+        if self.grpc_workers < 1:
+            raise ConfigError(f"grpc_workers must be at least 1, got {self.grpc_workers}")
+        return self
+
+
+def load(path: Path | None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read `path` (None: the default path, if it exists) and apply non-None overrides."""
+    values: dict[str, Any] = {}
+    source = path or DEFAULT_CONFIG_PATH
+    if path is not None or source.exists():
+        try:
+            values = tomllib.loads(source.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {source} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {source}: {e}") from None
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return _build(values, source)
+
+
+def _build(values: dict[str, Any], source: Path) -> Config:
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"{source}: unknown setting(s) {', '.join(unknown)}")
+    kwargs: dict[str, Any] = {}
+    for name, value in values.items():
+        default = getattr(Config, name)
+        if isinstance(default, Path):
+            value = Path(value)
+        elif not isinstance(value, type(default)) or isinstance(value, bool) != isinstance(default, bool):
+            raise ConfigError(f"{source}: {name} must be a {type(default).__name__}, got {value!r}")
+        kwargs[name] = value
+    return Config(**kwargs).validate()

@@ -1,0 +1,166 @@
+"""The gRPC face of lazysnap: containerd's snapshots.v1 service on a unix socket.
+
+The only module that knows gRPC. Each handler converts the request to plain values,
+calls the `Snapshotter`, and converts the answer back; lazysnap's typed errors become
+the status codes containerd's errdefs expect, in the one table `STATUS_CODES`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import empty_pb2, timestamp_pb2
+
+from .api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
+from .api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
+from .api.containerd.types import mount_pb2
+from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, SnapshotterError
+from .mounts import Mount
+from .snapshots import Snapshotter
+from .store import Snapshot
+
+log = logging.getLogger(__name__)
+
+STATUS_CODES: dict[type[SnapshotterError], grpc.StatusCode] = {
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+}
+
+LIST_BATCH = 100
+"""Infos per List message, as containerd's own snapshots service batches them."""
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def status_code(error: SnapshotterError) -> grpc.StatusCode:
+    for cls in type(error).__mro__:
+        if cls in STATUS_CODES:
+            return STATUS_CODES[cls]
+    return grpc.StatusCode.UNKNOWN
+
+
+def rpc(method: F) -> F:
+    """Log the call and turn lazysnap errors into gRPC statuses."""
+
+    @functools.wraps(method)
+    def handler(self: SnapshotsService, request: Any, context: grpc.ServicerContext) -> Any:
+        name = method.__name__
+        start = time.monotonic()
+        try:
+            reply = method(self, request, context)
+        except SnapshotterError as e:
+            code = status_code(e)
+            log.debug("%s %s -> %s: %s", name, _brief(request), code.name, e)
+            context.abort(code, str(e))
+        except Exception:
+            log.exception("%s %s failed", name, _brief(request))
+            context.abort(grpc.StatusCode.INTERNAL, f"{name}: internal error (see lazysnap log)")
+        log.debug("%s %s ok in %.1f ms", name, _brief(request), (time.monotonic() - start) * 1000)
+        return reply
+
+    return handler  # type: ignore[return-value]
+
+
+class SnapshotsService(pb_grpc.SnapshotsServicer):
+    def __init__(self, snapshotter: Snapshotter) -> None:
+        self.snapshotter = snapshotter
+
+    @rpc
+    def Prepare(self, request: pb.PrepareSnapshotRequest, context: grpc.ServicerContext) -> pb.PrepareSnapshotResponse:
+        mounts = self.snapshotter.prepare(request.key, request.parent, dict(request.labels))
+        return pb.PrepareSnapshotResponse(mounts=to_pb_mounts(mounts))
+
+    @rpc
+    def View(self, request: pb.ViewSnapshotRequest, context: grpc.ServicerContext) -> pb.ViewSnapshotResponse:
+        mounts = self.snapshotter.view(request.key, request.parent, dict(request.labels))
+        return pb.ViewSnapshotResponse(mounts=to_pb_mounts(mounts))
+
+    @rpc
+    def Mounts(self, request: pb.MountsRequest, context: grpc.ServicerContext) -> pb.MountsResponse:
+        return pb.MountsResponse(mounts=to_pb_mounts(self.snapshotter.mounts(request.key)))
+
+    @rpc
+    def Commit(self, request: pb.CommitSnapshotRequest, context: grpc.ServicerContext) -> empty_pb2.Empty:
+        self.snapshotter.commit(request.name, request.key, dict(request.labels))
+        return empty_pb2.Empty()
+
+    @rpc
+    def Remove(self, request: pb.RemoveSnapshotRequest, context: grpc.ServicerContext) -> empty_pb2.Empty:
+        self.snapshotter.remove(request.key)
+        return empty_pb2.Empty()
+
+    @rpc
+    def Stat(self, request: pb.StatSnapshotRequest, context: grpc.ServicerContext) -> pb.StatSnapshotResponse:
+        return pb.StatSnapshotResponse(info=to_pb_info(self.snapshotter.stat(request.key)))
+
+    @rpc
+    def Update(self, request: pb.UpdateSnapshotRequest, context: grpc.ServicerContext) -> pb.UpdateSnapshotResponse:
+        snap = self.snapshotter.update(request.info.name, dict(request.info.labels), list(request.update_mask.paths))
+        return pb.UpdateSnapshotResponse(info=to_pb_info(snap))
+
+    @rpc
+    def List(self, request: pb.ListSnapshotsRequest, context: grpc.ServicerContext) -> Iterator[pb.ListSnapshotsResponse]:
+        infos = [to_pb_info(s) for s in self.snapshotter.list(list(request.filters))]
+        return iter([pb.ListSnapshotsResponse(info=infos[i:i + LIST_BATCH]) for i in range(0, len(infos), LIST_BATCH)])
+
+    @rpc
+    def Usage(self, request: pb.UsageRequest, context: grpc.ServicerContext) -> pb.UsageResponse:
+        usage = self.snapshotter.usage(request.key)
+        return pb.UsageResponse(size=usage.size, inodes=usage.inodes)
+
+    @rpc
+    def Cleanup(self, request: pb.CleanupRequest, context: grpc.ServicerContext) -> empty_pb2.Empty:
+        self.snapshotter.cleanup()
+        return empty_pb2.Empty()
+
+
+def to_pb_mounts(mounts: list[Mount]) -> list[mount_pb2.Mount]:
+    return [mount_pb2.Mount(type=m.type, source=m.source, options=m.options) for m in mounts]
+
+
+def to_pb_info(snap: Snapshot) -> pb.Info:
+    return pb.Info(
+        name=snap.key,
+        parent=snap.parent,
+        kind=int(snap.kind),
+        created_at=_timestamp(snap.created_ns),
+        updated_at=_timestamp(snap.updated_ns),
+        labels=snap.labels,
+    )
+
+
+def _timestamp(ns: int) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(ns)
+    return ts
+
+
+def _brief(request: Any) -> str:
+    fields = {f.name: v for f, v in request.ListFields() if f.name != "snapshotter"}
+    return " ".join(f"{k}={v!r}" if not hasattr(v, "ListFields") else f"{k}={{{_brief(v)}}}" for k, v in fields.items())
+
+
+def start_server(snapshotter: Snapshotter, address: Path, workers: int = 16) -> grpc.Server:
+    """Serve on a unix socket only root can reach (mode 0600), replacing a stale socket."""
+    address.parent.mkdir(parents=True, exist_ok=True)
+    address.unlink(missing_ok=True)
+    server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"))
+    pb_grpc.add_SnapshotsServicer_to_server(SnapshotsService(snapshotter), server)
+    old_umask = os.umask(0o177)
+    try:
+        server.add_insecure_port(f"unix:{address}")
+        server.start()
+    finally:
+        os.umask(old_umask)
+    os.chmod(address, 0o600)
+    return server
