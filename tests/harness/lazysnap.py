@@ -18,6 +18,7 @@ class Lazysnap:
     log_path: Path
     config: Path | None = None
     extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] | None = None
     proc: ManagedProcess | None = field(default=None, init=False)
 
     def argv(self) -> list[str]:
@@ -28,7 +29,7 @@ class Lazysnap:
         return argv + self.extra_args
 
     def start(self, timeout: float = 30.0) -> Lazysnap:
-        self.proc = ManagedProcess("lazysnap", self.argv(), self.log_path).start()
+        self.proc = ManagedProcess("lazysnap", self.argv(), self.log_path, env=self.env).start()
         wait_until(lambda: unix_socket_accepts(self.address), timeout, "lazysnap socket", self.proc)
         return self
 

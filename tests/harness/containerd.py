@@ -1,0 +1,242 @@
+"""A private containerd 1.6 for tests: its own config, dirs and socket, torn down completely.
+
+Nothing here touches /etc/containerd, /var/lib/containerd or a system containerd.
+Two things containerd 1.6 puts outside its configured dirs, and how we handle them:
+
+- runc state (`/run/containerd/runc/<ns>` by default) and task I/O FIFOs
+  (`/run/containerd/fifo`): `run_container` passes `--runc-root` and `--fifo-dir`
+  under this instance's state dir.
+- shim sockets: `/run/containerd/s/<sha256(address/ns/id)>` is hard-coded in 1.6;
+  the name includes our socket path, so it never collides with another instance,
+  and `stop()` removes the ones a killed shim left behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .procs import HarnessError, ManagedProcess, require_tool, run, unix_socket_accepts, unmount_below, wait_until
+
+SHIM_SOCKET_DIR = Path("/run/containerd/s")
+
+CONFIG_TEMPLATE = """\
+version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = [{disabled}]
+
+[grpc]
+  address = "{address}"
+
+[ttrpc]
+  address = "{address}.ttrpc"
+
+[debug]
+  level = "debug"
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{opt}"
+{proxy}"""
+
+PROXY_TEMPLATE = """
+[proxy_plugins.{name}]
+  type = "snapshot"
+  address = "{address}"
+"""
+
+
+@dataclass
+class Containerd:
+    """containerd with its root, state and socket in one short temp dir.
+
+    `snapshotter_address` is the unix socket of the proxy snapshotter registered
+    as `[proxy_plugins.<proxy_name>]`; None registers none.
+    """
+
+    snapshotter_address: Path | None = None
+    proxy_name: str = "lazysnap"
+    keep_cri: bool = False
+    workdir: Path | None = None
+    proc: ManagedProcess | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        if self.workdir is None:
+            self.workdir = Path(tempfile.mkdtemp(prefix="lzs-ctd-", dir="/tmp"))
+        self.workdir = Path(self.workdir)
+        if len(str(self.address)) + len(".ttrpc") > 100:
+            raise HarnessError(f"containerd socket path too long: {self.address}")
+
+    # ------------------------------------------------------------------ paths
+
+    @property
+    def root(self) -> Path:
+        return self.workdir / "root"
+
+    @property
+    def state(self) -> Path:
+        return self.workdir / "state"
+
+    @property
+    def address(self) -> Path:
+        return self.workdir / "c.sock"
+
+    @property
+    def config_path(self) -> Path:
+        return self.workdir / "config.toml"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "containerd.log"
+
+    @property
+    def runc_root(self) -> Path:
+        return self.state / "runc"
+
+    @property
+    def fifo_dir(self) -> Path:
+        return self.state / "fifo"
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def config_text(self) -> str:
+        disabled = [] if self.keep_cri else ["io.containerd.grpc.v1.cri"]
+        proxy = ""
+        if self.snapshotter_address is not None:
+            proxy = PROXY_TEMPLATE.format(name=self.proxy_name, address=self.snapshotter_address)
+        return CONFIG_TEMPLATE.format(
+            root=self.root, state=self.state, address=self.address, opt=self.workdir / "opt",
+            disabled=", ".join(f'"{p}"' for p in disabled), proxy=proxy,
+        )
+
+    def start(self, timeout: float = 30.0) -> Containerd:
+        binary = require_tool("containerd", "containerd")
+        require_tool("ctr", "containerd")
+        for d in (self.root, self.state, self.runc_root, self.fifo_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(self.config_text())
+        self.proc = ManagedProcess("containerd", [binary, "--config", str(self.config_path)], self.log_path).start()
+        wait_until(lambda: unix_socket_accepts(self.address), timeout, "containerd socket", self.proc)
+        wait_until(self._serving, timeout, "containerd to answer ctr version", self.proc)
+        return self
+
+    def _serving(self) -> bool:
+        return self.ctr("version", check=False, timeout=10).returncode == 0
+
+    def stop(self) -> None:
+        """Kill every task and container, stop containerd and its shims, unmount, delete the dirs."""
+        try:
+            if self.proc is not None and self.proc.running:
+                self._remove_workloads()
+        finally:
+            try:
+                if self.proc is not None:
+                    self.proc.stop()
+            finally:
+                self._kill_shims()
+                self._delete_runc_containers()
+                if self.workdir is not None:
+                    unmount_below(self.workdir)
+                    shutil.rmtree(self.workdir, ignore_errors=True)
+
+    close = stop
+
+    def __enter__(self) -> Containerd:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _remove_workloads(self) -> None:
+        namespaces = self.ctr("namespaces", "ls", "-q", check=False, timeout=15).stdout.split()
+        for ns in namespaces:
+            for task in self.ctr("tasks", "ls", "-q", namespace=ns, check=False, timeout=15).stdout.split():
+                self.ctr("tasks", "kill", "-a", "-s", "SIGKILL", task, namespace=ns, check=False, timeout=15)
+                self.ctr("tasks", "delete", "-f", task, namespace=ns, check=False, timeout=15)
+            containers = self.ctr("containers", "ls", "-q", namespace=ns, check=False, timeout=15).stdout.split()
+            if containers:
+                self.ctr("containers", "rm", *containers, namespace=ns, check=False, timeout=30)
+
+    def shim_pids(self) -> list[tuple[int, list[str]]]:
+        """(pid, argv) of the containerd-shim processes started by this instance."""
+        mine = []
+        address = str(self.address)
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            args = [a.decode(errors="replace") for a in argv if a]
+            if args and "containerd-shim" in os.path.basename(args[0]) and address in args:
+                mine.append((int(entry), args))
+        return mine
+
+    def _kill_shims(self) -> None:
+        for pid, args in self.shim_pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            opts = dict(zip(args[1::2], args[2::2]))
+            ns, cid = opts.get("-namespace"), opts.get("-id")
+            if ns and cid:
+                name = hashlib.sha256(os.path.join(str(self.address), ns, cid).encode()).hexdigest()
+                (SHIM_SOCKET_DIR / name).unlink(missing_ok=True)
+        deadline = time.monotonic() + 5
+        while self.shim_pids() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def _delete_runc_containers(self) -> None:
+        """Containers whose shim died leave runc state and processes; runc cleans both up."""
+        if not self.runc_root.is_dir():
+            return
+        runc = shutil.which("runc")
+        if runc is None:
+            return
+        for ns_root in self.runc_root.iterdir():
+            if not ns_root.is_dir():
+                continue
+            for cid in os.listdir(ns_root):
+                subprocess.run([runc, "--root", str(ns_root), "delete", "--force", cid],
+                               capture_output=True, timeout=30)
+
+    # ------------------------------------------------------------------ clients
+
+    def ctr(self, *args: str, namespace: str = "default", timeout: float = 120.0,
+            check: bool = True) -> subprocess.CompletedProcess[str]:
+        """`ctr --address <sock> --namespace <ns> args...`; raises with output on failure if `check`."""
+        argv = ["ctr", "--address", str(self.address), "--namespace", namespace, *args]
+        try:
+            return run(argv, timeout=timeout, check=check)
+        except HarnessError as e:
+            raise HarnessError(f"{e}\n{self.log_tail()}") from None
+
+    def pull(self, ref: str, snapshotter: str, namespace: str = "default",
+             timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+        """`ctr image pull --plain-http --snapshotter X ref` (downloads every blob, then unpacks)."""
+        return self.ctr("images", "pull", "--plain-http", "--snapshotter", snapshotter, ref,
+                        namespace=namespace, timeout=timeout)
+
+    def run_container(self, ref: str, container_id: str, *cmd: str, snapshotter: str,
+                      namespace: str = "default", timeout: float = 120.0, check: bool = True,
+                      extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+        """`ctr run --rm` with runc state and FIFOs kept under this instance's state dir."""
+        return self.ctr("run", "--rm", "--snapshotter", snapshotter,
+                        "--runc-root", str(self.runc_root), "--fifo-dir", str(self.fifo_dir),
+                        *extra, ref, container_id, *cmd,
+                        namespace=namespace, timeout=timeout, check=check)
+
+    def log_text(self) -> str:
+        return self.proc.log_text() if self.proc is not None else ""
+
+    def log_tail(self, lines: int = 40) -> str:
+        return self.proc.log_tail(lines) if self.proc is not None else ""

@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc
+from tests.harness.lazysnap import Lazysnap
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A temp dir with a short path: unix socket paths are limited to 107 characters."""
+    with tempfile.TemporaryDirectory(prefix="lzs-", dir="/tmp") as d:
+        yield Path(d)
+
+
+@pytest.fixture
+def daemon(short_tmp: Path) -> Iterator[Lazysnap]:
+    ls = Lazysnap(root=short_tmp / "root", address=short_tmp / "ls.sock", log_path=short_tmp / "lazysnap.log")
+    ls.start()
+    try:
+        yield ls
+    finally:
+        ls.close()
+
+
+@pytest.fixture
+def client(daemon: Lazysnap) -> Iterator[snapshots_pb2_grpc.SnapshotsStub]:
+    with grpc.insecure_channel(f"unix:{daemon.address}") as channel:
+        yield snapshots_pb2_grpc.SnapshotsStub(channel)

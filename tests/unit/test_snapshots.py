@@ -1,0 +1,89 @@
+"""The snapshot state machine, called directly, with faults injected where a crash could strike."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from snapshotter.errors import FailedPrecondition, NotFound
+from snapshotter.snapshots import Snapshotter, disk_usage
+from snapshotter.store import Kind, Store
+
+
+@pytest.fixture
+def snapshotter(tmp_path: Path) -> Snapshotter:
+    return Snapshotter(tmp_path, Store(tmp_path / "metadata.db"))
+
+
+def test_failed_rename_leaves_no_row_and_no_directory(snapshotter: Snapshotter, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken_rename(self: Path, target: Path) -> None:
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(Path, "rename", broken_rename)
+    with pytest.raises(OSError, match="disk on fire"):
+        snapshotter.prepare("a", "", {})
+    monkeypatch.undo()
+    with pytest.raises(NotFound):
+        snapshotter.stat("a")
+    assert list(snapshotter.dir.iterdir()) == []
+
+
+def test_directory_of_an_uncommitted_id_is_replaced(snapshotter: Snapshotter) -> None:
+    """A crash after the rename but before COMMIT leaves snapshots/<id> with no row; the id comes again."""
+    (snapshotter.dir / "1" / "fs").mkdir(parents=True)
+    (snapshotter.dir / "1" / "fs" / "stale").write_text("old")
+    mounts = snapshotter.prepare("a", "", {})
+    assert list(Path(mounts[0].source).iterdir()) == []
+
+
+def test_ids_are_never_reused(snapshotter: Snapshotter) -> None:
+    snapshotter.prepare("a", "", {})
+    first = snapshotter.mounts("a")[0].source
+    snapshotter.remove("a")
+    snapshotter.prepare("b", "", {})
+    assert snapshotter.mounts("b")[0].source != first
+
+
+def test_directory_left_by_interrupted_remove_goes_at_cleanup(snapshotter: Snapshotter, monkeypatch: pytest.MonkeyPatch) -> None:
+    snapshotter.prepare("a", "", {})
+    path = Path(snapshotter.mounts("a")[0].source).parent
+    monkeypatch.setattr(Snapshotter, "_delete_dir", staticmethod(lambda p: None))
+    snapshotter.remove("a")
+    monkeypatch.undo()
+    assert path.exists()
+    assert snapshotter.cleanup() == [path]
+    assert not path.exists()
+
+
+def test_commit_keeps_directory_and_replaces_labels(snapshotter: Snapshotter) -> None:
+    mounts = snapshotter.prepare("a", "", {"containerd.io/snapshot/x": "1", "empty": ""})
+    assert snapshotter.stat("a").labels == {"containerd.io/snapshot/x": "1"}
+    snap = snapshotter.commit("c", "a", {"y": "2"})
+    assert (snap.kind, snap.labels) == (Kind.COMMITTED, {"y": "2"})
+    assert snapshotter.view("v", "c", {})[0].source == mounts[0].source
+
+
+def test_only_active_snapshots_commit(snapshotter: Snapshotter) -> None:
+    snapshotter.view("v", "", {})
+    with pytest.raises(FailedPrecondition):
+        snapshotter.commit("c", "v", {})
+
+
+def test_child_owner_follows_parent_root(snapshotter: Snapshotter) -> None:
+    import os
+
+    base = snapshotter.prepare("a", "", {})
+    os.chown(base[0].source, 1234, 5678)
+    snapshotter.commit("c", "a", {})
+    mounts = snapshotter.prepare("b", "c", {})
+    upper = next(o for o in mounts[0].options if o.startswith("upperdir=")).removeprefix("upperdir=")
+    st = os.stat(upper)
+    assert (st.st_uid, st.st_gid) == (1234, 5678)
+
+
+def test_disk_usage_counts_hardlinks_once(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"x" * 8192)
+    (tmp_path / "g").hardlink_to(tmp_path / "f")
+    usage = disk_usage(tmp_path)
+    assert usage.inodes == 2 and 8192 <= usage.size < 2 * 8192 + 4096
