@@ -6,6 +6,9 @@ Two things containerd 1.6 puts outside its configured dirs, and how we handle th
 - runc state (`/run/containerd/runc/<ns>` by default) and task I/O FIFOs
   (`/run/containerd/fifo`): `run_container` passes `--runc-root` and `--fifo-dir`
   under this instance's state dir.
+- cgroups: ctr puts a container in `/<ns>/<id>` of every hierarchy and runc
+  leaves the `/<ns>` parent behind; `run_container` uses `/<cgroup_parent>/<id>`
+  instead and `stop()` removes that parent.
 - shim sockets: `/run/containerd/s/<sha256(address/ns/id)>` is hard-coded in 1.6;
   the name includes our socket path, so it never collides with another instance,
   and `stop()` removes the ones a killed shim left behind.
@@ -13,6 +16,7 @@ Two things containerd 1.6 puts outside its configured dirs, and how we handle th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -104,6 +108,10 @@ class Containerd:
     def fifo_dir(self) -> Path:
         return self.state / "fifo"
 
+    @property
+    def cgroup_parent(self) -> str:
+        return self.workdir.name
+
     # ------------------------------------------------------------------ lifecycle
 
     def config_text(self) -> str:
@@ -142,6 +150,7 @@ class Containerd:
             finally:
                 self._kill_shims()
                 self._delete_runc_containers()
+                self._remove_cgroups()
                 if self.workdir is not None:
                     unmount_below(self.workdir)
                     shutil.rmtree(self.workdir, ignore_errors=True)
@@ -209,6 +218,21 @@ class Containerd:
                 subprocess.run([runc, "--root", str(ns_root), "delete", "--force", cid],
                                capture_output=True, timeout=30)
 
+    def _remove_cgroups(self) -> None:
+        base = Path("/sys/fs/cgroup")
+        parents = [base / self.cgroup_parent]
+        if base.is_dir():
+            parents += [h / self.cgroup_parent for h in base.iterdir() if h.is_dir() and not h.is_symlink()]
+        for parent in parents:
+            if not parent.is_dir():
+                continue
+            for child in parent.iterdir():
+                if child.is_dir():
+                    with contextlib.suppress(OSError):
+                        child.rmdir()
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+
     # ------------------------------------------------------------------ clients
 
     def ctr(self, *args: str, namespace: str = "default", timeout: float = 120.0,
@@ -232,6 +256,7 @@ class Containerd:
         """`ctr run --rm` with runc state and FIFOs kept under this instance's state dir."""
         return self.ctr("run", "--rm", "--snapshotter", snapshotter,
                         "--runc-root", str(self.runc_root), "--fifo-dir", str(self.fifo_dir),
+                        "--cgroup", f"/{self.cgroup_parent}/{container_id}",
                         *extra, ref, container_id, *cmd,
                         namespace=namespace, timeout=timeout, check=check)
 
