@@ -1,0 +1,250 @@
+"""A layer's file tree, as the kernel will see it through FUSE.
+
+Index formats (eStargz TOCs, SOCI zTOCs) describe a layer as a list of tar members;
+`build_tree` turns such a list into an inode table in the form overlayfs expects of
+a lower layer: whiteout files `.wh.<name>` become 0/0 character devices named
+`<name>`, an opaque marker `.wh..wh..opq` becomes the `trusted.overlay.opaque=y`
+xattr on its directory, hardlinks share one inode, and directories the index left out
+are made up. Pure data: no I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import posixpath
+import stat
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+OPAQUE_XATTR = b"trusted.overlay.opaque"
+
+ROOT_INO = 1
+
+
+class EntryType(enum.Enum):
+    DIR = "dir"
+    REG = "reg"
+    SYMLINK = "symlink"
+    HARDLINK = "hardlink"
+    CHAR = "char"
+    BLOCK = "block"
+    FIFO = "fifo"
+
+
+_FORMAT_BITS = {
+    EntryType.DIR: stat.S_IFDIR,
+    EntryType.REG: stat.S_IFREG,
+    EntryType.SYMLINK: stat.S_IFLNK,
+    EntryType.CHAR: stat.S_IFCHR,
+    EntryType.BLOCK: stat.S_IFBLK,
+    EntryType.FIFO: stat.S_IFIFO,
+}
+
+
+class TreeError(ValueError):
+    """The index describes an impossible tree (e.g. a hardlink to nothing)."""
+
+
+@dataclass
+class LayerEntry:
+    """One tar member as an index describes it; `content` is the format's handle on its bytes."""
+
+    path: str
+    type: EntryType
+    mode: int = 0o644
+    uid: int = 0
+    gid: int = 0
+    size: int = 0
+    mtime_ns: int = 0
+    link_name: str = ""
+    dev_major: int = 0
+    dev_minor: int = 0
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+    content: Any = None
+
+
+@dataclass
+class Node:
+    """One inode of the layer. `ino` is local to the layer (the root is 1)."""
+
+    ino: int
+    mode: int
+    uid: int = 0
+    gid: int = 0
+    size: int = 0
+    mtime_ns: int = 0
+    rdev: int = 0
+    nlink: int = 1
+    target: bytes = b""
+    xattrs: dict[bytes, bytes] = field(default_factory=dict)
+    children: dict[bytes, int] | None = None
+    parent: int = ROOT_INO
+    content: Any = None
+
+    @property
+    def is_dir(self) -> bool:
+        return self.children is not None
+
+
+class LayerTree:
+    """The inode table of one layer."""
+
+    def __init__(self) -> None:
+        root = Node(ROOT_INO, stat.S_IFDIR | 0o755, children={}, nlink=2)
+        self.nodes: dict[int, Node] = {ROOT_INO: root}
+
+    @property
+    def root(self) -> Node:
+        return self.nodes[ROOT_INO]
+
+    def node(self, ino: int) -> Node:
+        return self.nodes[ino]
+
+    def lookup(self, parent: int, name: bytes) -> Node | None:
+        children = self.nodes[parent].children
+        if children is None or name not in children:
+            return None
+        return self.nodes[children[name]]
+
+    def resolve(self, path: str) -> Node | None:
+        """The node at a slash-separated path relative to the layer root, or None."""
+        node = self.root
+        for part in _parts(path):
+            found = self.lookup(node.ino, part.encode())
+            if found is None:
+                return None
+            node = found
+        return node
+
+    def entries(self, ino: int) -> Iterator[tuple[bytes, Node]]:
+        """A directory's children in name order (stable readdir offsets)."""
+        children = self.nodes[ino].children or {}
+        for name in sorted(children):
+            yield name, self.nodes[children[name]]
+
+    @property
+    def max_ino(self) -> int:
+        return max(self.nodes)
+
+
+def build_tree(entries: Iterable[LayerEntry]) -> LayerTree:
+    """Apply tar members in order, as `tar -x` followed by containerd's overlay conversion would."""
+    tree = LayerTree()
+    builder = _Builder(tree)
+    for entry in entries:
+        builder.add(entry)
+    builder.finish()
+    return tree
+
+
+class _Builder:
+    def __init__(self, tree: LayerTree) -> None:
+        self.tree = tree
+        self.next_ino = ROOT_INO + 1
+        self.hardlinks: list[tuple[str, str]] = []
+
+    def add(self, entry: LayerEntry) -> None:
+        parts = _parts(entry.path)
+        if not parts:
+            if entry.type == EntryType.DIR:
+                self._set_attrs(self.tree.root, entry)
+            return
+        *dirs, name = parts
+        parent = self._ensure_dirs(dirs)
+        if name == OPAQUE_MARKER:
+            parent.xattrs[OPAQUE_XATTR] = b"y"
+            return
+        if name.startswith(WHITEOUT_PREFIX):
+            whiteout = LayerEntry(entry.path, EntryType.CHAR, mode=0, uid=entry.uid, gid=entry.gid,
+                                  mtime_ns=entry.mtime_ns)
+            self._place(parent, name[len(WHITEOUT_PREFIX):].encode(), whiteout)
+            return
+        if entry.type == EntryType.HARDLINK:
+            self.hardlinks.append(("/".join(parts), entry.link_name))
+            return
+        self._place(parent, name.encode(), entry)
+
+    def finish(self) -> None:
+        """Hardlinks last: a link may come before its target in some indexes."""
+        for path, target in self.hardlinks:
+            node = self.tree.resolve(target)
+            if node is None or node.is_dir:
+                raise TreeError(f"hardlink {path!r} points to {target!r}, which is not a file in the layer")
+            *dirs, name = _parts(path)
+            parent = self._ensure_dirs(dirs)
+            self._unlink(parent, name.encode())
+            assert parent.children is not None
+            parent.children[name.encode()] = node.ino
+            node.nlink += 1
+
+    def _place(self, parent: Node, name: bytes, entry: LayerEntry) -> None:
+        existing = self.tree.lookup(parent.ino, name)
+        if existing is not None and existing.is_dir and entry.type == EntryType.DIR:
+            self._set_attrs(existing, entry)  # a repeated directory entry updates, keeps children
+            return
+        self._unlink(parent, name)
+        node = Node(self.next_ino, 0, parent=parent.ino)
+        self.next_ino += 1
+        if entry.type == EntryType.DIR:
+            node.children = {}
+            node.nlink = 2
+            assert parent.children is not None
+            parent.nlink += 1
+        self._set_attrs(node, entry)
+        self.tree.nodes[node.ino] = node
+        assert parent.children is not None
+        parent.children[name] = node.ino
+
+    def _set_attrs(self, node: Node, entry: LayerEntry) -> None:
+        node.mode = _FORMAT_BITS[entry.type] | (entry.mode & 0o7777)
+        node.uid, node.gid, node.mtime_ns = entry.uid, entry.gid, entry.mtime_ns
+        opaque = node.xattrs.get(OPAQUE_XATTR)
+        node.xattrs = {k.encode(): v for k, v in entry.xattrs.items()}
+        if opaque is not None:
+            node.xattrs[OPAQUE_XATTR] = opaque
+        if entry.type == EntryType.REG:
+            node.size = entry.size
+            node.content = entry.content
+        elif entry.type == EntryType.SYMLINK:
+            node.target = entry.link_name.encode()
+            node.size = len(node.target)
+        elif entry.type in (EntryType.CHAR, EntryType.BLOCK):
+            node.rdev = os.makedev(entry.dev_major, entry.dev_minor)
+
+    def _ensure_dirs(self, dirs: list[str]) -> Node:
+        node = self.tree.root
+        for part in dirs:
+            child = self.tree.lookup(node.ino, part.encode())
+            if child is None or not child.is_dir:
+                self._place(node, part.encode(), LayerEntry(part, EntryType.DIR, mode=0o755))
+                child = self.tree.lookup(node.ino, part.encode())
+                assert child is not None
+            node = child
+        return node
+
+    def _unlink(self, parent: Node, name: bytes) -> None:
+        """Drop `name` from `parent`, as tar does before extracting over an existing path."""
+        assert parent.children is not None
+        ino = parent.children.pop(name, None)
+        if ino is None:
+            return
+        old = self.tree.nodes[ino]
+        if old.children is not None:
+            parent.nlink -= 1
+            for child_name in list(old.children):
+                self._unlink(old, child_name)
+            del self.tree.nodes[ino]
+            return
+        old.nlink -= 1
+        if old.nlink == 0:
+            del self.tree.nodes[ino]
+
+
+def _parts(path: str) -> list[str]:
+    """Path components of a tar member name: `./a/b/`, `/a/b` and `a//b` are all a/b."""
+    clean = posixpath.normpath("/" + path).lstrip("/")
+    return [p for p in clean.split("/") if p]
