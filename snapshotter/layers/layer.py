@@ -1,0 +1,25 @@
+"""What the FUSE filesystem needs of a mounted layer: its tree, and a way to read bytes."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from .tree import LayerTree, Node
+
+
+class ReadError(Exception):
+    """A file's bytes could not be served (registry down, digest mismatch, ...): the reader gets EIO."""
+
+
+class Layer(Protocol):
+    """A layer whose tree is known and whose file contents are read on demand."""
+
+    @property
+    def tree(self) -> LayerTree: ...
+
+    async def read(self, node: Node, offset: int, size: int) -> bytes:
+        """Up to `size` bytes of regular file `node` from `offset` (short only at EOF).
+
+        Raises ReadError when the bytes cannot be had; never returns unverified data.
+        """
+        ...
