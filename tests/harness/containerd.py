@@ -260,6 +260,17 @@ class Containerd:
                         *extra, ref, container_id, *cmd,
                         namespace=namespace, timeout=timeout, check=check)
 
+    def gc(self, namespace: str = "default") -> None:
+        """Run containerd's garbage collector now and wait for it (and its snapshotter passes).
+
+        containerd schedules a GC after every deletion (a pull deletes its lease),
+        and that GC removes every snapshot nothing references, including ones made
+        by `ctr snapshots prepare/view`. Call this to let pending collections finish.
+        """
+        lease = f"lzs-gc-{time.monotonic_ns()}"
+        self.ctr("leases", "create", "--id", lease, namespace=namespace, timeout=30)
+        self.ctr("leases", "rm", "--sync", lease, namespace=namespace, timeout=60)
+
     def log_text(self) -> str:
         return self.proc.log_text() if self.proc is not None else ""
 
