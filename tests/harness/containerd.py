@@ -164,14 +164,20 @@ class Containerd:
         self.stop()
 
     def _remove_workloads(self) -> None:
-        namespaces = self.ctr("namespaces", "ls", "-q", check=False, timeout=15).stdout.split()
-        for ns in namespaces:
-            for task in self.ctr("tasks", "ls", "-q", namespace=ns, check=False, timeout=15).stdout.split():
-                self.ctr("tasks", "kill", "-a", "-s", "SIGKILL", task, namespace=ns, check=False, timeout=15)
-                self.ctr("tasks", "delete", "-f", task, namespace=ns, check=False, timeout=15)
-            containers = self.ctr("containers", "ls", "-q", namespace=ns, check=False, timeout=15).stdout.split()
+        """Best effort: whatever fails here, stop() still kills shims and runc containers."""
+        def ctr(*args: str, ns: str, timeout: float = 15) -> str:
+            try:
+                return self.ctr(*args, namespace=ns, check=False, timeout=timeout).stdout
+            except HarnessError:  # timed out, e.g. when the snapshotter is wedged
+                return ""
+
+        for ns in ctr("namespaces", "ls", "-q", ns="default").split():
+            for task in ctr("tasks", "ls", "-q", ns=ns).split():
+                ctr("tasks", "kill", "-a", "-s", "SIGKILL", task, ns=ns)
+                ctr("tasks", "delete", "-f", task, ns=ns)
+            containers = ctr("containers", "ls", "-q", ns=ns).split()
             if containers:
-                self.ctr("containers", "rm", *containers, namespace=ns, check=False, timeout=30)
+                ctr("containers", "rm", *containers, ns=ns, timeout=30)
 
     def shim_pids(self) -> list[tuple[int, list[str]]]:
         """(pid, argv) of the containerd-shim processes started by this instance."""

@@ -316,7 +316,8 @@ HELLO_OUTPUT = "hello from lazysnap"
 MIDDLE_TEXT = "written by the middle layer\n"
 XATTR_NAME, XATTR_VALUE = "user.lazysnap.test", "xattr-value-42"
 UNICODE_NAME = "data/ünïcødé-文件.txt"
-BUSYBOX_SYMLINKS = ("sh", "echo", "cat", "id", "stat", "test", "[", "grep", "wc", "readlink", "head", "mount", "find")
+BUSYBOX_SYMLINKS = ("sh", "echo", "cat", "id", "stat", "test", "[", "grep", "wc", "readlink", "head", "mount", "find",
+                    "sleep", "true", "false", "touch", "rm", "mkdir", "cut", "tr", "od", "dd", "sha256sum")
 BUSYBOX_HARDLINKS = ("ls",)
 
 
