@@ -1,0 +1,235 @@
+"""The chunk cache: verified, decompressed chunks on local disk, bounded, shared by all layers.
+
+Why it is built this way:
+- Only data that passed its digest check is ever `put`; a file is written under a
+  temporary name and renamed into place, so a crash never leaves a torn chunk under a
+  real name. Entries are re-verified when loaded from disk (cheap next to a network
+  fetch), so even disk corruption is caught.
+- It survives restarts: the on-disk index is rebuilt by scanning at start.
+- It is bounded: past `max_bytes`, least recently used entries are evicted down to a
+  low-water mark (peer snapshotters' caches grow until the disk is full).
+- Concurrent misses for one key fetch once (single-flight): the others wait for it.
+- A small in-memory LRU keeps hot chunks, so a run of 128 KiB FUSE reads within one
+  4 MiB chunk costs one disk load and one digest check, not thirty-two.
+- A full disk costs only caching: the data is still returned.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+log = logging.getLogger(__name__)
+
+Verify = Callable[[bytes], bool]
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    fetches: int = 0
+    evictions: int = 0
+    write_errors: int = 0
+    corrupt: int = 0
+
+
+@dataclass
+class _Entry:
+    size: int
+    used: float
+
+
+class _InFlight:
+    """A fetch under way: waiters sleep on `done`, then read `data` or `error`."""
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.data: bytes | None = None
+        self.error: BaseException | None = None
+
+
+class ChunkCache:
+    """Chunks keyed by strings (a chunk digest, or `<blob digest>@<offset>`), under `directory`."""
+
+    def __init__(self, directory: Path, max_bytes: int, memory_bytes: int = 64 << 20) -> None:
+        self.dir = directory
+        self.tmp = directory / "tmp"
+        self.max_bytes = max_bytes
+        self.memory_bytes = memory_bytes
+        self.stats = CacheStats()
+        self._index: OrderedDict[str, _Entry] = OrderedDict()
+        self._bytes = 0
+        self._memory: OrderedDict[str, bytes] = OrderedDict()
+        self._memory_used = 0
+        self._inflight: dict[str, _InFlight] = {}
+        self._load_index()
+
+    @property
+    def size(self) -> int:
+        """Bytes of chunk data on disk."""
+        return self._bytes
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._memory or _name(key) in self._index
+
+    async def get_or_fetch(self, key: str, fetch: Callable[[], Awaitable[bytes]], verify: Verify | None = None) -> bytes:
+        """The chunk for `key`: from memory, from disk, or fetched once however many ask.
+
+        `fetch` must return verified data; `verify` re-checks data loaded from disk.
+        """
+        data = await self.get(key, verify)
+        if data is not None:
+            return data
+        flight = self._inflight.get(key)
+        if flight is not None:
+            await flight.done.wait()
+            if flight.error is not None:
+                raise flight.error
+            assert flight.data is not None
+            return flight.data
+        flight = self._inflight[key] = _InFlight()
+        try:
+            self.stats.fetches += 1
+            flight.data = await fetch()
+            await self.put(key, flight.data)
+            return flight.data
+        except BaseException as e:
+            flight.error = e
+            raise
+        finally:
+            del self._inflight[key]
+            flight.done.set()
+
+    async def get(self, key: str, verify: Verify | None = None) -> bytes | None:
+        data = self._memory.get(key)
+        if data is not None:
+            self._memory.move_to_end(key)
+            self.stats.hits += 1
+            return data
+        name = _name(key)
+        if name not in self._index:
+            self.stats.misses += 1
+            return None
+        path = self._path(name)
+        try:
+            data = await trio.to_thread.run_sync(path.read_bytes)
+        except FileNotFoundError:
+            self._forget(name)
+            self.stats.misses += 1
+            return None
+        if verify is not None and not verify(data):
+            log.error("cache entry %s for %s failed verification; dropping it", path, key)
+            self.stats.corrupt += 1
+            self._forget(name, unlink=True)
+            self.stats.misses += 1
+            return None
+        self._touch(name)
+        self._remember(key, data)
+        self.stats.hits += 1
+        return data
+
+    async def put(self, key: str, data: bytes) -> None:
+        """Store verified data; a disk error is logged and costs only the caching."""
+        self._remember(key, data)
+        name = _name(key)
+        if name in self._index:
+            return
+        try:
+            await trio.to_thread.run_sync(self._write, name, data)
+        except OSError as e:
+            self.stats.write_errors += 1
+            level = logging.WARNING if e.errno in (errno.ENOSPC, errno.EDQUOT) else logging.ERROR
+            log.log(level, "could not cache %s (%d bytes): %s", key, len(data), e)
+            return
+        self._index[name] = _Entry(len(data), time.time())
+        self._bytes += len(data)
+        if self._bytes > self.max_bytes:
+            self._evict(int(self.max_bytes * 0.9))
+
+    def _write(self, name: str, data: bytes) -> None:
+        final = self._path(name)
+        final.parent.mkdir(exist_ok=True)
+        tmp = self.tmp / f"{name}.{os.getpid()}.{time.monotonic_ns()}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def _evict(self, target: int) -> None:
+        while self._bytes > target and self._index:
+            name, _ = next(iter(self._index.items()))
+            self._forget(name, unlink=True)
+            self.stats.evictions += 1
+
+    def _forget(self, name: str, unlink: bool = False) -> None:
+        entry = self._index.pop(name, None)
+        if entry is not None:
+            self._bytes -= entry.size
+        if unlink:
+            self._path(name).unlink(missing_ok=True)
+
+    def _touch(self, name: str) -> None:
+        entry = self._index[name]
+        entry.used = time.time()
+        self._index.move_to_end(name)
+        try:
+            os.utime(self._path(name))  # so the LRU order survives a restart
+        except OSError:
+            pass
+
+    def _remember(self, key: str, data: bytes) -> None:
+        if len(data) > self.memory_bytes // 4:
+            return
+        if key in self._memory:
+            self._memory.move_to_end(key)
+            return
+        self._memory[key] = data
+        self._memory_used += len(data)
+        while self._memory_used > self.memory_bytes:
+            _, old = self._memory.popitem(last=False)
+            self._memory_used -= len(old)
+
+    def _path(self, name: str) -> Path:
+        return self.dir / name[:2] / name
+
+    def _load_index(self) -> None:
+        """Rebuild the index from disk, oldest first, dropping half-written temporaries."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir(exist_ok=True)
+        for leftover in self.tmp.iterdir():
+            leftover.unlink(missing_ok=True)
+        found: list[tuple[float, str, int]] = []
+        for sub in self.dir.iterdir():
+            if sub == self.tmp or not sub.is_dir():
+                continue
+            for f in sub.iterdir():
+                st = f.stat()
+                found.append((st.st_mtime, f.name, st.st_size))
+        for used, name, size in sorted(found):
+            self._index[name] = _Entry(size, used)
+            self._bytes += size
+        if self._bytes > self.max_bytes:
+            self._evict(int(self.max_bytes * 0.9))
+
+
+def _name(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def sha256_verifier(digest: str) -> Verify:
+    """A `verify` for data whose digest is `sha256:<hex>`."""
+    expected = digest.removeprefix("sha256:")
+    return lambda data: hashlib.sha256(data).hexdigest() == expected
