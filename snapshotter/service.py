@@ -49,6 +49,14 @@ def status_code(error: SnapshotterError) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
+def error_from_status(code: grpc.StatusCode, message: str) -> SnapshotterError:
+    """The reverse of `status_code`, for answers from containerd (the client side)."""
+    for cls, known in STATUS_CODES.items():
+        if known == code:
+            return cls(message)
+    return SnapshotterError(f"{message} ({code.name})")
+
+
 def rpc(method: F) -> F:
     """Log the call and turn lazysnap errors into gRPC statuses."""
 
