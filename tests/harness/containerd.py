@@ -48,7 +48,18 @@ disabled_plugins = [{disabled}]
 
 [plugins."io.containerd.internal.v1.opt"]
   path = "{opt}"
-{proxy}"""
+{cri}{proxy}"""
+
+CRI_TEMPLATE = """
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{sandbox_image}"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "{snapshotter}"
+    disable_snapshot_annotations = false
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{cni}/bin"
+    conf_dir = "{cni}/net.d"
+"""
 
 PROXY_TEMPLATE = """
 [proxy_plugins.{name}]
@@ -62,12 +73,16 @@ class Containerd:
     """containerd with its root, state and socket in one short temp dir.
 
     `snapshotter_address` is the unix socket of the proxy snapshotter registered
-    as `[proxy_plugins.<proxy_name>]`; None registers none.
+    as `[proxy_plugins.<proxy_name>]`; None registers none. CRI is disabled
+    unless `keep_cri`; then it sends snapshot annotations (as lazysnap needs)
+    and its CNI dirs live in the temp dir.
     """
 
     snapshotter_address: Path | None = None
     proxy_name: str = "lazysnap"
     keep_cri: bool = False
+    cri_snapshotter: str = "overlayfs"     # with keep_cri: the snapshotter CRI pulls and runs with
+    cri_sandbox_image: str = "registry.k8s.io/pause:3.6"
     workdir: Path | None = None
     proc: ManagedProcess | None = field(default=None, init=False)
 
@@ -116,12 +131,16 @@ class Containerd:
 
     def config_text(self) -> str:
         disabled = [] if self.keep_cri else ["io.containerd.grpc.v1.cri"]
+        cri = ""
+        if self.keep_cri:
+            cri = CRI_TEMPLATE.format(snapshotter=self.cri_snapshotter, sandbox_image=self.cri_sandbox_image,
+                                      cni=self.workdir / "cni")
         proxy = ""
         if self.snapshotter_address is not None:
             proxy = PROXY_TEMPLATE.format(name=self.proxy_name, address=self.snapshotter_address)
         return CONFIG_TEMPLATE.format(
             root=self.root, state=self.state, address=self.address, opt=self.workdir / "opt",
-            disabled=", ".join(f'"{p}"' for p in disabled), proxy=proxy,
+            disabled=", ".join(f'"{p}"' for p in disabled), cri=cri, proxy=proxy,
         )
 
     def start(self, timeout: float = 30.0) -> Containerd:
