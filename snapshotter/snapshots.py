@@ -14,13 +14,15 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
-from . import filters
-from .errors import InvalidArgument
+from . import filters, labels as L
+from .errors import AlreadyExists, InvalidArgument
 from .mounts import Mount, compose
-from .store import Kind, Snapshot, Store
+from .store import Kind, LayerRecord, Parent, Snapshot, Store
 
 log = logging.getLogger(__name__)
 
@@ -34,20 +36,59 @@ class Usage:
     inodes: int
 
 
-class Snapshotter:
-    """Snapshots under `<root>/snapshots`, metadata in `store`."""
+class RemoteLayers(Protocol):
+    """Lazily served layers (`layers/manager.py`). Without one, every layer is pulled whole."""
 
-    def __init__(self, root: Path, store: Store, *, index_off: bool = False) -> None:
+    def mount(self, request: L.LayerRequest, layer_dir: Callable[[int], Path]) -> int | None:
+        """Blocking: the id of a layer record serving `request`, or None to fall back (reason logged)."""
+        ...
+
+    def release(self, layers: list[LayerRecord]) -> None:
+        """Stop serving layers that no snapshot uses any more."""
+        ...
+
+
+class Snapshotter:
+    """Snapshots under `<root>/snapshots`, lazily served layers under `<root>/fuse`, metadata in `store`."""
+
+    def __init__(self, root: Path, store: Store, *, index_off: bool = False, remote: RemoteLayers | None = None) -> None:
         self.root = root
         self.dir = root / "snapshots"
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.fuse_dir = root / "fuse"
         self.store = store
         self.index_off = index_off
+        self.remote = remote
 
     # -- creating ------------------------------------------------------------------
 
     def prepare(self, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
+        """An active snapshot; or, for a layer that can be served lazily, AlreadyExists.
+
+        The remote-snapshot handshake: a Prepare whose labels name a target chain id
+        and a layer asks the snapshotter to provide that layer itself. If it can, the
+        layer is committed under the target name and the answer is AlreadyExists, so
+        containerd skips downloading it; if not, the ordinary active snapshot is made
+        and containerd pulls the layer into it.
+        """
+        request = L.LayerRequest.from_labels(labels) if self.remote is not None else None
+        if request is not None:
+            self._serve_remotely(parent, labels, request)
         return self._create(Kind.ACTIVE, key, parent, labels)
+
+    def _serve_remotely(self, parent: str, labels: dict[str, str], request: L.LayerRequest) -> None:
+        """Raise AlreadyExists when the target is (now) a lazily served snapshot; return to fall back."""
+        assert self.remote is not None
+        with self.store.transaction() as tx:
+            if tx.exists(request.target):
+                raise AlreadyExists(f"target snapshot {request.target!r} already exists")
+        layer_id = self.remote.mount(request, self.layer_path)
+        if layer_id is None:
+            return
+        with self.store.transaction() as tx:
+            snap = tx.create_remote(request.target, parent, checked_labels(labels | {L.REMOTE: "lazysnap"}), layer_id)
+        log.info("layer %s served lazily as %r (snapshot id %d)", request.layer_digest, request.target, snap.id)
+        raise AlreadyExists(f"target snapshot {request.target!r} already exists (served lazily)")
 
     def view(self, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
         return self._create(Kind.VIEW, key, parent, labels)
@@ -61,10 +102,10 @@ class Snapshotter:
                 if kind == Kind.ACTIVE:
                     (staging / "work").mkdir(0o711)
                 snap = tx.create(key, parent, kind, labels)
-                if snap.parent_ids:
+                if snap.parents:
                     # The new upper dir is the container's "/" until written to: give it
                     # the owner of the layer below, as containerd does.
-                    st = os.stat(self.fs_path(snap.parent_ids[0]))
+                    st = os.stat(self.lower_path(snap.parents[0]))
                     os.lchown(staging / "fs", st.st_uid, st.st_gid)
                 final = self.dir / str(snap.id)
                 if final.exists():
@@ -96,7 +137,7 @@ class Snapshotter:
         """Committed snapshots report what was measured at commit; others are measured now."""
         snap = self.stat(key)
         if snap.kind == Kind.COMMITTED:
-            return Usage(snap.size, snap.inodes)
+            return Usage(snap.size, snap.inodes)  # a lazily served layer uses no snapshot space
         return disk_usage(self.fs_path(snap.id))
 
     # -- changing ------------------------------------------------------------------
@@ -136,14 +177,17 @@ class Snapshotter:
         log.debug("removed snapshot %r (id %d)", key, snap.id)
 
     def cleanup(self) -> list[Path]:
-        """Delete every directory under snapshots/ that the store has no snapshot for."""
+        """Delete every directory the store has no snapshot for, and stop serving unused layers."""
         with self.store.transaction() as tx:
             known = {str(i) for i in tx.ids()}
             doomed = [p for p in self.dir.iterdir() if p.name not in known]
+            unused = tx.remove_unused_layers()
         for path in doomed:
             self._delete_dir(path)
         if doomed:
             log.info("cleanup removed %d unreferenced snapshot directories", len(doomed))
+        if unused and self.remote is not None:
+            self.remote.release(unused)
         return doomed
 
     # -- paths ---------------------------------------------------------------------
@@ -151,9 +195,16 @@ class Snapshotter:
     def fs_path(self, snapshot_id: int) -> Path:
         return self.dir / str(snapshot_id) / "fs"
 
+    def layer_path(self, layer_id: int) -> Path:
+        """Where a lazily served layer appears: one directory per layer under the FUSE mount."""
+        return self.fuse_dir / str(layer_id)
+
+    def lower_path(self, parent: Parent) -> Path:
+        return self.layer_path(parent.layer_id) if parent.layer_id is not None else self.fs_path(parent.id)
+
     def _mounts(self, snap: Snapshot) -> list[Mount]:
         own = self.dir / str(snap.id)
-        lowers = [self.fs_path(i) for i in snap.parent_ids]
+        lowers = [self.lower_path(p) for p in snap.parents]
         return compose(snap.kind, own / "fs", own / "work", lowers, index_off=self.index_off)
 
     @staticmethod

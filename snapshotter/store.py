@@ -46,8 +46,29 @@ class Snapshot:
     updated_ns: int
     size: int = 0
     inodes: int = 0
-    parent_ids: list[int] = field(default_factory=list)
-    """Ids of all ancestors, nearest first (what the overlay lowerdir is made of)."""
+    layer_id: int | None = None
+    """Set when the snapshot is a lazily served layer rather than a directory of ours."""
+    parents: list[Parent] = field(default_factory=list)
+    """All ancestors, nearest first (what the overlay lowerdir is made of)."""
+
+
+@dataclass(frozen=True)
+class Parent:
+    id: int
+    layer_id: int | None
+
+
+@dataclass
+class LayerRecord:
+    """A layer served lazily: where it comes from and how its index was verified."""
+
+    id: int
+    digest: str
+    image_ref: str
+    format: str
+    blob_size: int
+    index_digest: str
+    index_offset: int
 
 
 SCHEMA = """
@@ -60,13 +81,25 @@ CREATE TABLE IF NOT EXISTS snapshots (
     created_ns INTEGER NOT NULL,
     updated_ns INTEGER NOT NULL,
     size       INTEGER NOT NULL DEFAULT 0,
-    inodes     INTEGER NOT NULL DEFAULT 0
+    inodes     INTEGER NOT NULL DEFAULT 0,
+    layer_id   INTEGER REFERENCES layers(id)
 );
 CREATE INDEX IF NOT EXISTS snapshots_parent ON snapshots(parent_id);
+CREATE TABLE IF NOT EXISTS layers (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    digest       TEXT    NOT NULL UNIQUE,
+    image_ref    TEXT    NOT NULL,
+    format       TEXT    NOT NULL,
+    blob_size    INTEGER NOT NULL,
+    index_digest TEXT    NOT NULL,
+    index_offset INTEGER NOT NULL
+);
 """
 
+_LAYER_COLUMNS = "id, digest, image_ref, format, blob_size, index_digest, index_offset"
+
 _SELECT = """
-SELECT s.id, s.key, COALESCE(p.key, ''), s.kind, s.labels, s.created_ns, s.updated_ns, s.size, s.inodes
+SELECT s.id, s.key, COALESCE(p.key, ''), s.kind, s.labels, s.created_ns, s.updated_ns, s.size, s.inodes, s.layer_id
 FROM snapshots s LEFT JOIN snapshots p ON p.id = s.parent_id
 """
 
@@ -123,7 +156,7 @@ class Transaction:
             raise InvalidArgument("snapshot key must not be empty")
         if kind not in (Kind.ACTIVE, Kind.VIEW):
             raise InvalidArgument(f"cannot create a snapshot of kind {kind.name}")
-        if self._exists(key):
+        if self.exists(key):
             raise AlreadyExists(f"snapshot {key!r} already exists")
         parent_id = None
         if parent:
@@ -148,7 +181,7 @@ class Transaction:
         active = self.get(key)
         if active.kind != Kind.ACTIVE:
             raise FailedPrecondition(f"snapshot {key!r} is not active (kind {active.kind.name})")
-        if self._exists(name):
+        if self.exists(name):
             raise AlreadyExists(f"snapshot {name!r} already exists")
         now = time.time_ns()
         self._db.execute(
@@ -167,13 +200,49 @@ class Transaction:
         self._db.execute("DELETE FROM snapshots WHERE id = ?", (snap.id,))
         return snap
 
+    def create_remote(self, name: str, parent: str, labels: dict[str, str], layer_id: int) -> Snapshot:
+        """Record a committed snapshot whose contents are a lazily served layer."""
+        if self.exists(name):
+            raise AlreadyExists(f"snapshot {name!r} already exists")
+        parent_id = self.get(parent).id if parent else None
+        now = time.time_ns()
+        self._db.execute(
+            "INSERT INTO snapshots (key, parent_id, kind, labels, created_ns, updated_ns, layer_id)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (name, parent_id, int(Kind.COMMITTED), json.dumps(labels), now, now, layer_id),
+        )
+        return self.get(name)
+
+    def put_layer(self, digest: str, image_ref: str, format: str, blob_size: int, index_digest: str,
+                  index_offset: int) -> LayerRecord:
+        """The layer record for `digest`, created if new (a layer is shared by every image that has it)."""
+        self._db.execute(
+            "INSERT OR IGNORE INTO layers (digest, image_ref, format, blob_size, index_digest, index_offset)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (digest, image_ref, format, blob_size, index_digest, index_offset),
+        )
+        row = self._db.execute(f"SELECT {_LAYER_COLUMNS} FROM layers WHERE digest = ?", (digest,)).fetchone()
+        return LayerRecord(*row)
+
+    def layers(self) -> list[LayerRecord]:
+        return [LayerRecord(*row) for row in self._db.execute(f"SELECT {_LAYER_COLUMNS} FROM layers ORDER BY id")]
+
+    def remove_unused_layers(self) -> list[LayerRecord]:
+        """Forget layers no snapshot uses any more; the caller detaches and deletes their files."""
+        unused = [LayerRecord(*row) for row in self._db.execute(
+            f"SELECT {_LAYER_COLUMNS} FROM layers WHERE id NOT IN"
+            " (SELECT layer_id FROM snapshots WHERE layer_id IS NOT NULL)"
+        )]
+        self._db.executemany("DELETE FROM layers WHERE id = ?", [(rec.id,) for rec in unused])
+        return unused
+
     def set_labels(self, key: str, labels: dict[str, str]) -> Snapshot:
         self._db.execute(
             "UPDATE snapshots SET labels = ?, updated_ns = ? WHERE key = ?", (json.dumps(labels), time.time_ns(), key)
         )
         return self.get(key)
 
-    def _exists(self, key: str) -> bool:
+    def exists(self, key: str) -> bool:
         return self._db.execute("SELECT 1 FROM snapshots WHERE key = ?", (key,)).fetchone() is not None
 
     def _with_parents(self, snap: Snapshot) -> Snapshot:
@@ -184,14 +253,15 @@ class Transaction:
                 UNION ALL
                 SELECT s.id, s.parent_id, chain.depth + 1 FROM snapshots s JOIN chain ON s.id = chain.parent_id
             )
-            SELECT id FROM chain WHERE depth > 0 ORDER BY depth
+            SELECT chain.id, s.layer_id FROM chain JOIN snapshots s ON s.id = chain.id
+            WHERE depth > 0 ORDER BY depth
             """,
             (snap.id,),
         )
-        snap.parent_ids = [row[0] for row in rows]
+        snap.parents = [Parent(*row) for row in rows]
         return snap
 
 
 def _snapshot(row: tuple) -> Snapshot:
-    id_, key, parent, kind, labels, created, updated, size, inodes = row
-    return Snapshot(id_, key, parent, Kind(kind), json.loads(labels), created, updated, size, inodes)
+    id_, key, parent, kind, labels, created, updated, size, inodes, layer_id = row
+    return Snapshot(id_, key, parent, Kind(kind), json.loads(labels), created, updated, size, inodes, layer_id)

@@ -87,3 +87,61 @@ def test_disk_usage_counts_hardlinks_once(tmp_path: Path) -> None:
     (tmp_path / "g").hardlink_to(tmp_path / "f")
     usage = disk_usage(tmp_path)
     assert usage.inodes == 2 and 8192 <= usage.size < 2 * 8192 + 4096
+
+
+class FakeRemote:
+    """Serves every layer whose digest is in `lazy`; records what it was asked."""
+
+    def __init__(self, store: Store, lazy: set[str]) -> None:
+        self.store, self.lazy = store, lazy
+        self.released: list[str] = []
+
+    def mount(self, request, layer_dir):  # type: ignore[no-untyped-def]
+        if request.layer_digest not in self.lazy:
+            return None
+        with self.store.transaction() as tx:
+            return tx.put_layer(request.layer_digest, request.image_ref, "estargz", 100, "sha256:toc", 50).id
+
+    def release(self, layers):  # type: ignore[no-untyped-def]
+        self.released += [rec.digest for rec in layers]
+
+
+def remote_labels(chain: str, layer: str) -> dict[str, str]:
+    from snapshotter import labels as L
+
+    return L.cri_labels(chain, "127.0.0.1:1/img:1", "sha256:m", layer, [layer])
+
+
+def test_remote_handshake_commits_target_and_answers_already_exists(tmp_path: Path) -> None:
+    from snapshotter import labels as L
+    from snapshotter.errors import AlreadyExists
+
+    store = Store(tmp_path / "metadata.db")
+    remote = FakeRemote(store, lazy={"sha256:l1"})
+    sn = Snapshotter(tmp_path, store, remote=remote)
+    with pytest.raises(AlreadyExists):
+        sn.prepare("default/1/extract-1 c1", "", remote_labels("c1", "sha256:l1"))
+    with pytest.raises(NotFound):
+        sn.stat("default/1/extract-1 c1")  # no temporary active snapshot is left behind
+    (snap,) = sn.list([f'labels."{L.TARGET}"==c1,parent==""'])
+    assert (snap.key, snap.kind, snap.labels[L.REMOTE]) == ("c1", Kind.COMMITTED, "lazysnap")
+    # a layer that cannot be served lazily gets an ordinary active snapshot on top
+    mounts = sn.prepare("default/2/extract-2 c2", "c1", remote_labels("c2", "sha256:l2"))
+    lower = next(o for o in mounts[0].options if o.startswith("lowerdir=")).removeprefix("lowerdir=")
+    assert lower == str(sn.layer_path(snap.layer_id or 0))
+    # the same target asked again (another namespace) is already there
+    with pytest.raises(AlreadyExists):
+        sn.prepare("k8s.io/1/extract-3 c1", "", remote_labels("c1", "sha256:l1"))
+    sn.remove("default/2/extract-2 c2")
+    sn.cleanup()
+    assert remote.released == []
+    sn.remove("c1")
+    sn.cleanup()
+    assert remote.released == ["sha256:l1"]
+
+
+def test_without_remote_labels_are_just_labels(tmp_path: Path) -> None:
+    store = Store(tmp_path / "metadata.db")
+    sn = Snapshotter(tmp_path, store, remote=FakeRemote(store, lazy={"sha256:l1"}))
+    sn.prepare("k", "", {"containerd.io/snapshot.ref": "c1"})  # no image/layer: not a remote request
+    assert sn.stat("k").kind == Kind.ACTIVE

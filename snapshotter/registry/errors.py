@@ -1,0 +1,38 @@
+"""The errors the registry client raises.
+
+Callers (the fetcher, the layer resolver, `rpull`) decide what to do by class:
+`NotFoundError` means "this content is not there", `RegistryUnavailable` means
+"try again later or fall back", `BadResponse` means "the registry lied or broke
+the protocol: never use what it sent", `Unauthorized` means "fix credentials".
+Every message names what was asked for, from where, and why it failed.
+"""
+
+from __future__ import annotations
+
+
+class RegistryError(Exception):
+    """Base of every error raised by `snapshotter.registry`."""
+
+
+class InvalidReference(RegistryError, ValueError):
+    """An image reference or digest string that cannot be parsed."""
+
+
+class HostsConfigError(RegistryError):
+    """A `hosts.toml` file that cannot be used (bad TOML, wrong types, unknown capability)."""
+
+
+class Unauthorized(RegistryError):
+    """The registry refused us: no credentials, rejected credentials, or access denied."""
+
+
+class NotFoundError(RegistryError):
+    """The registry answered that the manifest, blob or repository is unknown."""
+
+
+class RegistryUnavailable(RegistryError):
+    """The registry could not be reached or kept failing (after retries, or past a deadline)."""
+
+
+class BadResponse(RegistryError):
+    """The registry's answer broke the protocol or failed verification (digest, size, ranges, JSON)."""
