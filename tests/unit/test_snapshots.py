@@ -100,7 +100,9 @@ class FakeRemote:
         if request.layer_digest not in self.lazy:
             return None
         with self.store.transaction() as tx:
-            return tx.put_layer(request.layer_digest, request.image_ref, "estargz", 100, "sha256:toc", 50).id
+            layer_id = tx.put_layer(request.layer_digest, request.image_ref, "estargz", 100, "sha256:toc", 50).id
+        layer_dir(layer_id).mkdir(parents=True, exist_ok=True)  # where FUSE would show it
+        return layer_id
 
     def release(self, layers):  # type: ignore[no-untyped-def]
         self.released += [rec.digest for rec in layers]
