@@ -1,7 +1,7 @@
 """A private containerd 1.6 for tests: its own config, dirs and socket, torn down completely.
 
 Nothing here touches /etc/containerd, /var/lib/containerd or a system containerd.
-Two things containerd 1.6 puts outside its configured dirs, and how we handle them:
+What containerd 1.6 and ctr put outside the configured dirs, and how we handle it:
 
 - runc state (`/run/containerd/runc/<ns>` by default) and task I/O FIFOs
   (`/run/containerd/fifo`): `run_container` passes `--runc-root` and `--fifo-dir`
@@ -11,7 +11,10 @@ Two things containerd 1.6 puts outside its configured dirs, and how we handle th
   instead and `stop()` removes that parent.
 - shim sockets: `/run/containerd/s/<sha256(address/ns/id)>` is hard-coded in 1.6;
   the name includes our socket path, so it never collides with another instance,
-  and `stop()` removes the ones a killed shim left behind.
+  and `stop()` removes the ones a killed shim left behind (the empty
+  `/run/containerd/s` directory itself stays).
+- the `opt` plugin (`/opt/containerd`) and, with CRI, the CNI dirs are pointed
+  into the temp dir by the generated config.
 """
 
 from __future__ import annotations
@@ -158,7 +161,7 @@ class Containerd:
         return self.ctr("version", check=False, timeout=10).returncode == 0
 
     def stop(self) -> None:
-        """Kill every task and container, stop containerd and its shims, unmount, delete the dirs."""
+        """Kill every task and container, stop containerd and its shims, unmount, delete `workdir`."""
         try:
             if self.proc is not None and self.proc.running:
                 self._remove_workloads()
