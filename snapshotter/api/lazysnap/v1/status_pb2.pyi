@@ -1,0 +1,55 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class LayersRequest(_message.Message):
+    __slots__ = ("digests",)
+    DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    digests: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, digests: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Layer(_message.Message):
+    __slots__ = ("digest", "image_ref", "mode", "reason", "size", "resolve_seconds", "path", "fetched_bytes")
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_REF_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    RESOLVE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    FETCHED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    digest: str
+    image_ref: str
+    mode: str
+    reason: str
+    size: int
+    resolve_seconds: float
+    path: str
+    fetched_bytes: int
+    def __init__(self, digest: _Optional[str] = ..., image_ref: _Optional[str] = ..., mode: _Optional[str] = ..., reason: _Optional[str] = ..., size: _Optional[int] = ..., resolve_seconds: _Optional[float] = ..., path: _Optional[str] = ..., fetched_bytes: _Optional[int] = ...) -> None: ...
+
+class Cache(_message.Message):
+    __slots__ = ("bytes", "max_bytes", "hits", "misses", "evictions")
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    MISSES_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    bytes: int
+    max_bytes: int
+    hits: int
+    misses: int
+    evictions: int
+    def __init__(self, bytes: _Optional[int] = ..., max_bytes: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ...) -> None: ...
+
+class LayersResponse(_message.Message):
+    __slots__ = ("layers", "cache")
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_FIELD_NUMBER: _ClassVar[int]
+    layers: _containers.RepeatedCompositeFieldContainer[Layer]
+    cache: Cache
+    def __init__(self, layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., cache: _Optional[_Union[Cache, _Mapping]] = ...) -> None: ...
