@@ -29,6 +29,20 @@ class Config:
     log_level: str = "info"
     grpc_workers: int = 16
     """Threads serving gRPC calls at once."""
+    lazy: bool = True
+    """Serve eStargz layers lazily; false makes lazysnap a plain overlayfs-style snapshotter."""
+    allow_unverified: bool = False
+    """Mount layers whose TOC digest is not given by an annotation (their bytes cannot be verified)."""
+    resolve_timeout: float = 30.0
+    """Seconds a Prepare waits for a layer's index before falling back to a full pull."""
+    read_timeout: float = 30.0
+    """Seconds a FUSE read may wait for the registry before it fails with EIO."""
+    cache_max_mib: int = 10240
+    """Upper bound of the on-disk chunk cache; least recently used chunks go first."""
+    certs_dir: Path = Path("/etc/containerd/certs.d")
+    """containerd's hosts.toml directory: mirrors, plain-HTTP registries, TLS settings."""
+    docker_config: Path | None = None
+    """Docker config.json with registry credentials (default $DOCKER_CONFIG or ~/.docker)."""
 
     def validate(self) -> Config:
         if not self.root.is_absolute():
@@ -41,7 +55,19 @@ class Config:
             raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
         if self.grpc_workers < 1:
             raise ConfigError(f"grpc_workers must be at least 1, got {self.grpc_workers}")
+        for name in ("resolve_timeout", "read_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.cache_max_mib < 1:
+            raise ConfigError(f"cache_max_mib must be at least 1, got {self.cache_max_mib}")
         return self
+
+
+_KINDS: dict[str, type] = {
+    "root": Path, "address": Path, "log_level": str, "grpc_workers": int, "lazy": bool,
+    "allow_unverified": bool, "resolve_timeout": float, "read_timeout": float, "cache_max_mib": int,
+    "certs_dir": Path, "docker_config": Path,
+}
 
 
 def load(path: Path | None, overrides: dict[str, Any] | None = None) -> Config:
@@ -66,10 +92,12 @@ def _build(values: dict[str, Any], source: Path) -> Config:
         raise ConfigError(f"{source}: unknown setting(s) {', '.join(unknown)}")
     kwargs: dict[str, Any] = {}
     for name, value in values.items():
-        default = getattr(Config, name)
-        if isinstance(default, Path):
+        kind = _KINDS[name]
+        if kind is Path and isinstance(value, (str, Path)):
             value = Path(value)
-        elif not isinstance(value, type(default)) or isinstance(value, bool) != isinstance(default, bool):
-            raise ConfigError(f"{source}: {name} must be a {type(default).__name__}, got {value!r}")
+        elif kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        elif not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
+            raise ConfigError(f"{source}: {name} must be a {kind.__name__}, got {value!r}")
         kwargs[name] = value
     return Config(**kwargs).validate()

@@ -23,3 +23,17 @@ class Layer(Protocol):
         Raises ReadError when the bytes cannot be had; never returns unverified data.
         """
         ...
+
+
+class Blob(Protocol):
+    """A layer blob in a registry, read by byte range (the registry client provides it)."""
+
+    @property
+    def digest(self) -> str: ...
+
+    @property
+    def size(self) -> int: ...
+
+    async def read(self, start: int, end: int) -> bytes:
+        """Exactly the bytes [start, end); raises on any failure (never short, never unverifiable garbage)."""
+        ...
