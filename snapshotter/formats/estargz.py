@@ -1,0 +1,549 @@
+"""eStargz: find, check and use the table of contents of a seekable tar.gz layer.
+
+An eStargz blob is an ordinary tar.gz whose file payloads start new gzip members, so a
+file's bytes can be inflated from a byte range of the blob. The member before the
+footer holds the TOC (`stargz.index.json`, JSON listing every tar member and the blob
+offset of each payload piece), and the footer, an empty gzip member, holds the TOC's
+offset in its extra field. The facts come from the eStargz spec (see
+shared/research/stargz.md, section 2).
+
+The reader's order of work: fetch the last `FOOTER_READ_SIZE` bytes -> `parse_footer`;
+fetch the TOC member -> `parse_toc` -> `verify_toc` against the layer annotation;
+`layer_entries` -> `layers.tree.build_tree`; on a read, fetch a `Chunk`'s compressed
+range -> `decompress_chunk`. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import bisect
+import calendar
+import hashlib
+import io
+import json
+import posixpath
+import re
+import tarfile
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from snapshotter.layers.tree import EntryType, LayerEntry
+
+from .errors import FormatError
+
+FOOTER_SIZE = 51
+LEGACY_FOOTER_SIZE = 47
+FOOTER_READ_SIZE = max(FOOTER_SIZE, LEGACY_FOOTER_SIZE)
+
+TOC_TAR_NAME = "stargz.index.json"
+PREFETCH_LANDMARK = ".prefetch.landmark"
+NO_PREFETCH_LANDMARK = ".no.prefetch.landmark"
+
+TOC_DIGEST_ANNOTATION = "containerd.io/snapshot/stargz/toc.digest"
+UNCOMPRESSED_SIZE_ANNOTATION = "io.containers.estargz.uncompressed-size"
+
+DEFAULT_MAX_TOC_SIZE = 256 << 20
+"""Inflated size above which a TOC member is refused: real TOCs are a few MiB at most."""
+
+_INFLATE_STEP = 1 << 20
+_MAX_INT64 = (1 << 63) - 1
+_GZIP_MAGIC = b"\x1f\x8b\x08"
+_FLG_FEXTRA = 0x04
+_MAGIC = b"STARGZ"
+_SUBFIELD_LEN = 16 + len(_MAGIC)
+_HEX16 = re.compile(rb"[0-9a-fA-F]{16}")
+_DIGEST = re.compile(r"(sha256|sha384|sha512):([0-9a-f]+)")
+_DIGEST_HEX_LEN = {"sha256": 64, "sha384": 96, "sha512": 128}
+_RFC3339 = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?(?:([Zz])|([+-])(\d{2}):(\d{2}))"
+)
+
+_ENTRY_TYPES = {
+    "dir": EntryType.DIR,
+    "reg": EntryType.REG,
+    "symlink": EntryType.SYMLINK,
+    "hardlink": EntryType.HARDLINK,
+    "char": EntryType.CHAR,
+    "block": EntryType.BLOCK,
+    "fifo": EntryType.FIFO,
+}
+_CHUNK = "chunk"
+
+
+# --------------------------------------------------------------------------- records
+
+@dataclass(frozen=True)
+class Footer:
+    """Where the TOC member starts, and how many bytes at the end are footer."""
+
+    toc_offset: int
+    footer_size: int
+    legacy: bool
+
+    def toc_range(self, blob_size: int) -> tuple[int, int]:
+        """The blob range [start, end) holding the TOC gzip member."""
+        return self.toc_offset, blob_size - self.footer_size
+
+
+@dataclass(frozen=True)
+class TocEntry:
+    """One entry of `stargz.index.json`, field for field (JSON camelCase -> snake_case)."""
+
+    name: str
+    type: str
+    size: int = 0
+    modtime: str = ""
+    link_name: str = ""
+    mode: int = 0
+    uid: int = 0
+    gid: int = 0
+    user_name: str = ""
+    group_name: str = ""
+    offset: int = 0
+    inner_offset: int = 0
+    dev_major: int = 0
+    dev_minor: int = 0
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+    digest: str = ""
+    chunk_offset: int = 0
+    chunk_size: int = 0
+    chunk_digest: str = ""
+
+    @property
+    def has_payload(self) -> bool:
+        """Whether this entry points at bytes in the blob (a non-empty file's piece)."""
+        return self.type == _CHUNK or (self.type == "reg" and self.size > 0)
+
+
+@dataclass(frozen=True)
+class Toc:
+    """A parsed TOC. `raw` is kept byte for byte: the digest is over it, never a re-serialisation."""
+
+    raw: bytes
+    digest: str
+    version: int
+    entries: list[TocEntry]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One piece of a regular file and where its compressed bytes live in the blob.
+
+    Inflate blob[compressed_offset:compressed_end], skip `inner_offset` bytes, and the
+    next `size` bytes are file bytes [file_offset, file_offset + size). `digest` is the
+    sha256 of those bytes, or None when the TOC gives none (legacy stargz).
+    """
+
+    file_offset: int
+    size: int
+    compressed_offset: int
+    compressed_end: int
+    inner_offset: int
+    digest: str | None
+
+    @property
+    def compressed_size(self) -> int:
+        return self.compressed_end - self.compressed_offset
+
+
+# --------------------------------------------------------------------------- footer
+
+def parse_footer(tail: bytes, *, blob_size: int | None = None) -> Footer:
+    """Read the footer from the blob's last `FOOTER_READ_SIZE` bytes (or the whole blob if shorter).
+
+    Tries eStargz (51 bytes) first, then legacy stargz (47). `blob_size` lets the TOC
+    offset be checked against where the footer starts; when `tail` is shorter than
+    `FOOTER_READ_SIZE` it is the whole blob, so its length is the blob size.
+    """
+    if blob_size is None and len(tail) < FOOTER_READ_SIZE:
+        blob_size = len(tail)
+    if blob_size is not None and blob_size < len(tail):
+        raise FormatError(f"not an eStargz layer: blob size {blob_size} is less than the {len(tail)} bytes read")
+    problems = []
+    for size, legacy in ((FOOTER_SIZE, False), (LEGACY_FOOTER_SIZE, True)):
+        kind = "legacy stargz" if legacy else "eStargz"
+        if len(tail) < size:
+            problems.append(f"{kind}: only {len(tail)} bytes, footer is {size}")
+            continue
+        try:
+            toc_offset = _footer_toc_offset(tail[-size:], legacy)
+        except FormatError as e:
+            problems.append(f"{kind}: {e}")
+            continue
+        if blob_size is not None and toc_offset >= blob_size - size:
+            raise FormatError(f"not an eStargz layer: {kind} footer puts the TOC at {toc_offset}, "
+                              f"but the footer itself starts at {blob_size - size}")
+        return Footer(toc_offset, size, legacy)
+    raise FormatError("not an eStargz layer: " + "; ".join(problems))
+
+
+def _footer_toc_offset(footer: bytes, legacy: bool) -> int:
+    if footer[:3] != _GZIP_MAGIC:
+        raise FormatError("no gzip header")
+    if footer[3] != _FLG_FEXTRA:
+        raise FormatError(f"gzip flags {footer[3]:#04x}, want FEXTRA only")
+    xlen = int.from_bytes(footer[10:12], "little")
+    want = _SUBFIELD_LEN if legacy else 4 + _SUBFIELD_LEN
+    if xlen != want:
+        raise FormatError(f"extra field is {xlen} bytes, want {want}")
+    extra = footer[12:12 + xlen]
+    if legacy:
+        subfield = extra
+    else:
+        if extra[:2] != b"SG":
+            raise FormatError(f"extra subfield id {extra[:2]!r}, want b'SG'")
+        if int.from_bytes(extra[2:4], "little") != _SUBFIELD_LEN:
+            raise FormatError(f"SG subfield length {int.from_bytes(extra[2:4], 'little')}, want {_SUBFIELD_LEN}")
+        subfield = extra[4:]
+    if subfield[16:] != _MAGIC:
+        raise FormatError("no STARGZ magic")
+    if not _HEX16.fullmatch(subfield[:16]):
+        raise FormatError(f"TOC offset {subfield[:16]!r} is not 16 hex digits")
+    toc_offset = int(subfield[:16], 16)
+    if toc_offset > _MAX_INT64:
+        raise FormatError(f"TOC offset {toc_offset} overflows int64")
+    inflater = zlib.decompressobj(31)
+    try:
+        body = inflater.decompress(footer)
+    except zlib.error as e:
+        raise FormatError(f"footer is not a valid gzip member: {e}") from None
+    if body or not inflater.eof or inflater.unused_data:
+        raise FormatError("footer is not exactly one empty gzip member")
+    return toc_offset
+
+
+# --------------------------------------------------------------------------- TOC
+
+def parse_toc(member: bytes, *, max_size: int = DEFAULT_MAX_TOC_SIZE) -> Toc:
+    """Parse the TOC from its gzip member: blob bytes [toc_offset, blob_size - footer_size).
+
+    Inflates at most `max_size` bytes, so a hostile layer cannot make us allocate more.
+    """
+    tar_bytes = _gunzip_all(member, max_size)
+    raw = _tar_member(tar_bytes, TOC_TAR_NAME)
+    try:
+        doc = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise FormatError(f"TOC is not valid JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise FormatError(f"TOC is a JSON {type(doc).__name__}, want an object")
+    version = doc.get("version")
+    if type(version) is not int:
+        raise FormatError(f"TOC version is {version!r}, want an integer")
+    items = doc.get("entries")
+    if items is None:
+        items = []
+    if not isinstance(items, list):
+        raise FormatError(f"TOC entries is a JSON {type(items).__name__}, want an array")
+    entries = [_toc_entry(i, item) for i, item in enumerate(items)]
+    return Toc(raw=raw, digest="sha256:" + hashlib.sha256(raw).hexdigest(), version=version, entries=entries)
+
+
+def _gunzip_all(data: bytes, limit: int) -> bytes:
+    """Inflate every gzip member in `data`; refuse more than `limit` bytes out, or a truncated member."""
+    out = bytearray()
+    rest = data
+    if not rest:
+        raise FormatError("TOC member is empty")
+    while rest:
+        inflater = zlib.decompressobj(31)
+        pending = rest
+        try:
+            while not inflater.eof:
+                piece = inflater.decompress(pending, min(_INFLATE_STEP, limit - len(out) + 1))
+                pending = inflater.unconsumed_tail
+                out += piece
+                if len(out) > limit:
+                    raise FormatError(f"TOC inflates to more than {limit} bytes")
+                if not piece and not pending and not inflater.eof:
+                    raise FormatError("TOC gzip member is truncated")
+        except zlib.error as e:
+            raise FormatError(f"TOC member is not valid gzip: {e}") from None
+        rest = inflater.unused_data
+    return bytes(out)
+
+
+def _tar_member(tar_bytes: bytes, name: str) -> bytes:
+    try:
+        with tarfile.open(fileobj=io.BytesIO(tar_bytes), mode="r:") as tar:
+            for member in tar:
+                if _clean(member.name) == name and member.isreg():
+                    extracted = tar.extractfile(member)
+                    assert extracted is not None
+                    data = extracted.read()
+                    if len(data) != member.size:
+                        raise FormatError(f"{name} is truncated: {len(data)} of {member.size} bytes")
+                    return data
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise FormatError(f"TOC member is not a valid tar: {e}") from None
+    raise FormatError(f"TOC member holds no {name}")
+
+
+_INT_FIELDS = {
+    "size": "size", "mode": "mode", "uid": "uid", "gid": "gid", "offset": "offset",
+    "innerOffset": "inner_offset", "devMajor": "dev_major", "devMinor": "dev_minor",
+    "chunkOffset": "chunk_offset", "chunkSize": "chunk_size",
+}
+_STR_FIELDS = {
+    "modtime": "modtime", "linkName": "link_name", "userName": "user_name", "groupName": "group_name",
+    "digest": "digest", "chunkDigest": "chunk_digest",
+}
+
+
+def _toc_entry(index: int, item: Any) -> TocEntry:
+    if not isinstance(item, dict):
+        raise FormatError(f"TOC entry {index} is a JSON {type(item).__name__}, want an object")
+    name = item.get("name")
+    where = f"TOC entry {index} ({name!r})"
+    if not isinstance(name, str):
+        raise FormatError(f"{where}: name is not a string")
+    etype = item.get("type")
+    if etype != _CHUNK and etype not in _ENTRY_TYPES:
+        raise FormatError(f"{where}: unknown type {etype!r}")
+    if not name and etype != _CHUNK:
+        raise FormatError(f"{where}: empty name")
+    values: dict[str, Any] = {"name": name, "type": etype}
+    for key, attr in _INT_FIELDS.items():
+        value = item.get(key)
+        if value is None:
+            continue
+        if type(value) is not int:
+            raise FormatError(f"{where}: {key} is {value!r}, want an integer")
+        if not 0 <= value <= _MAX_INT64:
+            raise FormatError(f"{where}: {key} {value} is out of range")
+        values[attr] = value
+    for key, attr in _STR_FIELDS.items():
+        value = item.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise FormatError(f"{where}: {key} is {value!r}, want a string")
+        values[attr] = value
+    for key in ("digest", "chunkDigest"):
+        if item.get(key):
+            _check_digest_syntax(item[key], f"{where}: {key}")
+    if item.get("modtime"):
+        _modtime_ns(item["modtime"], where)
+    values["xattrs"] = _xattrs(item.get("xattrs"), where)
+    return TocEntry(**values)
+
+
+def _xattrs(value: Any, where: str) -> dict[str, bytes]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise FormatError(f"{where}: xattrs is {value!r}, want an object")
+    out = {}
+    for key, encoded in value.items():
+        if not isinstance(encoded, str):
+            raise FormatError(f"{where}: xattr {key!r} is {encoded!r}, want a base64 string")
+        try:
+            out[key] = base64.b64decode(encoded, validate=True)
+        except binascii.Error:
+            raise FormatError(f"{where}: xattr {key!r} is not valid base64") from None
+    return out
+
+
+def _check_digest_syntax(digest: str, where: str) -> tuple[str, str]:
+    m = _DIGEST.fullmatch(digest)
+    if m is None or len(m[2]) != _DIGEST_HEX_LEN[m[1]]:
+        raise FormatError(f"{where} {digest!r} is not a sha256/sha384/sha512 digest")
+    return m[1], m[2]
+
+
+def _digest_matches(data: bytes, digest: str, where: str) -> bool:
+    algorithm, hexdigest = _check_digest_syntax(digest, where)
+    return hashlib.new(algorithm, data).hexdigest() == hexdigest
+
+
+def _modtime_ns(text: str, where: str) -> int:
+    """RFC 3339 to nanoseconds since the epoch, exactly (no float rounding)."""
+    m = _RFC3339.fullmatch(text)
+    if m is None:
+        raise FormatError(f"{where}: modtime {text!r} is not RFC 3339")
+    year, month, day, hour, minute, second = (int(m[i]) for i in range(1, 7))
+    if not (1 <= month <= 12 and 1 <= day <= 31 and hour <= 23 and minute <= 59 and second <= 60):
+        raise FormatError(f"{where}: modtime {text!r} is not a valid time")
+    seconds = calendar.timegm((year, month, day, hour, minute, second, 0, 0, 0))
+    if m[9]:
+        offset = (int(m[10]) * 60 + int(m[11])) * 60
+        seconds -= offset if m[9] == "+" else -offset
+    fraction = int((m[7] or "").ljust(9, "0"))
+    return seconds * 1_000_000_000 + fraction
+
+
+def verify_toc(toc: Toc, expected_digest: str | None, *, allow_unverified: bool) -> None:
+    """Check the TOC against the layer's `TOC_DIGEST_ANNOTATION`.
+
+    The TOC vouches for every chunk digest, so an unverified TOC means unverified file
+    bytes; a layer without the annotation is refused unless the caller opted out.
+    """
+    if not expected_digest:
+        if allow_unverified:
+            return
+        raise FormatError(f"layer has no {TOC_DIGEST_ANNOTATION} annotation, and unverified TOCs are not allowed")
+    if not _digest_matches(toc.raw, expected_digest, "expected TOC digest"):
+        raise FormatError(f"TOC digest mismatch: the annotation says {expected_digest}, the TOC is {toc.digest}")
+
+
+# --------------------------------------------------------------------------- entries
+
+def layer_entries(toc: Toc, toc_offset: int) -> list[LayerEntry]:
+    """The TOC as tar-member records for `build_tree`; regular files carry a tuple of `Chunk`s.
+
+    Landmark files are kept: they are real members of the layer's tar stream.
+    """
+    ends = sorted({e.offset for e in toc.entries if e.has_payload})
+    out: list[LayerEntry] = []
+    current: _FileChunks | None = None
+    for index, entry in enumerate(toc.entries):
+        where = f"TOC entry {index} ({entry.name!r})"
+        if entry.has_payload and entry.offset >= toc_offset:
+            raise FormatError(f"{where}: payload offset {entry.offset} is not before the TOC at {toc_offset}")
+        if entry.type == _CHUNK:
+            if current is None:
+                raise FormatError(f"{where}: chunk entry does not follow a non-empty regular file")
+            if entry.name and _clean(entry.name) != _clean(current.entry.name):
+                raise FormatError(f"{where}: chunk entry follows {current.entry.name!r}, a different file")
+            current.add(entry, where, ends, toc_offset)
+            continue
+        if current is not None:
+            current.finish()
+            current = None
+        layer_entry = _layer_entry(entry, where)
+        if entry.type == "reg":
+            if entry.size > 0:
+                current = _FileChunks(entry, layer_entry)
+                current.add(entry, where, ends, toc_offset)
+            else:
+                layer_entry.content = ()
+        out.append(layer_entry)
+    if current is not None:
+        current.finish()
+    return out
+
+
+class _FileChunks:
+    """Collects one file's chunks and checks they tile [0, size) exactly."""
+
+    def __init__(self, entry: TocEntry, layer_entry: LayerEntry) -> None:
+        self.entry = entry
+        self.layer_entry = layer_entry
+        self.chunks: list[Chunk] = []
+        self.where = f"file {entry.name!r}"
+
+    def add(self, entry: TocEntry, where: str, ends: list[int], toc_offset: int) -> None:
+        file_size = self.entry.size
+        expected = self.chunks[-1].file_offset + self.chunks[-1].size if self.chunks else 0
+        if entry.chunk_offset != expected:
+            raise FormatError(f"{where}: chunk starts at {entry.chunk_offset}, want {expected} "
+                              f"(chunks of {self.where} must tile it in order)")
+        size = entry.chunk_size or file_size - entry.chunk_offset
+        if size <= 0 or entry.chunk_offset + size > file_size:
+            raise FormatError(f"{where}: chunk [{entry.chunk_offset}, +{size}) does not fit in "
+                              f"{self.where} of {file_size} bytes")
+        following = bisect.bisect_right(ends, entry.offset)
+        end = ends[following] if following < len(ends) else toc_offset
+        digest = entry.chunk_digest or None
+        if digest is None and entry.chunk_offset == 0 and size == file_size and self.entry.digest:
+            digest = self.entry.digest
+        self.chunks.append(Chunk(file_offset=entry.chunk_offset, size=size, compressed_offset=entry.offset,
+                                 compressed_end=end, inner_offset=entry.inner_offset, digest=digest))
+
+    def finish(self) -> None:
+        covered = self.chunks[-1].file_offset + self.chunks[-1].size if self.chunks else 0
+        if covered != self.entry.size:
+            raise FormatError(f"chunks of {self.where} cover {covered} of its {self.entry.size} bytes")
+        self.layer_entry.content = tuple(self.chunks)
+
+
+def _layer_entry(entry: TocEntry, where: str) -> LayerEntry:
+    etype = _ENTRY_TYPES[entry.type]
+    link_name = entry.link_name
+    if etype == EntryType.HARDLINK:
+        link_name = _clean(link_name)
+        if not link_name:
+            raise FormatError(f"{where}: hardlink without a target")
+    return LayerEntry(
+        path=_clean(entry.name),
+        type=etype,
+        mode=entry.mode & 0o7777,
+        uid=entry.uid,
+        gid=entry.gid,
+        size=entry.size if etype == EntryType.REG else 0,
+        mtime_ns=_modtime_ns(entry.modtime, where) if entry.modtime else 0,
+        link_name=link_name,
+        dev_major=entry.dev_major,
+        dev_minor=entry.dev_minor,
+        xattrs=dict(entry.xattrs),
+    )
+
+
+def _clean(name: str) -> str:
+    """A tar member name as a path relative to the layer root: `./a/b/` -> `a/b`, `./` -> ``."""
+    return posixpath.normpath("/" + name).lstrip("/")
+
+
+# --------------------------------------------------------------------------- chunks
+
+def decompress_chunk(compressed: bytes, chunk: Chunk) -> bytes:
+    """The verified bytes of `chunk`, from the blob bytes [compressed_offset, compressed_end).
+
+    Inflates only as far as the chunk reaches, unless the TOC gave no digest for it: then
+    the whole gzip member is inflated so that at least its CRC is checked.
+    """
+    skip, want = chunk.inner_offset, chunk.size
+    out = bytearray()
+    inflater = zlib.decompressobj(31)
+    pending = compressed
+    try:
+        while len(out) < want:
+            if inflater.eof:
+                pending = inflater.unused_data
+                if not pending:
+                    break
+                inflater = zlib.decompressobj(31)
+            piece = inflater.decompress(pending, min(_INFLATE_STEP, skip + want - len(out)))
+            pending = inflater.unconsumed_tail
+            if not piece and not pending and not inflater.eof:
+                break
+            dropped = min(skip, len(piece))
+            skip -= dropped
+            out += piece[dropped:]
+        if chunk.digest is None:
+            _inflate_to_member_end(inflater, pending)
+    except zlib.error as e:
+        raise FormatError(f"chunk at blob offset {chunk.compressed_offset}: corrupt gzip data: {e}") from None
+    if len(out) < want:
+        raise FormatError(f"chunk at blob offset {chunk.compressed_offset}: inflated to {len(out)} of "
+                          f"{want} bytes (after skipping {chunk.inner_offset})")
+    data = bytes(out)
+    if chunk.digest is not None and not _digest_matches(data, chunk.digest, "chunk digest"):
+        raise FormatError(f"chunk at blob offset {chunk.compressed_offset}: digest mismatch, want {chunk.digest}")
+    return data
+
+
+def _inflate_to_member_end(inflater: zlib._Decompress, pending: bytes) -> None:
+    """Run the member to its end, discarding output: zlib checks the gzip CRC and size there."""
+    while not inflater.eof:
+        piece = inflater.decompress(pending, _INFLATE_STEP)
+        pending = inflater.unconsumed_tail
+        if not piece and not pending and not inflater.eof:
+            raise FormatError("gzip member is truncated before its CRC")
+
+
+# --------------------------------------------------------------------------- landmarks
+
+def prefetch_end(toc: Toc) -> int | None:
+    """Blob bytes [0, this) hold the files the image's optimiser marked for prefetch, if it marked any."""
+    for entry in toc.entries:
+        if entry.type == "reg" and _clean(entry.name) == PREFETCH_LANDMARK:
+            return entry.offset
+    return None
+
+
+def has_no_prefetch_landmark(toc: Toc) -> bool:
+    """Whether the image says "prefetch nothing" (`ctr-remote convert` without a record)."""
+    return any(entry.type == "reg" and _clean(entry.name) == NO_PREFETCH_LANDMARK for entry in toc.entries)
