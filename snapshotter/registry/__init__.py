@@ -1,0 +1,1 @@
+"""The registry client: the only part of lazysnap that talks HTTP."""
