@@ -262,7 +262,8 @@ class Authenticator:
             status, body = await send("POST", realm, {"Content-Type": "application/x-www-form-urlencoded"},
                                       urlencode(form).encode())
         else:
-            query = urlencode([("service", service)] * bool(service) + [("scope", s) for s in scopes])
+            params = [("service", service)] if service else []
+            query = urlencode(params + [("scope", s) for s in scopes])
             headers: dict[str, str] = {}
             if creds is not None and (creds.username or creds.password):
                 headers["Authorization"] = creds.basic()
