@@ -15,6 +15,7 @@ per layer is enough to know when the kernel has let go of all of it.
 from __future__ import annotations
 
 import bisect
+import stat
 from dataclasses import dataclass, field
 
 import trio
@@ -50,6 +51,8 @@ class Attachment:
     """`Layer.read` calls in flight."""
     idle: trio.Event = field(default_factory=trio.Event)
     """Set whenever no read is in flight (replaced when one starts)."""
+    data_bytes: int = 0
+    """Total size of the layer's regular files (for statfs, counted once at attach)."""
 
     def __post_init__(self) -> None:
         self.idle.set()
@@ -91,7 +94,9 @@ class InodeTable:
             raise ValueError(f"a layer named {name!r} is already attached")
         tree = layer.tree
         span = tree.max_ino
-        att = Attachment(name=name, layer=layer, tree=tree, base=self._next_base, span=span)
+        data_bytes = sum(n.size for n in tree.nodes.values() if stat.S_ISREG(n.mode))
+        att = Attachment(name=name, layer=layer, tree=tree, base=self._next_base, span=span,
+                         data_bytes=data_bytes)
         self._next_base += span
         self._by_name[name] = att
         self._bases.append(att.base)  # bases only grow, so the list stays sorted
