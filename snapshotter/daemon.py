@@ -1,21 +1,32 @@
 """`lazysnap serve`: the long-running process containerd talks to.
 
-The daemon owns a trio event loop (where FUSE and fetching will live) and a gRPC
-server, whose worker threads call into the snapshotter. Start-up reconciles the
-snapshot directories with the store before the socket accepts a call; systemd is
-told READY only once it does.
+One trio event loop owns everything that lives as long as the daemon: the FUSE mount
+at `<root>/fuse` (one directory per lazily served layer), the registry client, and the
+layer manager's background resolutions. The gRPC server's worker threads call into the
+snapshotter, which reaches the trio side through `trio.from_thread`.
+
+Start-up order matters: layers are restored from disk and the snapshot directories
+reconciled with the store before the socket accepts a call; systemd is told READY
+only then. On SIGTERM the socket closes first, then FUSE is unmounted.
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+from contextlib import AsyncExitStack
 
 import trio
 
 from . import service
+from .cache import ChunkCache
 from .config import Config
+from .fuse.filesystem import LayerFilesystem
+from .fuse.mount import clear_stale_mount, serve_fuse
+from .layers.manager import ManagerOptions, open_manager
 from .mounts import overlay_index_off
+from .registry.client import RegistryClient
+from .registry.options import RegistryOptions
 from .sdnotify import notify
 from .snapshots import Snapshotter
 from .store import Store
@@ -27,22 +38,53 @@ async def serve(config: Config) -> None:
     config.root.mkdir(parents=True, exist_ok=True, mode=0o700)
     store = Store(config.root / "metadata.db")
     try:
-        snapshotter = Snapshotter(config.root, store, index_off=overlay_index_off())
-        snapshotter.cleanup()
-        server = service.start_server(snapshotter, config.address, config.grpc_workers)
-        log.info("serving containerd snapshots API on %s (root %s)", config.address, config.root)
-        try:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                notify("READY=1")
-                async for signum in signals:
-                    log.info("received %s, shutting down", signal.Signals(signum).name)
-                    break
-        finally:
-            notify("STOPPING=1")
-            await trio.to_thread.run_sync(lambda: server.stop(grace=5).wait())
-            config.address.unlink(missing_ok=True)
+        async with trio.open_nursery() as nursery, AsyncExitStack() as stack:
+            remote = None
+            if config.lazy:
+                remote = await stack.enter_async_context(_open_lazy_side(config, store, nursery))
+            snapshotter = Snapshotter(config.root, store, index_off=overlay_index_off(), remote=remote)
+            await trio.to_thread.run_sync(snapshotter.cleanup)
+            server = service.start_server(snapshotter, config.address, config.grpc_workers, status=remote)
+            log.info("serving containerd snapshots API on %s (root %s, lazy %s)", config.address, config.root,
+                     "on" if config.lazy else "off")
+            try:
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    notify("READY=1")
+                    async for signum in signals:
+                        log.info("received %s, shutting down", signal.Signals(signum).name)
+                        break
+            finally:
+                notify("STOPPING=1")
+                await trio.to_thread.run_sync(lambda: server.stop(grace=5).wait())
+                config.address.unlink(missing_ok=True)
+                nursery.cancel_scope.cancel()
     finally:
         store.close()
+
+
+def _open_lazy_side(config: Config, store: Store, nursery: trio.Nursery):  # type: ignore[no-untyped-def]
+    """FUSE mount, registry client, chunk cache and layer manager, torn down in reverse."""
+
+    class _Lazy:
+        async def __aenter__(self):  # type: ignore[no-untyped-def]
+            self.stack = AsyncExitStack()
+            mountpoint = config.root / "fuse"  # where Snapshotter.layer_path looks
+            mountpoint.mkdir(exist_ok=True)
+            if await clear_stale_mount(mountpoint):
+                log.warning("cleared a stale FUSE mount at %s (left by a crashed lazysnap)", mountpoint)
+            fs = LayerFilesystem(read_timeout=config.read_timeout)
+            await nursery.start(serve_fuse, mountpoint, fs)
+            registry = await self.stack.enter_async_context(RegistryClient(RegistryOptions(
+                certs_dir=config.certs_dir, docker_config=config.docker_config)))
+            cache = ChunkCache(config.root / "cache", config.cache_max_mib << 20)
+            options = ManagerOptions(resolve_timeout=config.resolve_timeout, allow_unverified=config.allow_unverified)
+            return await self.stack.enter_async_context(
+                open_manager(config.root, store, registry, cache, fs, options))
+
+        async def __aexit__(self, *exc: object) -> None:
+            await self.stack.aclose()
+
+    return _Lazy()
 
 
 def run(config: Config) -> None:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from google.protobuf import empty_pb2, timestamp_pb2
@@ -22,6 +22,7 @@ from google.protobuf import empty_pb2, timestamp_pb2
 from .api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from .api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from .api.containerd.types import mount_pb2
+from .api.lazysnap.v1 import status_pb2, status_pb2_grpc
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, SnapshotterError
 from .mounts import Mount
 from .snapshots import Snapshotter
@@ -132,6 +133,27 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
         return empty_pb2.Empty()
 
 
+class LayerReport(Protocol):
+    """What the Status API reports from (the layer manager, when lazy pulling is on)."""
+
+    def report(self, digests: list[str]) -> tuple[list[dict[str, object]], dict[str, int]]: ...
+
+
+class StatusService(status_pb2_grpc.StatusServicer):
+    def __init__(self, source: LayerReport | None) -> None:
+        self.source = source
+
+    @rpc
+    def Layers(self, request: status_pb2.LayersRequest, context: grpc.ServicerContext) -> status_pb2.LayersResponse:
+        if self.source is None:
+            return status_pb2.LayersResponse()
+        layers, cache = self.source.report(list(request.digests))
+        return status_pb2.LayersResponse(
+            layers=[status_pb2.Layer(**layer) for layer in layers],  # type: ignore[arg-type]
+            cache=status_pb2.Cache(**cache),
+        )
+
+
 def to_pb_mounts(mounts: list[Mount]) -> list[mount_pb2.Mount]:
     return [mount_pb2.Mount(type=m.type, source=m.source, options=m.options) for m in mounts]
 
@@ -158,12 +180,14 @@ def _brief(request: Any) -> str:
     return " ".join(f"{k}={v!r}" if not hasattr(v, "ListFields") else f"{k}={{{_brief(v)}}}" for k, v in fields.items())
 
 
-def start_server(snapshotter: Snapshotter, address: Path, workers: int = 16) -> grpc.Server:
+def start_server(snapshotter: Snapshotter, address: Path, workers: int = 16,
+                 status: LayerReport | None = None) -> grpc.Server:
     """Serve on a unix socket only root can reach (mode 0600), replacing a stale socket."""
     address.parent.mkdir(parents=True, exist_ok=True)
     address.unlink(missing_ok=True)
     server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"))
     pb_grpc.add_SnapshotsServicer_to_server(SnapshotsService(snapshotter), server)
+    status_pb2_grpc.add_StatusServicer_to_server(StatusService(status), server)
     old_umask = os.umask(0o177)
     try:
         server.add_insecure_port(f"unix:{address}")

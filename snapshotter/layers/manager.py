@@ -98,6 +98,7 @@ class _Resolution:
 class LayerManager:
     def __init__(self, root: Path, store: Store, registry: RegistryClient, cache: ChunkCache, fs: LayerFilesystem,
                  nursery: trio.Nursery, options: ManagerOptions) -> None:
+        self.mountpoint = root / "fuse"
         self.index_dir = root / "layers"
         self.index_dir.mkdir(parents=True, exist_ok=True)
         self.store = store
@@ -117,6 +118,22 @@ class LayerManager:
 
     def release(self, layers: list[LayerRecord]) -> None:
         trio.from_thread.run(self._release, layers, trio_token=self.token)
+
+    def report(self, digests: list[str]) -> tuple[list[dict[str, object]], dict[str, int]]:
+        """Layer and cache state for the Status API (read on the trio thread, so consistent)."""
+        return trio.from_thread.run_sync(self._report, digests, trio_token=self.token)
+
+    def _report(self, digests: list[str]) -> tuple[list[dict[str, object]], dict[str, int]]:
+        wanted = set(digests)
+        layers = [
+            {"digest": s.digest, "image_ref": s.image_ref, "mode": s.mode, "reason": s.reason, "size": s.size,
+             "resolve_seconds": s.resolve_seconds, "path": s.path, "fetched_bytes": s.fetched_bytes}
+            for s in reversed(self.status.values()) if not wanted or s.digest in wanted
+        ]
+        stats = self.cache.stats
+        cache = {"bytes": self.cache.size, "max_bytes": self.cache.max_bytes, "hits": stats.hits,
+                 "misses": stats.misses, "evictions": stats.evictions}
+        return layers, cache
 
     # -- the trio side ---------------------------------------------------------------
 
@@ -196,7 +213,7 @@ class LayerManager:
         if name not in self.fs.layers():
             self.fs.attach(name, layer)
         status.mode, status.reason, status.size, status.layer = record.format, "", record.blob_size, layer
-        status.path = name
+        status.path = str(self.mountpoint / name)
 
     async def restore(self) -> None:
         """Attach every stored layer from its saved index; a broken one is logged and skipped."""

@@ -1,0 +1,179 @@
+"""`lazysnap rpull`: pull an image into containerd so that its layers can be served lazily.
+
+It does what containerd's own unpacker does, with the remote-snapshot labels on every
+Prepare: containerd passes them to lazysnap, which either serves the layer lazily
+(Prepare answers AlreadyExists and no byte of the layer is downloaded) or returns
+ordinary mounts, into which rpull applies the downloaded layer through containerd's
+diff service.
+
+Unlike containerd's unpacker, a layer that falls back does not make every layer above
+it fall back too: each layer gets its own chance to be lazy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+
+import trio
+
+from .. import labels as L
+from ..errors import AlreadyExists, SnapshotterError
+from ..registry.client import RegistryClient
+from ..registry.manifest import Descriptor as RegistryDescriptor
+from .client import ContainerdClient, Descriptor
+
+LAZY = "lazy"
+WHOLE = "pulled whole"
+
+
+@dataclass
+class LayerOutcome:
+    digest: str
+    size: int
+    how: str
+    reason: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class PullReport:
+    image: str
+    manifest_digest: str
+    layers: list[LayerOutcome]
+    seconds: float
+
+    @property
+    def lazy_layers(self) -> int:
+        return sum(1 for layer in self.layers if layer.how.startswith(LAZY))
+
+
+class PullError(SnapshotterError):
+    """The image could not be pulled (the message says which step failed)."""
+
+
+def chain_ids(diff_ids: list[str]) -> list[str]:
+    """containerd's snapshot names for a layer stack (the OCI ChainID of each prefix)."""
+    out: list[str] = []
+    for diff_id in diff_ids:
+        out.append(diff_id if not out else "sha256:" + hashlib.sha256(f"{out[-1]} {diff_id}".encode()).hexdigest())
+    return out
+
+
+async def rpull(ref: str, *, registry: RegistryClient, containerd: ContainerdClient, snapshotter: str = "lazysnap",
+                explain: Callable[[str], tuple[str, str]] | None = None,
+                progress: Callable[[str], None] = lambda line: None) -> PullReport:
+    """Pull `ref` into containerd for `snapshotter`; `explain(digest)` gives (mode, reason) from lazysnap."""
+    start = time.monotonic()
+    manifest = await registry.resolve(ref)
+    image_name = str(manifest.ref)
+    config_desc = manifest.config
+    config_raw = await registry.fetch_blob(ref, config_desc.digest)
+    try:
+        diff_ids = list(json.loads(config_raw)["rootfs"]["diff_ids"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise PullError(f"image config {config_desc.digest} has no rootfs.diff_ids: {e}") from None
+    layers = manifest.layers
+    if len(diff_ids) != len(layers):
+        raise PullError(f"manifest has {len(layers)} layers but the config lists {len(diff_ids)} diff ids")
+    chain = chain_ids(diff_ids)
+    progress(f"{image_name}: manifest {manifest.digest}, {len(layers)} layers")
+    outcomes: list[LayerOutcome] = []
+    with containerd.lease():
+        manifest_labels = {"containerd.io/gc.ref.content.config": config_desc.digest} | {
+            f"containerd.io/gc.ref.content.l.{i}": layer.digest for i, layer in enumerate(layers)
+        }
+        await trio.to_thread.run_sync(containerd.write_content, _desc(config_desc), [config_raw], None)
+        manifest_desc = Descriptor(manifest.media_type, manifest.digest, len(manifest.raw))
+        await trio.to_thread.run_sync(containerd.write_content, manifest_desc, [manifest.raw], manifest_labels)
+        parent = ""
+        for i, layer in enumerate(layers):
+            layer_start = time.monotonic()
+            labels = L.cri_labels(chain[i], image_name, manifest.digest, layer.digest,
+                                  [above.digest for above in layers[i:]])
+            labels |= {k: v for k, v in layer.annotations.items() if k.startswith(L.PREFIX)}
+            outcome = await _unpack_layer(registry, containerd, snapshotter, ref, layer, diff_ids[i], chain[i],
+                                          parent, labels)
+            if explain is not None:
+                mode, reason = explain(layer.digest)
+                if outcome.how == LAZY and mode:
+                    outcome.how = f"{LAZY} {mode}"
+                outcome.reason = reason or outcome.reason
+            outcome.seconds = time.monotonic() - layer_start
+            outcomes.append(outcome)
+            progress(f"  layer {i + 1}/{len(layers)} {layer.digest[:19]}: {outcome.how} in {outcome.seconds:.2f} s"
+                     + (f" ({outcome.reason})" if outcome.reason else ""))
+            parent = chain[i]
+        await trio.to_thread.run_sync(
+            containerd.set_content_labels, config_desc.digest,
+            {f"containerd.io/gc.ref.snapshot.{snapshotter}": chain[-1]} if chain else {},
+        )
+        await trio.to_thread.run_sync(containerd.put_image, image_name, manifest_desc, None)
+    return PullReport(image_name, manifest.digest, outcomes, time.monotonic() - start)
+
+
+async def _unpack_layer(registry: RegistryClient, containerd: ContainerdClient, snapshotter: str, ref: str,
+                        layer: RegistryDescriptor, diff_id: str, chain_id: str, parent: str,
+                        labels: dict[str, str]) -> LayerOutcome:
+    key = f"extract-{time.time_ns()}-{secrets.token_hex(4)} {chain_id}"
+    try:
+        mounts = await trio.to_thread.run_sync(containerd.prepare, snapshotter, key, parent, labels)
+    except AlreadyExists:
+        if not await trio.to_thread.run_sync(containerd.snapshot_exists, snapshotter, chain_id):
+            raise PullError(f"snapshotter said layer {layer.digest} exists as {chain_id}, but it does not") from None
+        return LayerOutcome(layer.digest, layer.size, LAZY)
+    try:
+        blob = await registry.open_blob(ref, layer.digest)
+        token = trio.lowlevel.current_trio_token()
+        chunks = _blocking(registry.stream_blob(blob), token)
+        await trio.to_thread.run_sync(containerd.write_content, _desc(layer), chunks, None)
+        applied = await trio.to_thread.run_sync(containerd.apply, _desc(layer), mounts)
+        if applied != diff_id:
+            raise PullError(f"layer {layer.digest} unpacked to {applied}, but the config says {diff_id}")
+        await trio.to_thread.run_sync(containerd.commit, snapshotter, chain_id, key, labels)
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            try:
+                await trio.to_thread.run_sync(containerd.remove_snapshot, snapshotter, key)
+            except SnapshotterError:
+                pass
+        raise
+    return LayerOutcome(layer.digest, layer.size, WHOLE)
+
+
+def _blocking(chunks: AsyncIterator[bytes], token: trio.lowlevel.TrioToken) -> Iterator[bytes]:
+    """An async byte stream as a plain iterator, for gRPC's request-streaming thread."""
+    while True:
+        try:
+            yield trio.from_thread.run(chunks.__anext__, trio_token=token)
+        except StopAsyncIteration:
+            return
+
+
+def _desc(d: RegistryDescriptor) -> Descriptor:
+    return Descriptor(d.media_type, d.digest, d.size, dict(d.annotations))
+
+
+def format_report(report: PullReport) -> str:
+    """The table rpull ends with: one row per layer, how it was obtained and why."""
+    rows = [("LAYER", "SIZE", "HOW", "SECONDS", "WHY")]
+    for layer in report.layers:
+        rows.append((layer.digest[:19], human_size(layer.size), layer.how, f"{layer.seconds:.2f}", layer.reason))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:4])) + "  " + row[4] for row in rows]
+    lines.append(f"{report.image}: {report.lazy_layers} of {len(report.layers)} layers lazy, "
+                 f"pulled in {report.seconds:.2f} s")
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def human_size(n: int) -> str:
+    """Bytes for people: 1.5 MiB."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
