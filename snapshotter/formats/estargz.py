@@ -125,6 +125,8 @@ class Toc:
     digest: str
     version: int
     entries: list[TocEntry]
+    header: tarfile.TarInfo | None = None
+    """The tar header of `stargz.index.json` itself: a whole pull extracts it as a file too."""
 
 
 @dataclass(frozen=True)
@@ -222,7 +224,7 @@ def parse_toc(member: bytes, *, max_size: int = DEFAULT_MAX_TOC_SIZE) -> Toc:
     Inflates at most `max_size` bytes, so a hostile layer cannot make us allocate more.
     """
     tar_bytes = _gunzip_all(member, max_size)
-    raw = _tar_member(tar_bytes, TOC_TAR_NAME)
+    raw, header = _tar_member(tar_bytes, TOC_TAR_NAME)
     try:
         doc = json.loads(raw)
     except (ValueError, RecursionError) as e:
@@ -238,7 +240,8 @@ def parse_toc(member: bytes, *, max_size: int = DEFAULT_MAX_TOC_SIZE) -> Toc:
     if not isinstance(items, list):
         raise FormatError(f"TOC entries is a JSON {type(items).__name__}, want an array")
     entries = [_toc_entry(i, item) for i, item in enumerate(items)]
-    return Toc(raw=raw, digest="sha256:" + hashlib.sha256(raw).hexdigest(), version=version, entries=entries)
+    return Toc(raw=raw, digest="sha256:" + hashlib.sha256(raw).hexdigest(), version=version, entries=entries,
+               header=header)
 
 
 def _gunzip_all(data: bytes, limit: int) -> bytes:
@@ -265,7 +268,7 @@ def _gunzip_all(data: bytes, limit: int) -> bytes:
     return bytes(out)
 
 
-def _tar_member(tar_bytes: bytes, name: str) -> bytes:
+def _tar_member(tar_bytes: bytes, name: str) -> tuple[bytes, tarfile.TarInfo]:
     try:
         with tarfile.open(fileobj=io.BytesIO(tar_bytes), mode="r:") as tar:
             for member in tar:
@@ -275,7 +278,7 @@ def _tar_member(tar_bytes: bytes, name: str) -> bytes:
                     data = extracted.read()
                     if len(data) != member.size:
                         raise FormatError(f"{name} is truncated: {len(data)} of {member.size} bytes")
-                    return data
+                    return data, member
     except (tarfile.TarError, EOFError, OSError) as e:
         raise FormatError(f"TOC member is not a valid tar: {e}") from None
     raise FormatError(f"TOC member holds no {name}")
@@ -423,6 +426,19 @@ def layer_entries(toc: Toc, toc_offset: int) -> list[LayerEntry]:
     if current is not None:
         current.finish()
     return out
+
+
+def toc_file_entry(toc: Toc) -> LayerEntry | None:
+    """`stargz.index.json` as the file a whole pull extracts (the TOC does not list itself).
+
+    Its content is the TOC's own raw bytes, already verified, so it is served from memory.
+    """
+    header = toc.header
+    if header is None:
+        return None
+    return LayerEntry(path=TOC_TAR_NAME, type=EntryType.REG, mode=header.mode & 0o7777, uid=header.uid,
+                      gid=header.gid, size=len(toc.raw), mtime_ns=int(header.mtime * 1_000_000_000),
+                      content=toc.raw)
 
 
 class _FileChunks:

@@ -57,17 +57,21 @@ class EStargzLayer:
         self.blob = blob
         self.cache = cache
         self.fetched_bytes = 0
-        self._tree = build_tree(estargz.layer_entries(index.toc, index.footer.toc_offset))
+        entries = estargz.layer_entries(index.toc, index.footer.toc_offset)
+        toc_file = estargz.toc_file_entry(index.toc)
+        self._tree = build_tree(entries + ([toc_file] if toc_file is not None else []))
 
     @property
     def tree(self) -> LayerTree:
         return self._tree
 
     async def read(self, node: Node, offset: int, size: int) -> bytes:
-        chunks: tuple[estargz.Chunk, ...] = node.content or ()
         end = min(offset + size, node.size)
         if offset >= end:
             return b""
+        if isinstance(node.content, bytes):  # the TOC file: verified bytes we already hold
+            return node.content[offset:end]
+        chunks: tuple[estargz.Chunk, ...] = node.content or ()
         starts = [c.file_offset for c in chunks]
         first = bisect.bisect_right(starts, offset) - 1
         parts: list[bytes] = []

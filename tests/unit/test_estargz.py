@@ -90,7 +90,9 @@ def open_layer(blob: bytes, expected_digest: str | None = None) -> tuple[Footer,
 
 
 def read_file(blob: bytes, entry: LayerEntry) -> bytes:
-    """A file's bytes, inflating each chunk from exactly its compressed range."""
+    """A file's bytes, inflating each chunk from exactly its compressed range (the TOC file is inline)."""
+    if isinstance(entry.content, bytes):
+        return entry.content
     return b"".join(decompress_chunk(blob[c.compressed_offset:c.compressed_end], c) for c in entry.content)
 
 
