@@ -145,7 +145,7 @@ class _Builder:
     def __init__(self, tree: LayerTree) -> None:
         self.tree = tree
         self.next_ino = ROOT_INO + 1
-        self.hardlinks: list[tuple[str, str]] = []
+        self.hardlinks: list[tuple[str, LayerEntry]] = []
 
     def add(self, entry: LayerEntry) -> None:
         parts = _parts(entry.path)
@@ -164,22 +164,30 @@ class _Builder:
             self._place(parent, name[len(WHITEOUT_PREFIX):].encode(), whiteout)
             return
         if entry.type == EntryType.HARDLINK:
-            self.hardlinks.append(("/".join(parts), entry.link_name))
+            self.hardlinks.append(("/".join(parts), entry))
             return
         self._place(parent, name.encode(), entry)
 
     def finish(self) -> None:
-        """Hardlinks last: a link may come before its target in some indexes."""
-        for path, target in self.hardlinks:
-            node = self.tree.resolve(target)
+        """Hardlinks last: a link may come before its target in some indexes.
+
+        The link's own owner, mode, mtime and xattrs end up on the shared inode, as
+        containerd's applier leaves them (it chowns, chmods and sets xattrs through the
+        new name), so a lazily served layer matches an unpacked one.
+        """
+        for path, entry in self.hardlinks:
+            node = self.tree.resolve(entry.link_name)
             if node is None or node.is_dir:
-                raise TreeError(f"hardlink {path!r} points to {target!r}, which is not a file in the layer")
+                raise TreeError(f"hardlink {path!r} points to {entry.link_name!r}, which is not a file in the layer")
             *dirs, name = _parts(path)
             parent = self._ensure_dirs(dirs)
             self._unlink(parent, name.encode())
             assert parent.children is not None
             parent.children[name.encode()] = node.ino
             node.nlink += 1
+            node.mode = (node.mode & ~0o7777) | (entry.mode & 0o7777)
+            node.uid, node.gid, node.mtime_ns = entry.uid, entry.gid, entry.mtime_ns
+            node.xattrs.update((k.encode(), v) for k, v in entry.xattrs.items())
 
     def _place(self, parent: Node, name: bytes, entry: LayerEntry) -> None:
         existing = self.tree.lookup(parent.ino, name)

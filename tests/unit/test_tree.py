@@ -49,6 +49,18 @@ def test_hardlinks_share_an_inode_and_count_links() -> None:
     assert a is b is c and b is not None and b.nlink == 3
 
 
+def test_hardlink_attributes_land_on_the_shared_inode() -> None:
+    """containerd's applier chowns and chmods through the link's name: the last header wins."""
+    tree = build_tree([
+        LayerEntry("f", R, mode=0o755, uid=1, gid=1, size=3, mtime_ns=10),
+        LayerEntry("g", H, link_name="f", mode=0o600, uid=7, gid=8, mtime_ns=20, xattrs={"user.x": b"1"}),
+    ])
+    f = tree.resolve("f")
+    assert f is not None and f is tree.resolve("g")
+    assert (stat.S_IMODE(f.mode), f.uid, f.gid, f.mtime_ns, f.xattrs) == (0o600, 7, 8, 20, {b"user.x": b"1"})
+    assert stat.S_ISREG(f.mode)
+
+
 def test_hardlink_to_nothing_is_an_error() -> None:
     with pytest.raises(TreeError, match="hardlink"):
         build_tree([LayerEntry("x", H, link_name="missing")])
