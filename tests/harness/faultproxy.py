@@ -1,0 +1,496 @@
+"""A fault-injecting HTTP reverse proxy to put in front of a real registry in tests.
+
+It runs in a thread of the test process on a free 127.0.0.1 port and forwards
+everything to the upstream registry, except for the faults switched on at run
+time:
+
+    with FaultProxy(registry.host) as proxy:
+        proxy.fail(503, times=2)                # the next 2 registry requests get 503
+        proxy.flip = {"blobs"}                  # one byte of every blob body is flipped
+        proxy.redirect_blobs = True             # blob GET/HEAD answer 307 to /_redirected/<gen>/...
+        proxy.require_bearer(users={"u": "p"})  # token auth with its own /token endpoint
+
+Bodies are streamed through in chunks, so large blobs cost the proxy no memory.
+It counts requests and body bytes per path (query string dropped), and keeps a
+log of every request it answered, for tests to assert on.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import secrets
+import socket
+import ssl
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+CHUNK = 64 * 1024
+REDIRECT_PREFIX = "/_redirected/"
+_HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
+               "proxy-authorization", "proxy-authenticate", "host"}
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One request the proxy answered."""
+
+    method: str
+    path: str
+    query: str
+    status: int
+    range: str | None
+    authorization: str | None
+
+
+@dataclass
+class _Failure:
+    status: int
+    times: int
+    match: str
+    retry_after: str | None
+
+
+@dataclass
+class _Auth:
+    scheme: str                                   # "bearer" or "basic"
+    users: dict[str, str]
+    anonymous: bool
+    expires_in: int | None
+    token_field: str
+    tokens: dict[str, float] = field(default_factory=dict)   # token -> expiry (monotonic)
+    issued: int = 0
+
+
+class FaultProxy:
+    """The proxy; every public attribute below is a fault that can be flipped between requests."""
+
+    def __init__(self, upstream: str, tls: tuple[Path, Path] | None = None) -> None:
+        self.upstream = upstream
+        self.tls = tls
+        self.flip: set[str] = set()
+        """Kinds of bodies ("blobs", "manifests") whose middle byte is flipped."""
+        self.delay = 0.0
+        """Seconds to wait before answering requests whose path contains `delay_match`."""
+        self.delay_match = "/v2/"
+        self.refuse_multirange = False
+        """Answer 400 to a Range header with more than one range."""
+        self.first_range_only = False
+        """Forward only the first range of a multi-range request (a server answering one plain 206)."""
+        self.ignore_ranges = False
+        """Drop Range headers, so the registry answers 200 with the whole body."""
+        self.refuse_head = False
+        """Answer 405 to HEAD of a blob."""
+        self.redirect_blobs = False
+        """Blob GET/HEAD answer 307 to a /_redirected/<generation>/ path on this proxy."""
+        self.wrong_content_range = False
+        """Shift the range in the Content-Range header of single-part 206 answers by one byte."""
+        self.short_body = False
+        """Send one byte less of each blob body, with a Content-Length that agrees."""
+        self.requests: Counter[str] = Counter()
+        """"METHOD path" -> number of requests."""
+        self.bytes_sent: Counter[str] = Counter()
+        """path -> body bytes written."""
+        self.log: list[Hit] = []
+        self._failures: list[_Failure] = []
+        self._drops: list[_Failure] = []
+        self._auth: _Auth | None = None
+        self._generation = 1
+        self._lock = threading.Condition()
+        self._in_flight = 0
+        self._stopping = threading.Event()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None, "proxy not started"
+        return self._server.server_address[1]
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://{self.host}"
+
+    def start(self) -> FaultProxy:
+        server = _Server(("127.0.0.1", 0), _handler_for(self))
+        server.daemon_threads = True
+        if self.tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(str(self.tls[0]), str(self.tls[1]))
+            server.socket = context.wrap_socket(server.socket, server_side=True)
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, args=(0.05,), name="faultproxy", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> FaultProxy:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ faults
+
+    def fail(self, status: int, times: int, match: str = "/v2/", retry_after: str | None = None) -> None:
+        """Answer `status` to the next `times` requests whose path contains `match`."""
+        with self._lock:
+            self._failures.append(_Failure(status, times, match, retry_after))
+
+    def drop(self, times: int, match: str = "/blobs/") -> None:
+        """Close the connection halfway through the body of the next `times` matching answers."""
+        with self._lock:
+            self._drops.append(_Failure(0, times, match, None))
+
+    def expire_redirects(self) -> None:
+        """Make every redirect target handed out so far answer 403, as an expired S3 URL does."""
+        with self._lock:
+            self._generation += 1
+
+    def require_bearer(self, users: dict[str, str] | None = None, anonymous: bool = True,
+                       expires_in: int | None = 300, token_field: str = "token") -> None:
+        """Registry requests need a token from this proxy's /token endpoint (`realm`)."""
+        self._auth = _Auth("bearer", dict(users or {}), anonymous, expires_in, token_field)
+
+    def require_basic(self, users: dict[str, str]) -> None:
+        """Registry requests need HTTP basic credentials."""
+        self._auth = _Auth("basic", dict(users), False, None, "token")
+
+    def revoke_tokens(self) -> None:
+        """Forget every token issued, so the next request with one gets 401."""
+        if self._auth is not None:
+            with self._lock:
+                self._auth.tokens.clear()
+
+    @property
+    def tokens_issued(self) -> int:
+        return self._auth.issued if self._auth is not None else 0
+
+    # ------------------------------------------------------------------ counting
+
+    def count(self, method: str | None = None, contains: str = "") -> int:
+        with self._settled():
+            return sum(n for key, n in self.requests.items()
+                       if (method is None or key.split(" ", 1)[0] == method) and contains in key)
+
+    def hits(self, contains: str = "") -> list[Hit]:
+        with self._settled():
+            return [h for h in self.log if contains in h.path]
+
+    def reset_counts(self) -> None:
+        with self._lock:
+            self.requests.clear()
+            self.bytes_sent.clear()
+            self.log.clear()
+
+    def _settled(self, timeout: float = 2.0) -> threading.Condition:
+        """The lock, taken once no request is half-answered: a client can see the last byte
+        of an answer before the handler has logged it."""
+        self._lock.acquire()
+        try:
+            self._lock.wait_for(lambda: self._in_flight == 0, timeout)
+        finally:
+            self._lock.release()
+        return self._lock
+
+    # ------------------------------------------------------------------ internals used by the handler
+
+    def _begin(self) -> None:
+        with self._lock:
+            self._in_flight += 1
+
+    def _take(self, queue: list[_Failure], path: str) -> _Failure | None:
+        with self._lock:
+            for f in queue:
+                if f.times > 0 and f.match in path:
+                    f.times -= 1
+                    return f
+        return None
+
+    def _record(self, hit: Hit, body_bytes: int) -> None:
+        with self._lock:
+            self.requests[f"{hit.method} {hit.path}"] += 1
+            self.bytes_sent[hit.path] += body_bytes
+            self.log.append(hit)
+            self._in_flight -= 1
+            self._lock.notify_all()
+
+
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: object, client_address: object) -> None:
+        """Clients hanging up (as tests make them) is not worth a traceback."""
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)  # type: ignore[arg-type]
+
+
+def _handler_for(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
+    class Handler(_Handler):
+        pass
+    Handler.proxy = proxy
+    return Handler
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    proxy: FaultProxy
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Quiet: the proxy keeps its own log."""
+
+    def do_GET(self) -> None:
+        self._handle()
+
+    def do_HEAD(self) -> None:
+        self._handle()
+
+    def do_POST(self) -> None:
+        self._handle()
+
+    def do_PUT(self) -> None:
+        self._handle()
+
+    def do_PATCH(self) -> None:
+        self._handle()
+
+    def do_DELETE(self) -> None:
+        self._handle()
+
+    # ------------------------------------------------------------------ dispatch
+
+    def _handle(self) -> None:
+        p = self.proxy
+        p._begin()
+        parts = urlsplit(self.path)
+        path, query = parts.path, parts.query
+        request_body = self._request_body()
+        status, sent = 0, 0
+        try:
+            if path == "/token" and p._auth is not None:
+                status, sent = self._token(query)
+                return
+            if path.startswith(REDIRECT_PREFIX):
+                generation, _, rest = path[len(REDIRECT_PREFIX):].partition("/")
+                if generation != str(p._generation):
+                    status, sent = self._send_simple(403, b"redirect URL expired\n")
+                    return
+                path = "/" + rest
+            elif path.startswith("/v2/") and p._auth is not None and not self._authorized(path):
+                status, sent = self._challenge(path)
+                return
+            if p.delay and p.delay_match in path:
+                if p._stopping.wait(p.delay):
+                    return
+            failure = p._take(p._failures, path)
+            if failure is not None:
+                headers = {"Retry-After": failure.retry_after} if failure.retry_after else {}
+                status, sent = self._send_simple(failure.status, b'{"errors":[{"code":"INJECTED"}]}', headers)
+                return
+            is_blob = "/blobs/" in path
+            if is_blob and p.redirect_blobs and self.command in ("GET", "HEAD") \
+                    and not self.path.startswith(REDIRECT_PREFIX):
+                target = f"{REDIRECT_PREFIX}{p._generation}{path}?sig={secrets.token_hex(4)}"
+                status, sent = self._send_simple(307, b"", {"Location": target})
+                return
+            if is_blob and p.refuse_head and self.command == "HEAD":
+                status, sent = self._send_simple(405, b"")
+                return
+            range_header = self.headers.get("Range")
+            if range_header and "," in range_header and p.refuse_multirange:
+                status, sent = self._send_simple(400, b"multi-range not supported\n")
+                return
+            if range_header and "," in range_header and p.first_range_only:
+                range_header = range_header.split(",", 1)[0]
+            status, sent = self._forward(path, query, request_body, None if p.ignore_ranges else range_header)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        finally:
+            p._record(Hit(self.command, parts.path, query, status, self.headers.get("Range"),
+                          self.headers.get("Authorization")), sent)
+
+    def _request_body(self) -> bytes | None:
+        length = self.headers.get("Content-Length")
+        if length:
+            return self.rfile.read(int(length))
+        return None
+
+    # ------------------------------------------------------------------ auth
+
+    def _authorized(self, path: str) -> bool:
+        auth = self.proxy._auth
+        assert auth is not None
+        value = self.headers.get("Authorization") or ""
+        if auth.scheme == "basic":
+            return value.startswith("Basic ") and _basic_user(value[6:], auth.users) is not None
+        if not value.startswith("Bearer "):
+            return False
+        with self.proxy._lock:
+            expiry = auth.tokens.get(value[7:])
+        return expiry is not None and expiry > time.monotonic()
+
+    def _challenge(self, path: str) -> tuple[int, int]:
+        auth = self.proxy._auth
+        assert auth is not None
+        if auth.scheme == "basic":
+            header = 'Basic realm="faultproxy"'
+        else:
+            header = f'Bearer realm="{self.proxy.url}/token",service="faultproxy"'
+            repo = _repository(path)
+            if repo:
+                header += f',scope="repository:{repo}:pull"'
+        body = b'{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}'
+        return self._send_simple(401, body, {"WWW-Authenticate": header, "Content-Type": "application/json"})
+
+    def _token(self, query: str) -> tuple[int, int]:
+        auth = self.proxy._auth
+        assert auth is not None
+        value = self.headers.get("Authorization") or ""
+        if value.startswith("Basic "):
+            if _basic_user(value[6:], auth.users) is None:
+                return self._send_simple(401, b'{"details":"bad credentials"}')
+        elif not auth.anonymous:
+            return self._send_simple(401, b'{"details":"credentials required"}')
+        params = parse_qs(query)
+        token = secrets.token_hex(16)
+        lifetime = auth.expires_in if auth.expires_in is not None else 60
+        with self.proxy._lock:
+            auth.tokens[token] = time.monotonic() + lifetime
+            auth.issued += 1
+        doc: dict[str, object] = {auth.token_field: token, "scope": params.get("scope", [])}
+        if auth.expires_in is not None:
+            doc["expires_in"] = auth.expires_in
+        return self._send_simple(200, json.dumps(doc).encode(), {"Content-Type": "application/json"})
+
+    # ------------------------------------------------------------------ responses
+
+    def _send_simple(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, int]:
+        self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+        return status, len(body) if self.command != "HEAD" else 0
+
+    def _forward(self, path: str, query: str, body: bytes | None, range_header: str | None) -> tuple[int, int]:
+        p = self.proxy
+        conn = http.client.HTTPConnection(p.upstream, timeout=60)
+        try:
+            headers = {k: v for k, v in self.headers.items()
+                       if k.lower() not in _HOP_BY_HOP and k.lower() not in ("authorization", "range")}
+            if range_header:
+                headers["Range"] = range_header
+            conn.request(self.command, path + (f"?{query}" if query else ""), body=body, headers=headers)
+            upstream = conn.getresponse()
+            out_headers = [(k, v) for k, v in upstream.getheaders() if k.lower() not in _HOP_BY_HOP]
+            length_text = upstream.getheader("Content-Length")
+            if self.command == "HEAD":
+                return self._relay_head(upstream.status, out_headers)
+            if length_text is None:
+                data = upstream.read()
+                out_headers.append(("Content-Length", str(len(data))))
+                return self._relay(upstream.status, out_headers, path, len(data), iter([data]))
+            return self._relay(upstream.status, out_headers, path, int(length_text), _chunks(upstream))
+        finally:
+            conn.close()
+
+    def _relay_head(self, status: int, headers: list[tuple[str, str]]) -> tuple[int, int]:
+        self.send_response(status)
+        for name, value in headers:
+            self.send_header(name, value)
+        self.end_headers()
+        return status, 0
+
+    def _relay(self, status: int, headers: list[tuple[str, str]], path: str, length: int,
+               chunks: Iterable[bytes]) -> tuple[int, int]:
+        p = self.proxy
+        is_blob, is_manifest = "/blobs/" in path, "/manifests/" in path
+        ok = status in (200, 206)
+        flip_at = length // 2 if ok and length and ((is_blob and "blobs" in p.flip)
+                                                   or (is_manifest and "manifests" in p.flip)) else -1
+        send_length = length - 1 if ok and is_blob and p.short_body and length else length
+        drop = p._take(p._drops, path) if ok else None
+        stop_at = length // 2 if drop is not None else send_length
+        self.send_response(status)
+        for name, value in headers:
+            lower = name.lower()
+            if lower == "content-length":
+                value = str(send_length)
+            elif lower == "content-range" and status == 206 and p.wrong_content_range:
+                value = _shift_range(value)
+            self.send_header(name, value)
+        self.end_headers()
+        sent = 0
+        for chunk in chunks:
+            if flip_at >= sent and flip_at < sent + len(chunk):
+                mutable = bytearray(chunk)
+                mutable[flip_at - sent] ^= 0xFF
+                chunk = bytes(mutable)
+            room = stop_at - sent
+            if room <= 0:
+                break
+            piece = chunk[:room]
+            self.wfile.write(piece)
+            sent += len(piece)
+        if drop is not None:
+            self.wfile.flush()
+            self.close_connection = True
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        return status, sent
+
+
+def _chunks(response: http.client.HTTPResponse) -> Iterator[bytes]:
+    while True:
+        chunk = response.read(CHUNK)
+        if not chunk:
+            return
+        yield chunk
+
+
+def _shift_range(value: str) -> str:
+    unit, _, rest = value.partition(" ")
+    span, _, total = rest.partition("/")
+    first, _, last = span.partition("-")
+    a, b, size = int(first), int(last), int(total)
+    delta = 1 if b + 1 < size else -1
+    return f"{unit} {a + delta}-{b + delta}/{total}"
+
+
+def _repository(path: str) -> str:
+    rest = path[len("/v2/"):]
+    for marker in ("/blobs/", "/manifests/", "/tags/"):
+        if marker in rest:
+            return rest.split(marker, 1)[0]
+    return ""
+
+
+def _basic_user(encoded: str, users: dict[str, str]) -> str | None:
+    try:
+        user, _, password = base64.b64decode(encoded).decode().partition(":")
+    except ValueError:
+        return None
+    return user if users.get(user) == password else None
