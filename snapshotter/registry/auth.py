@@ -203,6 +203,16 @@ class Authenticator:
         """True when `host` is known to want a bearer token, so one can be fetched before asking."""
         return host in self._bearer
 
+    def describe(self, host: str, header: str | None) -> str:
+        """What we sent as `header`, in words for an error message (never the secret)."""
+        if header is None:
+            return "anonymous access"
+        if header.startswith("Basic "):
+            creds = self.keychain.lookup(host)
+            user = creds.username if creds is not None else "?"
+            return f"the credentials of {user!r} from {self.keychain.path}"
+        return "a fresh bearer token"
+
     async def authorization(self, host: str, scope: str, send: TokenRequest) -> str | None:
         """The header for a first request to `host` for `scope` (None: try without)."""
         header = self.cached(host, scope)

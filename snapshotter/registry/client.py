@@ -1,0 +1,451 @@
+"""The registry client: resolve images, fetch small blobs, read ranges of large ones.
+
+Everything lazysnap asks of a registry goes through `RegistryClient`. It tries
+the endpoints hosts.toml gives for an operation in order, verifies every digest
+it can, and remembers what it learns about servers: where a blob was redirected
+to (S3/CDN URLs are reused until they fail, then asked for again once), and
+which servers refuse multi-range requests (they get single ranges from then on).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import NoReturn, TypeVar
+
+import httpx
+import trio
+
+from . import digest as digests
+from . import ranges as byteranges
+from .auth import Keychain
+from .errors import BadResponse, NotFoundError, RegistryError, RegistryUnavailable, Unauthorized
+from .hosts import Capability, Endpoint, HostsConfig, for_capability
+from .manifest import ACCEPT, INDEX_TYPES, Manifest, choose, decode
+from .options import RegistryOptions
+from .reference import Reference, parse, repository
+from .transport import Request, Transport, content_length, error_detail, origin, read_body
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_STALE_REDIRECT = frozenset({400, 401, 403, 404, 410})
+"""Answers from a remembered redirect target that mean "ask the registry for a fresh URL"."""
+MULTIPART_OVERHEAD = 1024
+"""Bytes of boundary and headers we allow per part of a multipart/byteranges answer."""
+
+
+@dataclass
+class BlobLocation:
+    """Where a blob's bytes can be read from, learned once by `open_blob` and updated as we go."""
+
+    ref: Reference
+    digest: str
+    size: int
+    endpoint: Endpoint
+    registry_url: str
+    """The blob's URL at the registry endpoint."""
+    url: str
+    """Where reads go: `registry_url`, or the redirect target the registry last sent us to."""
+
+    @property
+    def redirected(self) -> bool:
+        return self.url != self.registry_url
+
+    @property
+    def what(self) -> str:
+        return f"blob {self.digest} of {self.ref.name}"
+
+
+class RegistryClient:
+    """An async registry client on trio; one per process is enough (connections are pooled per host)."""
+
+    def __init__(self, options: RegistryOptions | None = None, *, hosts: HostsConfig | None = None,
+                 keychain: Keychain | None = None) -> None:
+        self.options = options or RegistryOptions()
+        self.hosts = hosts or HostsConfig(self.options.certs_dir, self.options.plain_http)
+        self.transport = Transport(self.options, keychain or Keychain(self.options.docker_config))
+        self.single_range_only: dict[str, str] = {}
+        """Origins that refused a multi-range request, with why; they get single ranges only."""
+
+    async def aclose(self) -> None:
+        await self.transport.aclose()
+
+    async def __aenter__(self) -> RegistryClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def endpoints(self, ref: Reference, *needed: Capability) -> list[Endpoint]:
+        """The endpoints to try for `ref`'s registry, trusted with all of `needed`."""
+        found = for_capability(self.hosts.endpoints(ref.domain), *needed)
+        if not found:
+            raise NotFoundError(f"no endpoint for {ref.domain} may {'+'.join(c.value for c in needed)} "
+                                f"(see {self.hosts.host_dir(ref.domain)}/hosts.toml)")
+        return found
+
+    # ------------------------------------------------------------------ manifests
+
+    async def resolve(self, ref: Reference | str) -> Manifest:
+        """The image manifest `ref` names; from an index, the one for the configured platform."""
+        ref = ref if isinstance(ref, Reference) else parse(ref)
+        needed = (Capability.PULL,) if ref.digest else (Capability.PULL, Capability.RESOLVE)
+        top, served_by = await self._each(self.endpoints(ref, *needed), f"manifest {ref}",
+                                          lambda ep: self._manifest(ep, ref, ref.object, ref.digest))
+        if top.media_type not in INDEX_TYPES:
+            return top
+        child = choose(top.parsed, self.options.platform, f"index {top.digest} of {ref}")
+        pullers = self.endpoints(ref, Capability.PULL)
+        pullers.sort(key=lambda ep: ep != served_by)
+        manifest, _ = await self._each(pullers, f"manifest {child.digest} of {ref.name}",
+                                       lambda ep: self._manifest(ep, ref, child.digest, child.digest))
+        if manifest.media_type in INDEX_TYPES:
+            raise BadResponse(f"index {top.digest} of {ref} points at another index {child.digest}")
+        return replace(manifest, index_digest=top.digest)
+
+    async def _manifest(self, ep: Endpoint, ref: Reference, obj: str,
+                        expected: str | None) -> tuple[Manifest, Endpoint]:
+        what = f"manifest {ref.name}{'@' if ':' in obj else ':'}{obj}"
+        req = Request("GET", ep.url(ref.path, "manifests", obj), ep, what, _scope(ref), {"Accept": ACCEPT})
+
+        async def consume(response: httpx.Response) -> tuple[bytes, str, str | None]:
+            if response.status_code != 200:
+                await _fail(response, req.what)
+            body = await read_body(response, self.options.max_manifest_size, f"{what} from {response.url}")
+            return body, response.headers.get("content-type", ""), response.headers.get("docker-content-digest")
+
+        raw, content_type, announced = await self.transport.call(req, consume)
+        where = f"{what} from {ep}"
+        digest = expected or announced or digests.of(raw)
+        try:
+            digests.validate(digest)
+        except RegistryError:
+            raise BadResponse(f"{where}: invalid Docker-Content-Digest {digest!r}") from None
+        digests.verify(raw, digest, where)
+        media_type, parsed = decode(raw, content_type, where)
+        return Manifest(ref, digest, media_type, raw, parsed), ep
+
+    # ------------------------------------------------------------------ small blobs
+
+    async def fetch_blob(self, repo_ref: Reference | str, digest: str, max_size: int | None = None) -> bytes:
+        """A whole small blob (a config, an index, a TOC), digest-verified; larger than `max_size` is an error."""
+        ref = repository(repo_ref)
+        digests.validate(digest)
+        limit = self.options.small_blob_size if max_size is None else max_size
+        what = f"blob {digest} of {ref.name}"
+
+        async def attempt(ep: Endpoint) -> bytes:
+            req = Request("GET", ep.url(ref.path, "blobs", digest), ep, what, _scope(ref))
+
+            async def consume(response: httpx.Response) -> bytes:
+                if response.status_code != 200:
+                    await _fail(response, req.what)
+                return await read_body(response, limit, f"{what} from {response.url}")
+
+            data = await self.transport.call(req, consume)
+            digests.verify(data, digest, f"{what} from {ep}")
+            return data
+
+        return await self._each(self.endpoints(ref, Capability.PULL), what, attempt)
+
+    # ------------------------------------------------------------------ large blobs
+
+    async def open_blob(self, repo_ref: Reference | str, digest: str) -> BlobLocation:
+        """Find a blob and its size (HEAD, or `GET bytes=0-0` where HEAD is refused), following redirects."""
+        ref = repository(repo_ref)
+        digests.validate(digest)
+        return await self._each(self.endpoints(ref, Capability.PULL), f"blob {digest} of {ref.name}",
+                                lambda ep: self._locate(ep, ref, digest))
+
+    async def _locate(self, ep: Endpoint, ref: Reference, digest: str) -> BlobLocation:
+        url = ep.url(ref.path, "blobs", digest)
+        what = f"blob {digest} of {ref.name}"
+        head = Request("HEAD", url, ep, what, _scope(ref))
+
+        async def on_head(response: httpx.Response) -> tuple[int, str] | None:
+            status = response.status_code
+            if status == 200:
+                _check_digest_header(response, digest, what)
+                size = content_length(response)
+                return None if size is None else (size, str(response.url))
+            if status == 404 and origin(str(response.url)) == ep.origin:
+                raise NotFoundError(f"{what} not found at {response.url} (HTTP 404)")
+            if status in (401, 403) and origin(str(response.url)) == ep.origin:
+                await _fail(response, head.what)
+            return None
+
+        found = await self.transport.call(head, on_head)
+        if found is None:
+            log.info("%s: HEAD refused by %s; asking for its size with GET bytes=0-0", what, ep)
+            get = Request("GET", url, ep, what, _scope(ref), {"Range": "bytes=0-0"})
+
+            async def on_get(response: httpx.Response) -> tuple[int, str]:
+                status = response.status_code
+                if status == 206 or status == 416:
+                    size = byteranges.total_size(response.headers.get("content-range"), f"{what} from {response.url}")
+                elif status == 200:
+                    _check_digest_header(response, digest, what)
+                    length = content_length(response)
+                    if length is None:
+                        raise BadResponse(f"{what} from {response.url}: neither Content-Range nor Content-Length")
+                    size = length
+                else:
+                    await _fail(response, get.what)
+                return size, str(response.url)
+
+            found = await self.transport.call(get, on_get)
+        size, final = found
+        if final != url:
+            log.debug("%s: registry %s redirects to %s", what, ep, origin(final))
+        return BlobLocation(ref, digest, size, ep, url, final)
+
+    async def read_range(self, blob: BlobLocation, start: int, end: int) -> bytes:
+        """Bytes `[start, end)` of the blob, in one ranged GET."""
+        _check_bounds(blob, [(start, end)])
+        if start == end:
+            return b""
+        result = await self._ranged(blob, [(start, end)], [(start, end)])
+        assert result is not None
+        return result[0]
+
+    async def read_ranges(self, blob: BlobLocation, wanted: Sequence[tuple[int, int]]) -> list[bytes]:
+        """Bytes of each `[start, end)` range, in the order given, with one multi-range GET if the server allows.
+
+        A server that refuses (400/416), ignores (a 200 with the whole of a large
+        blob) or mangles multi-range requests gets single ranges, now and from then on.
+        """
+        _check_bounds(blob, wanted)
+        merged = byteranges.merge(wanted)
+        if not merged:
+            return [b"" for _ in wanted]
+        if len(merged) > 1 and origin(blob.url) not in self.single_range_only:
+            result = await self._ranged(blob, wanted, merged)
+            if result is not None:
+                return result
+        pieces = await self._singles(blob, merged)
+        parts = [byteranges.Part(start, data) for (start, _), data in zip(merged, pieces)]
+        out = byteranges.assemble(parts, wanted)
+        assert out is not None
+        return out
+
+    async def _singles(self, blob: BlobLocation, merged: list[tuple[int, int]]) -> list[bytes]:
+        """Each range in its own request, concurrently; the first failure cancels the rest."""
+        results: list[bytes] = [b""] * len(merged)
+        errors: list[RegistryError] = []
+
+        async def one(i: int, start: int, end: int, cancel: trio.CancelScope) -> None:
+            try:
+                results[i] = await self.read_range(blob, start, end)
+            except RegistryError as e:
+                errors.append(e)
+                cancel.cancel()
+
+        async with trio.open_nursery() as nursery:
+            for i, (start, end) in enumerate(merged):
+                nursery.start_soon(one, i, start, end, nursery.cancel_scope)
+        if errors:
+            raise errors[0]
+        return results
+
+    async def _ranged(self, blob: BlobLocation, wanted: Sequence[tuple[int, int]],
+                      requested: list[tuple[int, int]]) -> list[bytes] | None:
+        """One GET for `requested`; `wanted` cut from the answer, or None if a multi-range was not honoured."""
+        multi = len(requested) > 1
+        what = f"{blob.what} bytes {byteranges.header(requested)[6:]}"
+
+        async def consume(response: httpx.Response) -> list[bytes] | None:
+            where = f"{what} from {response.url}"
+            status = response.status_code
+            if status == 206:
+                mark = byteranges.boundary(response.headers.get("content-type", ""))
+                if mark is None:
+                    start, end = byteranges.content_range(response.headers.get("content-range"), blob.size, where)
+                    body = await read_body(response, end - start, where)
+                    if len(body) != end - start:
+                        raise BadResponse(f"{where}: body has {len(body)} bytes, Content-Range promised {end - start}")
+                    parts = [byteranges.Part(start, body)]
+                else:
+                    limit = sum(e - s for s, e in requested) + MULTIPART_OVERHEAD * (len(requested) + 4)
+                    parts = byteranges.parse_multipart(await read_body(response, limit, where), mark, blob.size, where)
+                out = byteranges.assemble(parts, wanted)
+                if out is not None:
+                    return out
+                got = ", ".join(f"{p.start}-{p.end - 1}" for p in parts)
+                if multi:
+                    self._single_ranges_from_now(blob, f"answered a multi-range request with bytes {got}")
+                    return None
+                raise BadResponse(f"{where}: server sent bytes {got} (wrong Content-Range)")
+            if status == 200:
+                return await self._whole_answer(blob, response, wanted, where, multi)
+            if status in (400, 416) and multi:
+                self._single_ranges_from_now(blob, f"answered a multi-range request with HTTP {status}")
+                return None
+            if status == 416:
+                raise BadResponse(f"{where}: HTTP 416 for a range inside the {blob.size}-byte blob")
+            await _fail(response, what)
+
+        return await self._blob_get(blob, {"Range": byteranges.header(requested)}, what, consume)
+
+    async def _whole_answer(self, blob: BlobLocation, response: httpx.Response, wanted: Sequence[tuple[int, int]],
+                            where: str, multi: bool) -> list[bytes] | None:
+        """A 200 to a ranged GET: the server ignores Range. Small blobs are sliced, verified first."""
+        length = content_length(response)
+        if length is not None and length != blob.size:
+            raise BadResponse(f"{where}: 200 with {length} bytes for a {blob.size}-byte blob")
+        if blob.size > self.options.whole_body_limit:
+            if multi:
+                self._single_ranges_from_now(blob, "answered a multi-range request with the whole blob")
+                return None
+            raise BadResponse(f"{where}: the server ignores Range and the blob is {blob.size} bytes, "
+                              f"more than the {self.options.whole_body_limit} we download for a read")
+        body = await read_body(response, blob.size, where)
+        if len(body) != blob.size:
+            raise BadResponse(f"{where}: whole-blob answer has {len(body)} of {blob.size} bytes")
+        digests.verify(body, blob.digest, where)
+        return [body[s:e] for s, e in wanted]
+
+    def _single_ranges_from_now(self, blob: BlobLocation, why: str) -> None:
+        key = origin(blob.url)
+        if key not in self.single_range_only:
+            log.info("%s %s; using single-range requests for it from now on", key, why)
+            self.single_range_only[key] = why
+
+    async def _blob_get(self, blob: BlobLocation, headers: dict[str, str], what: str,
+                        consume: Callable[[httpx.Response], Awaitable[T]]) -> T:
+        """GET from the blob's current URL; if a remembered redirect target fails, ask the registry once more."""
+        scope = _scope(blob.ref)
+
+        async def tracking(response: httpx.Response) -> T:
+            final = str(response.url)
+            if final != blob.url:
+                blob.url = final
+            return await consume(response)
+
+        if not blob.redirected:
+            return await self.transport.call(Request("GET", blob.url, blob.endpoint, what, scope, headers), tracking)
+
+        async def stale_aware(response: httpx.Response) -> T:
+            if response.status_code in _STALE_REDIRECT:
+                raise _StaleRedirect(f"HTTP {response.status_code}{await error_detail(response)}")
+            return await consume(response)
+
+        target = blob.url
+        try:
+            return await self.transport.call(Request("GET", target, blob.endpoint, what, scope, headers), stale_aware)
+        except (_StaleRedirect, RegistryUnavailable) as e:
+            log.info("%s: redirect target %s failed (%s); asking %s again", what, origin(target), e, blob.endpoint)
+        return await self.transport.call(Request("GET", blob.registry_url, blob.endpoint, what, scope, headers),
+                                         tracking)
+
+    async def stream_blob(self, blob: BlobLocation, chunk_size: int | None = None) -> AsyncGenerator[bytes, None]:
+        """The whole blob as chunks of at most `chunk_size` bytes, in bounded memory.
+
+        A dropped connection resumes where it stopped (`Range: bytes=N-`). The
+        digest is checked at the end: the last step may raise `BadResponse`, so
+        consumers must not trust what they stored until the iteration finished.
+        Use it under `contextlib.aclosing` when you may stop early.
+        """
+        size = chunk_size or self.options.stream_chunk_size
+        hasher = digests.hasher(blob.digest)
+        offset = 0
+        failures = 0
+        retried_registry = False
+        while offset < blob.size:
+            headers = {"Range": f"bytes={offset}-"} if offset else {}
+            url = blob.url
+            req = Request("GET", url, blob.endpoint, blob.what, _scope(blob.ref), headers)
+            try:
+                async with self.transport.stream(req) as response:
+                    status = response.status_code
+                    if blob.redirected and status in _STALE_REDIRECT and not retried_registry:
+                        retried_registry = True
+                        blob.url = blob.registry_url
+                        continue
+                    blob.url = str(response.url)
+                    await self._check_stream_start(blob, response, offset, req)
+                    async for chunk in response.aiter_raw(size):
+                        if offset + len(chunk) > blob.size:
+                            raise BadResponse(f"{blob.what} from {response.url}: more than {blob.size} bytes")
+                        hasher.update(chunk)
+                        offset += len(chunk)
+                        yield chunk
+                    if offset < blob.size:
+                        raise httpx.ReadError("body ended early")
+            except httpx.TransportError as e:
+                failures += 1
+                if failures > self.options.retries:
+                    raise RegistryUnavailable(f"{blob.what} from {url}: {type(e).__name__}: {e} after {offset} "
+                                              f"of {blob.size} bytes ({failures} attempts)") from e
+                log.info("%s: connection lost after %d bytes (%s); resuming", blob.what, offset, e)
+                await trio.sleep(min(self.options.backoff_max, self.options.backoff_base * 2 ** (failures - 1)))
+        digests.check(hasher, blob.digest, f"{blob.what} from {blob.url}")
+
+    async def _check_stream_start(self, blob: BlobLocation, response: httpx.Response, offset: int,
+                                  req: Request) -> None:
+        where = f"{blob.what} from {response.url}"
+        status = response.status_code
+        if status == 200 and offset == 0:
+            length = content_length(response)
+            if length is not None and length != blob.size:
+                raise BadResponse(f"{where}: {length} bytes for a {blob.size}-byte blob")
+            return
+        if status == 206:
+            start, _ = byteranges.content_range(response.headers.get("content-range"), blob.size, where)
+            if start != offset:
+                raise BadResponse(f"{where}: asked to resume at {offset}, got bytes from {start}")
+            return
+        if status == 200:
+            raise BadResponse(f"{where}: server ignored Range when resuming at byte {offset}")
+        await _fail(response, req.what)
+
+    # ------------------------------------------------------------------ endpoints
+
+    async def _each(self, endpoints: list[Endpoint], what: str, attempt: Callable[[Endpoint], Awaitable[T]]) -> T:
+        """`attempt` on each endpoint in order until one succeeds; else the most telling error."""
+        errors: list[tuple[Endpoint, RegistryError]] = []
+        for i, ep in enumerate(endpoints):
+            try:
+                return await attempt(ep)
+            except (NotFoundError, RegistryUnavailable, Unauthorized, BadResponse) as e:
+                errors.append((ep, e))
+                if i + 1 < len(endpoints):
+                    log.info("%s: %s failed (%s); trying %s", what, ep, e, endpoints[i + 1])
+        if len(errors) == 1:
+            raise errors[0][1]
+        telling = [e for _, e in errors if not isinstance(e, NotFoundError)]
+        cls = type(telling[-1]) if telling else NotFoundError
+        raise cls(f"{what}: every endpoint failed: " + "; ".join(f"{ep}: {e}" for ep, e in errors))
+
+
+class _StaleRedirect(Exception):
+    """A remembered redirect target no longer serves the blob."""
+
+
+def _scope(ref: Reference) -> str:
+    return f"repository:{ref.path}:pull"
+
+
+def _check_bounds(blob: BlobLocation, wanted: Sequence[tuple[int, int]]) -> None:
+    for start, end in wanted:
+        if not 0 <= start <= end <= blob.size:
+            raise ValueError(f"range [{start}, {end}) is outside {blob.what} ({blob.size} bytes)")
+
+
+def _check_digest_header(response: httpx.Response, digest: str, what: str) -> None:
+    announced = response.headers.get("docker-content-digest")
+    if announced and announced != digest:
+        raise BadResponse(f"{what} from {response.url}: server says it is {announced}")
+
+
+async def _fail(response: httpx.Response, what: str) -> NoReturn:
+    """Raise the error an unexpected status means."""
+    status = response.status_code
+    detail = await error_detail(response)
+    if status == 404:
+        raise NotFoundError(f"{what} not found at {response.url} (HTTP 404{detail})")
+    if status in (401, 403):
+        raise Unauthorized(f"{what}: access denied by {response.url} (HTTP {status}{detail})")
+    raise BadResponse(f"{what} from {response.url}: unexpected HTTP {status}{detail}")
