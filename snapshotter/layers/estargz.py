@@ -56,7 +56,6 @@ class EStargzLayer:
         self.index = index
         self.blob = blob
         self.cache = cache
-        self.fetched_bytes = 0
         entries = estargz.layer_entries(index.toc, index.footer.toc_offset)
         toc_file = estargz.toc_file_entry(index.toc)
         self._tree = build_tree(entries + ([toc_file] if toc_file is not None else []))
@@ -95,5 +94,4 @@ class EStargzLayer:
             compressed = await self.blob.read(chunk.compressed_offset, chunk.compressed_end)
         except Exception as e:
             raise ReadError(f"fetching {self.blob.digest} [{chunk.compressed_offset}, {chunk.compressed_end}): {e}") from e
-        self.fetched_bytes += len(compressed)
         return await trio.to_thread.run_sync(estargz.decompress_chunk, compressed, chunk)

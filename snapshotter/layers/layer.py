@@ -34,6 +34,11 @@ class Blob(Protocol):
     @property
     def size(self) -> int: ...
 
+    @property
+    def fetched_bytes(self) -> int:
+        """Bytes read from the registry so far (for `lazysnap status`)."""
+        ...
+
     async def read(self, start: int, end: int) -> bytes:
         """Exactly the bytes [start, end); raises on any failure (never short, never unverifiable garbage)."""
         ...

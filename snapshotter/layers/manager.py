@@ -54,10 +54,11 @@ class LayerStatus:
     resolve_seconds: float = 0.0
     path: str = ""
     layer: EStargzLayer | None = field(default=None, repr=False)
+    """Bytes this layer fetched, the index included, count from its blob."""
 
     @property
     def fetched_bytes(self) -> int:
-        return self.layer.fetched_bytes if self.layer is not None else 0
+        return self.layer.blob.fetched_bytes if self.layer is not None else 0
 
 
 class RegistryBlob:
@@ -65,6 +66,7 @@ class RegistryBlob:
 
     def __init__(self, client: RegistryClient, ref: str, digest: str, size: int, location: object) -> None:
         self.client, self.ref, self._digest, self._size, self.location = client, ref, digest, size, location
+        self.fetched_bytes = 0
 
     @property
     def digest(self) -> str:
@@ -75,7 +77,9 @@ class RegistryBlob:
         return self._size
 
     async def read(self, start: int, end: int) -> bytes:
-        return await self.client.read_range(self.location, start, end)
+        data = await self.client.read_range(self.location, start, end)
+        self.fetched_bytes += len(data)
+        return data
 
 
 @dataclass
@@ -253,6 +257,10 @@ class _LazyBlob:
         self.client, self.record = client, record
         self._blob: RegistryBlob | None = None
         self._lock = trio.Lock()
+
+    @property
+    def fetched_bytes(self) -> int:
+        return self._blob.fetched_bytes if self._blob is not None else 0
 
     @property
     def digest(self) -> str:
