@@ -43,7 +43,9 @@ def base_entries() -> list[LayerEntry]:
         LayerEntry("usr/bin", D, mode=0o711, uid=5, gid=6, mtime_ns=T0 + 3),
         reg("usr/bin/tool", b"#!/bin/sh\necho hi\n", mode=0o4755, uid=1000, gid=2000, mtime_ns=T0 + 4,
             xattrs={"security.capability": CAP_NET_RAW, "user.note": b"hello"}),
-        LayerEntry("usr/bin/tool-link", H, link_name="usr/bin/tool"),
+        # a hardlink header carries its target's attributes, as tar writes it
+        LayerEntry("usr/bin/tool-link", H, link_name="usr/bin/tool", mode=0o4755, uid=1000, gid=2000,
+                   mtime_ns=T0 + 4),
         LayerEntry("usr/lib64", L, link_name="lib", mtime_ns=T0 + 5, uid=7),
         LayerEntry("usr/abs", L, link_name="/etc/../usr/bin/tool"),
         LayerEntry("dev/null", C, mode=0o666, dev_major=1, dev_minor=3),
