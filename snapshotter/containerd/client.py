@@ -11,7 +11,6 @@ import datetime
 import secrets
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import grpc
 from google.protobuf import field_mask_pb2
@@ -24,23 +23,17 @@ from ..api.containerd.services.snapshots.v1 import snapshots_pb2, snapshots_pb2_
 from ..api.containerd.types import descriptor_pb2, mount_pb2
 from ..errors import AlreadyExists, SnapshotterError
 from ..mounts import Mount
+from ..registry.manifest import Descriptor
 from ..service import error_from_status
 
 WRITE_CHUNK = 1 << 20
 """Bytes per content Write message (gRPC's default message limit is 4 MiB)."""
 
 
-@dataclass(frozen=True)
-class Descriptor:
-    media_type: str
-    digest: str
-    size: int
-    annotations: dict[str, str] = field(default_factory=dict)
-
-    def to_pb(self) -> descriptor_pb2.Descriptor:
-        return descriptor_pb2.Descriptor(
-            media_type=self.media_type, digest=self.digest, size=self.size, annotations=self.annotations
-        )
+def to_pb(desc: Descriptor) -> descriptor_pb2.Descriptor:
+    return descriptor_pb2.Descriptor(
+        media_type=desc.media_type, digest=desc.digest, size=desc.size, annotations=desc.annotations
+    )
 
 
 class ContainerdClient:
@@ -155,7 +148,7 @@ class ContainerdClient:
     # -- images --------------------------------------------------------------------
 
     def put_image(self, name: str, target: Descriptor, labels: dict[str, str] | None = None) -> None:
-        image = images_pb2.Image(name=name, target=target.to_pb(), labels=labels or {})
+        image = images_pb2.Image(name=name, target=to_pb(target), labels=labels or {})
         try:
             self._call(self._images.Create, images_pb2.CreateImageRequest(image=image))
         except AlreadyExists:
@@ -186,7 +179,7 @@ class ContainerdClient:
     def apply(self, layer: Descriptor, mounts: list[Mount]) -> str:
         """Unpack a layer blob (already in the content store) onto `mounts`; returns its diff id."""
         req = diff_pb2.ApplyRequest(
-            diff=layer.to_pb(),
+            diff=to_pb(layer),
             mounts=[mount_pb2.Mount(type=m.type, source=m.source, options=m.options) for m in mounts],
         )
         return self._call(self._diff.Apply, req, timeout=3600).applied.digest

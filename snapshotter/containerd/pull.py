@@ -24,8 +24,8 @@ import trio
 from .. import labels as L
 from ..errors import AlreadyExists, SnapshotterError
 from ..registry.client import RegistryClient
-from ..registry.manifest import Descriptor as RegistryDescriptor
-from .client import ContainerdClient, Descriptor
+from ..registry.manifest import Descriptor
+from .client import ContainerdClient
 
 LAZY = "lazy"
 WHOLE = "pulled whole"
@@ -87,7 +87,7 @@ async def rpull(ref: str, *, registry: RegistryClient, containerd: ContainerdCli
         manifest_labels = {"containerd.io/gc.ref.content.config": config_desc.digest} | {
             f"containerd.io/gc.ref.content.l.{i}": layer.digest for i, layer in enumerate(layers)
         }
-        await trio.to_thread.run_sync(containerd.write_content, _desc(config_desc), [config_raw], None)
+        await trio.to_thread.run_sync(containerd.write_content, config_desc, [config_raw], None)
         manifest_desc = Descriptor(manifest.media_type, manifest.digest, len(manifest.raw))
         await trio.to_thread.run_sync(containerd.write_content, manifest_desc, [manifest.raw], manifest_labels)
         parent = ""
@@ -117,7 +117,7 @@ async def rpull(ref: str, *, registry: RegistryClient, containerd: ContainerdCli
 
 
 async def _unpack_layer(registry: RegistryClient, containerd: ContainerdClient, snapshotter: str, ref: str,
-                        layer: RegistryDescriptor, diff_id: str, chain_id: str, parent: str,
+                        layer: Descriptor, diff_id: str, chain_id: str, parent: str,
                         labels: dict[str, str]) -> LayerOutcome:
     key = f"extract-{time.time_ns()}-{secrets.token_hex(4)} {chain_id}"
     try:
@@ -130,8 +130,8 @@ async def _unpack_layer(registry: RegistryClient, containerd: ContainerdClient, 
         blob = await registry.open_blob(ref, layer.digest)
         token = trio.lowlevel.current_trio_token()
         chunks = _blocking(registry.stream_blob(blob), token)
-        await trio.to_thread.run_sync(containerd.write_content, _desc(layer), chunks, None)
-        applied = await trio.to_thread.run_sync(containerd.apply, _desc(layer), mounts)
+        await trio.to_thread.run_sync(containerd.write_content, layer, chunks, None)
+        applied = await trio.to_thread.run_sync(containerd.apply, layer, mounts)
         if applied != diff_id:
             raise PullError(f"layer {layer.digest} unpacked to {applied}, but the config says {diff_id}")
         await trio.to_thread.run_sync(containerd.commit, snapshotter, chain_id, key, labels)
@@ -152,10 +152,6 @@ def _blocking(chunks: AsyncIterator[bytes], token: trio.lowlevel.TrioToken) -> I
             yield trio.from_thread.run(chunks.__anext__, trio_token=token)
         except StopAsyncIteration:
             return
-
-
-def _desc(d: RegistryDescriptor) -> Descriptor:
-    return Descriptor(d.media_type, d.digest, d.size, dict(d.annotations))
 
 
 def format_report(report: PullReport) -> str:
