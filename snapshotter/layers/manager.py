@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 
 ESTARGZ = "estargz"
 FALLBACK = "fallback"
+RESOLUTION_TTL = 300.0
+"""Seconds a fetched index waits for its layer's Prepare before it is dropped from memory."""
+MAX_FALLBACK_STATUS = 1000
+"""Fallback reasons kept for `lazysnap status`, newest first (served layers are always kept)."""
 
 
 @dataclass
@@ -163,10 +167,12 @@ class LayerManager:
         except _Fallback as e:
             status.mode, status.reason, status.resolve_seconds = FALLBACK, str(e), resolution.seconds
             log.warning("layer %s of %s is pulled whole: %s", request.layer_digest, request.image_ref, e)
+            self._forget_old_fallbacks()
             return None
         record = self._record(request, resolution)
         self._attach(record, layer, status)
         status.resolve_seconds = resolution.seconds
+        self._resolutions.pop(request.layer_digest, None)  # the layer holds what it needs now
         return record.id
 
     def _start_resolving(self, image_ref: str, digest: str) -> _Resolution:
@@ -196,6 +202,14 @@ class LayerManager:
         finally:
             resolution.seconds = time.monotonic() - start
             resolution.done.set()
+        await trio.sleep(RESOLUTION_TTL)
+        if self._resolutions.get(digest) is resolution:
+            del self._resolutions[digest]
+
+    def _forget_old_fallbacks(self) -> None:
+        fallbacks = [d for d, s in self.status.items() if s.mode == FALLBACK]
+        for digest in fallbacks[:-MAX_FALLBACK_STATUS]:
+            del self.status[digest]
 
     def _record(self, request: LayerRequest, resolution: _Resolution) -> LayerRecord:
         """Persist the layer and its verified index (atomically), so restarts need no registry."""
