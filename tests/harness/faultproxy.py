@@ -18,6 +18,7 @@ log of every request it answered, for tests to assert on.
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import json
 import secrets
@@ -66,6 +67,7 @@ class _Auth:
     anonymous: bool
     expires_in: int | None
     token_field: str
+    refresh_tokens: set[str] = field(default_factory=set)
     tokens: dict[str, float] = field(default_factory=dict)   # token -> expiry (monotonic)
     issued: int = 0
 
@@ -169,9 +171,14 @@ class FaultProxy:
             self._generation += 1
 
     def require_bearer(self, users: dict[str, str] | None = None, anonymous: bool = True,
-                       expires_in: int | None = 300, token_field: str = "token") -> None:
-        """Registry requests need a token from this proxy's /token endpoint (`realm`)."""
-        self._auth = _Auth("bearer", dict(users or {}), anonymous, expires_in, token_field)
+                       expires_in: int | None = 300, token_field: str = "token",
+                       refresh_tokens: set[str] | None = None) -> None:
+        """Registry requests need a token from this proxy's /token endpoint (`realm`).
+
+        GET /token takes basic `users` (or nobody, if `anonymous`); POST /token takes an
+        OAuth2 form with grant_type=refresh_token and one of `refresh_tokens`.
+        """
+        self._auth = _Auth("bearer", dict(users or {}), anonymous, expires_in, token_field, set(refresh_tokens or ()))
 
     def require_basic(self, users: dict[str, str]) -> None:
         """Registry requests need HTTP basic credentials."""
@@ -287,7 +294,7 @@ class _Handler(BaseHTTPRequestHandler):
         status, sent = 0, 0
         try:
             if path == "/token" and p._auth is not None:
-                status, sent = self._token(query)
+                status, sent = self._token(query, request_body)
                 return
             if path.startswith(REDIRECT_PREFIX):
                 generation, _, rest = path[len(REDIRECT_PREFIX):].partition("/")
@@ -298,9 +305,8 @@ class _Handler(BaseHTTPRequestHandler):
             elif path.startswith("/v2/") and p._auth is not None and not self._authorized(path):
                 status, sent = self._challenge(path)
                 return
-            if p.delay and p.delay_match in path:
-                if p._stopping.wait(p.delay):
-                    return
+            if p.delay and p.delay_match in path and p._stopping.wait(p.delay):
+                return
             failure = p._take(p._failures, path)
             if failure is not None:
                 headers = {"Retry-After": failure.retry_after} if failure.retry_after else {}
@@ -361,11 +367,17 @@ class _Handler(BaseHTTPRequestHandler):
         body = b'{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}'
         return self._send_simple(401, body, {"WWW-Authenticate": header, "Content-Type": "application/json"})
 
-    def _token(self, query: str) -> tuple[int, int]:
+    def _token(self, query: str, body: bytes | None) -> tuple[int, int]:
         auth = self.proxy._auth
         assert auth is not None
         value = self.headers.get("Authorization") or ""
-        if value.startswith("Basic "):
+        if self.command == "POST":
+            form = parse_qs((body or b"").decode())
+            if form.get("grant_type") != ["refresh_token"] or \
+                    not set(form.get("refresh_token", [])) & auth.refresh_tokens:
+                return self._send_simple(401, b'{"details":"bad refresh token"}')
+            query = "&".join(f"scope={s}" for s in form.get("scope", [""])[0].split())
+        elif value.startswith("Basic "):
             if _basic_user(value[6:], auth.users) is None:
                 return self._send_simple(401, b'{"details":"bad credentials"}')
         elif not auth.anonymous:
@@ -456,10 +468,8 @@ class _Handler(BaseHTTPRequestHandler):
         if drop is not None:
             self.wfile.flush()
             self.close_connection = True
-            try:
+            with contextlib.suppress(OSError):
                 self.connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
         return status, sent
 
 

@@ -650,3 +650,20 @@ async def test_basic_auth_registry(tmp_path: Path, proxy: FaultProxy, content: C
         async with RegistryClient(fast(tmp_path)) as c:
             with pytest.raises(Unauthorized, match="refused the credentials of 'bob'"):
                 await c.resolve(f"{proxy.host}/oci/app:v1")
+
+
+async def test_identity_token_is_an_oauth2_refresh_token(tmp_path: Path, proxy: FaultProxy,
+                                                         content: Content) -> None:
+    with trio.fail_after(LIMIT):
+        proxy.require_bearer(anonymous=False, refresh_tokens={"long-lived"}, token_field="access_token")
+        path = tmp_path / "docker" / "config.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"auths": {proxy.host: {"identitytoken": "long-lived"}}}))
+        async with RegistryClient(fast(tmp_path)) as c:
+            assert (await c.resolve(f"{proxy.host}/oci/app:v1")).digest == content.image.manifest_digest
+        [post] = [h for h in proxy.hits("/token")]
+        assert (post.method, post.status) == ("POST", 200)
+        path.write_text(json.dumps({"auths": {proxy.host: {"identitytoken": "revoked"}}}))
+        async with RegistryClient(fast(tmp_path)) as c:
+            with pytest.raises(Unauthorized, match="identity token"):
+                await c.resolve(f"{proxy.host}/oci/app:v1")
