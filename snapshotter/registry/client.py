@@ -226,7 +226,7 @@ class RegistryClient:
             if result is not None:
                 return result
         pieces = await self._singles(blob, merged)
-        parts = [byteranges.Part(start, data) for (start, _), data in zip(merged, pieces)]
+        parts = [byteranges.Part(start, data) for (start, _), data in zip(merged, pieces, strict=True)]
         out = byteranges.assemble(parts, wanted)
         assert out is not None
         return out

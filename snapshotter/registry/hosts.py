@@ -17,7 +17,7 @@ import logging
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -34,7 +34,7 @@ HOSTS_FILE = "hosts.toml"
 DEFAULT_DIR = "_default"
 
 
-class Capability(str, Enum):
+class Capability(StrEnum):
     """What an endpoint may be trusted with (containerd's HostCapabilities)."""
 
     PULL = "pull"        # fetch manifests and blobs by digest

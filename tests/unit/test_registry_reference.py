@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from snapshotter.registry.digest import validate
 from snapshotter.registry.errors import InvalidReference
 from snapshotter.registry.reference import Reference, parse
-from snapshotter.registry.digest import validate
 
 DIGEST = "sha256:" + "ab" * 32
 
