@@ -2,7 +2,7 @@
 # Both install what is missing first (Debian packages as root, a .venv for Python).
 
 APT_PACKAGES := containerd runc docker-registry skopeo umoci busybox-static fuse3 \
-                libfuse3-dev pkg-config stargz-snapshotter python3 python3-venv python3-dev gcc
+                libfuse3-dev pkg-config stargz-snapshotter python3 python3-venv python3-dev gcc openssl
 VENV   := .venv
 PYTHON := $(VENV)/bin/python
 PYTEST_ARGS ?=

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,6 +10,13 @@ import pytest
 
 from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc
 from tests.harness.lazysnap import Lazysnap
+
+
+@pytest.fixture
+def needs_fuse() -> None:
+    """FUSE tests need root and /dev/fuse; without them they fail, saying so (CI has both)."""
+    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
+        pytest.fail("FUSE tests need root and /dev/fuse", pytrace=False)
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from tests.unit.fuse_layers import (
 )
 
 pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/fuse"), reason="needs root and /dev/fuse"),
+    pytest.mark.usefixtures("needs_fuse"),
     pytest.mark.timeout(120),
 ]
 

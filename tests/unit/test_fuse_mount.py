@@ -17,7 +17,7 @@ from snapshotter.fuse import LayerFilesystem, clear_stale_mount, serve_fuse
 from tests.unit.fuse_layers import blocking, force_unmount, memory_layer, mounted, reg, serving
 
 pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/fuse"), reason="needs root and /dev/fuse"),
+    pytest.mark.usefixtures("needs_fuse"),
     pytest.mark.timeout(120),
 ]
 

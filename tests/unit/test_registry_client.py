@@ -555,7 +555,7 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
                         "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1",
                         "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True, timeout=60)
     except FileNotFoundError:
-        pytest.skip("openssl is not installed")
+        pytest.fail("openssl is not installed (apt-get install openssl; `make test` does)", pytrace=False)
     return cert, key
 
 
