@@ -128,9 +128,12 @@ async def _unpack_layer(registry: RegistryClient, containerd: ContainerdClient, 
         return LayerOutcome(layer.digest, layer.size, LAZY)
     try:
         blob = await registry.open_blob(ref, layer.digest)
-        token = trio.lowlevel.current_trio_token()
-        chunks = _blocking(registry.stream_blob(blob), token)
-        await trio.to_thread.run_sync(containerd.write_content, layer, chunks, None)
+        stream = registry.stream_blob(blob)
+        try:
+            chunks = _blocking(stream, trio.lowlevel.current_trio_token())
+            await trio.to_thread.run_sync(containerd.write_content, layer, chunks, None)
+        finally:
+            await stream.aclose()  # closes the connection too if containerd stopped reading early
         applied = await trio.to_thread.run_sync(containerd.apply, layer, mounts)
         if applied != diff_id:
             raise PullError(f"layer {layer.digest} unpacked to {applied}, but the config says {diff_id}")
