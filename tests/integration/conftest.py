@@ -31,6 +31,12 @@ TOOLS = {
 HERE = Path(__file__).parent
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "lazysnap_config(toml): settings the test's `lazysnap` fixture starts the daemon with "
+                   "(written to a config file, e.g. 'read_timeout = 3.0')")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if HERE in Path(str(item.fspath)).parents:
@@ -107,7 +113,14 @@ def workdir() -> Iterator[Path]:
 
 @pytest.fixture
 def lazysnap(workdir: Path, request: pytest.FixtureRequest) -> Iterator[Lazysnap]:
-    daemon = Lazysnap(root=workdir / "root", address=workdir / "ls.sock", log_path=workdir / "lazysnap.log")
+    """`lazysnap serve` for one test; `@pytest.mark.lazysnap_config("key = value")` gives it a config file."""
+    config = None
+    marker = request.node.get_closest_marker("lazysnap_config")
+    if marker is not None:
+        config = workdir / "lazysnap.toml"
+        config.write_text("\n".join(marker.args) + "\n")
+    daemon = Lazysnap(root=workdir / "root", address=workdir / "ls.sock", log_path=workdir / "lazysnap.log",
+                      config=config)
     try:
         daemon.start()
         yield daemon
