@@ -24,8 +24,19 @@ import pytest
 
 from tests.harness.containerd import Containerd
 from tests.harness.estargz import TOC_DIGEST_ANNOTATION, build_estargz
-from tests.harness.images import (HELLO_OUTPUT, MIDDLE_TEXT, XATTR_NAME, XATTR_VALUE, File, Image, Layer, OCILayout,
-                                  push, sample_layers)
+from tests.harness.faultproxy import FaultProxy
+from tests.harness.images import (
+    HELLO_OUTPUT,
+    MIDDLE_TEXT,
+    XATTR_NAME,
+    XATTR_VALUE,
+    File,
+    Image,
+    Layer,
+    OCILayout,
+    push,
+    sample_layers,
+)
 from tests.harness.lazysnap import Lazysnap
 from tests.harness.procs import run
 from tests.harness.registry import Registry
@@ -102,6 +113,13 @@ def lazy_images(registry: Registry) -> Iterator[LazyImages]:
         yield images
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def proxy(registry: Registry) -> Iterator[FaultProxy]:
+    """A fault-injecting proxy in front of the session registry (refer to images by `proxy.host`)."""
+    with FaultProxy(registry.host) as p:
+        yield p
 
 
 @pytest.fixture
@@ -193,6 +211,12 @@ def wait_for(check, timeout: float, what: str):
         time.sleep(0.2)
 
 
+def reconnected(containerd: Containerd) -> None:
+    """Wait until containerd has redialled a restarted lazysnap (its backoff is capped at 3 s)."""
+    wait_for(lambda: containerd.ctr("snapshots", "--snapshotter", LAZY, "ls", check=False, timeout=30).returncode == 0,
+             15, "containerd to reach the restarted lazysnap")
+
+
 def run_script(containerd: Containerd, ref: str, script: str, cid: str, check: bool = True):
     """`sh -c script` in a fresh container (stderr folded into stdout); returns (result, seconds)."""
     start = time.monotonic()
@@ -206,8 +230,8 @@ READ_SECRET = "cat /secret.bin > /tmp/out; echo cat-rc=$?; sha256sum /tmp/out"
 
 def secret_outcome(output: str) -> tuple[int, str]:
     """(cat's exit status, sha256 of the bytes cat returned) from READ_SECRET's output."""
-    rc = re.search(r"^cat-rc=(\d+)$", output, re.M)
-    digest = re.search(r"^([0-9a-f]{64})\s+/tmp/out$", output, re.M)
+    rc = re.search(r"^cat-rc=(\d+)$", output, re.MULTILINE)
+    digest = re.search(r"^([0-9a-f]{64})\s+/tmp/out$", output, re.MULTILINE)
     assert rc and digest, f"unexpected output of the reading container:\n{output}"
     return int(rc[1]), digest[1]
 
@@ -332,7 +356,7 @@ def test_wrong_toc_digest_is_pulled_whole(containerd: Containerd, lazysnap: Lazy
     output, rows = rpull(containerd, lazysnap, pushed.ref)
     bottom, wrong, top = (rows[short(d)] for d in pushed.layer_digests)
     assert wrong.how == "pulled whole", output
-    assert re.search(r"TOC digest", wrong.why, re.I), f"the reason must name the TOC digest:\n{output}"
+    assert re.search(r"TOC digest", wrong.why, re.IGNORECASE), f"the reason must name the TOC digest:\n{output}"
     assert bottom.how == top.how == "lazy estargz", output
     done, _ = run_script(containerd, pushed.ref, "/hello.sh; cat /middle.txt", cid)
     assert done.stdout.splitlines() == [HELLO_OUTPUT, MIDDLE_TEXT.strip()]
@@ -389,6 +413,44 @@ def test_registry_stopped_read_fails_then_recovers(containerd: Containerd, lazys
     assert_secret_reads(done.stdout, lazy_images.secret)
 
 
+def test_corrupt_chunk_gives_eio_never_wrong_bytes(containerd: Containerd, lazysnap: Lazysnap,
+                                                  lazy_images: LazyImages, proxy: FaultProxy, cid: str) -> None:
+    ref = f"{proxy.host}/lazysnap/{lazy_images.big.tag}:latest"
+    data_digest = lazy_images.big.layer_digests[-1]
+    _pull_and_warm(containerd, lazysnap, ref, cid)
+
+    proxy.reset_counts()
+    proxy.flip = {"blobs"}
+    done, _ = run_script(containerd, ref, READ_SECRET, cid + "-bad", check=False)
+    assert proxy.count("GET", data_digest) > 0, "the corrupting proxy was never asked for the chunk"
+    assert_secret_fails(done.stdout, lazy_images.secret)
+
+    # Nothing wrong was cached: once the registry serves good bytes, the file reads right.
+    proxy.flip = set()
+    done, _ = run_script(containerd, ref, READ_SECRET, cid + "-good")
+    assert_secret_reads(done.stdout, lazy_images.secret)
+
+
+@pytest.mark.lazysnap_config(f"read_timeout = {READ_TIMEOUT}")
+def test_registry_hanging_read_fails_within_read_timeout(containerd: Containerd, lazysnap: Lazysnap,
+                                                         lazy_images: LazyImages, proxy: FaultProxy,
+                                                         cid: str) -> None:
+    ref = f"{proxy.host}/lazysnap/{lazy_images.big.tag}:latest"
+    _pull_and_warm(containerd, lazysnap, ref, cid)
+
+    proxy.delay_match, proxy.delay = "/blobs/", 60.0      # accepts, then never answers in time
+    done, seconds = run_script(containerd, ref, READ_SECRET, cid + "-hang", check=False)
+    assert_secret_fails(done.stdout, lazy_images.secret)
+    # read_timeout bounds what the reading process waits, not each FUSE request: the kernel
+    # follows a failed readahead with a read of the single page, so every retry must fail fast.
+    assert seconds < READ_TIMEOUT + 5, (
+        f"the read of a file whose registry hangs took {seconds:.1f} s to fail (read_timeout {READ_TIMEOUT} s)")
+
+    proxy.delay = 0.0
+    done, _ = run_script(containerd, ref, READ_SECRET, cid + "-answers")
+    assert_secret_reads(done.stdout, lazy_images.secret)
+
+
 # ---------------------------------------------------------------------------- 6. restart
 
 def test_restart_then_run(containerd: Containerd, lazysnap: Lazysnap, lazy_images: LazyImages, cid: str) -> None:
@@ -396,6 +458,7 @@ def test_restart_then_run(containerd: Containerd, lazysnap: Lazysnap, lazy_image
     output, rows = rpull(containerd, lazysnap, pushed.ref)
     assert all(row.how == "lazy estargz" for row in rows.values()), output
     lazysnap.restart()
+    reconnected(containerd)
     done, _ = run_script(containerd, pushed.ref, "/hello.sh; cat /middle.txt", cid)
     assert done.stdout.splitlines() == [HELLO_OUTPUT, MIDDLE_TEXT.strip()]
     out, layers = status(lazysnap)
@@ -412,6 +475,7 @@ def test_restart_with_registry_stopped_serves_cached_files(containerd: Container
 
     own_registry.stop()
     lazysnap.restart()
+    reconnected(containerd)
     out, layers = status(lazysnap)
     assert all(layers.get(short(d), {}).get("mode") == "estargz" for d in pushed.layer_digests), out
     done, _ = run_script(containerd, ref, "sha256sum /bin/busybox >/dev/null && cat /small.txt", cid + "-cached")
