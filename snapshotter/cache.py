@@ -55,7 +55,8 @@ class _InFlight:
     def __init__(self) -> None:
         self.done = trio.Event()
         self.data: bytes | None = None
-        self.error: BaseException | None = None
+        self.error: Exception | None = None
+        """Set when the fetch failed; neither is set when the fetching task was cancelled."""
 
 
 class ChunkCache:
@@ -85,25 +86,29 @@ class ChunkCache:
     async def get_or_fetch(self, key: str, fetch: Callable[[], Awaitable[bytes]], verify: Verify | None = None) -> bytes:
         """The chunk for `key`: from memory, from disk, or fetched once however many ask.
 
-        `fetch` must return verified data; `verify` re-checks data loaded from disk.
+        `fetch` must return verified data; `verify` re-checks data loaded from disk. A
+        fetch runs in the task of the first asker; if that task is cancelled (its reader
+        gave up), a waiting asker takes over rather than inheriting the cancellation.
         """
-        data = await self.get(key, verify)
-        if data is not None:
-            return data
-        flight = self._inflight.get(key)
-        if flight is not None:
+        while True:
+            data = await self.get(key, verify)
+            if data is not None:
+                return data
+            flight = self._inflight.get(key)
+            if flight is None:
+                break
             await flight.done.wait()
             if flight.error is not None:
                 raise flight.error
-            assert flight.data is not None
-            return flight.data
+            if flight.data is not None:
+                return flight.data
         flight = self._inflight[key] = _InFlight()
         try:
             self.stats.fetches += 1
             flight.data = await fetch()
             await self.put(key, flight.data)
             return flight.data
-        except BaseException as e:
+        except Exception as e:
             flight.error = e
             raise
         finally:

@@ -39,6 +39,10 @@ DEFAULT_ROOT_TIMEOUT = 1.0
 """Cache time for the mount root's names and attributes: bounds how long a detached layer stays visible."""
 DEFAULT_READ_TIMEOUT = 30.0
 """The longest a FUSE read waits on a layer before the reader gets EIO."""
+DEFAULT_FAIL_FAST = 2.0
+"""Seconds an open file whose read failed keeps failing at once: the kernel retries a failed
+readahead page by page, and each retry must not wait the whole read timeout again. A new
+open (another reader) tries the layer afresh."""
 BLOCK_SIZE = 4096
 
 P = ParamSpec("P")
@@ -63,6 +67,8 @@ class FuseStats:
 class _OpenFile:
     att: Attachment
     node: Node
+    failed_until: float = 0.0
+    """After a failed read, further reads through this open file fail at once until then."""
 
 
 @dataclass(eq=False)
@@ -104,11 +110,12 @@ class LayerFilesystem(pyfuse3.Operations):
     supports_dot_lookup = True
 
     def __init__(self, *, timeout: float = DEFAULT_TIMEOUT, root_timeout: float = DEFAULT_ROOT_TIMEOUT,
-                 read_timeout: float = DEFAULT_READ_TIMEOUT) -> None:
+                 read_timeout: float = DEFAULT_READ_TIMEOUT, fail_fast: float = DEFAULT_FAIL_FAST) -> None:
         super().__init__()
         self.timeout = timeout
         self.root_timeout = root_timeout
         self.read_timeout = read_timeout
+        self.fail_fast = fail_fast
         self.stats = FuseStats()
         self._inodes = InodeTable()
         self._files: dict[int, _OpenFile] = {}
@@ -332,24 +339,29 @@ class LayerFilesystem(pyfuse3.Operations):
         if off >= node.size or size <= 0:
             return b""
         want = min(size, node.size - off)
+        if f.failed_until > trio.current_time():
+            self.stats.read_errors += 1
+            log.debug("EIO: layer %s inode %d offset %d: failed moments ago, not retried yet",
+                      os.fsdecode(att.name), node.ino, off)
+            raise pyfuse3.FUSEError(errno.EIO)
         att.begin_read()
         try:
             with trio.move_on_after(self.read_timeout) as scope:
                 data = await att.layer.read(node, off, want)
             if scope.cancelled_caught:
-                self._read_failed(att, node, off, want, f"no answer within {self.read_timeout:g} s")
+                self._read_failed(att, node, off, want, f"no answer within {self.read_timeout:g} s", f)
             got = len(data)
         except ReadError as e:
-            self._read_failed(att, node, off, want, str(e) or type(e).__name__)
+            self._read_failed(att, node, off, want, str(e) or type(e).__name__, f)
         except pyfuse3.FUSEError:
             raise
         except Exception as e:
-            self._read_failed(att, node, off, want, f"unexpected {e!r}", exc_info=True)
+            self._read_failed(att, node, off, want, f"unexpected {e!r}", f, exc_info=True)
         finally:
             att.end_read()
         if got < want:
             # The kernel would take a short read for EOF and shrink the file it caches.
-            self._read_failed(att, node, off, want, f"short read: {got} bytes")
+            self._read_failed(att, node, off, want, f"short read: {got} bytes", f)
         self.stats.read_bytes += want
         return data if got == want else data[:want]
 
@@ -359,8 +371,10 @@ class LayerFilesystem(pyfuse3.Operations):
         self._release(f.att)
 
     def _read_failed(self, att: Attachment, node: Node, off: int, size: int, why: str,
-                     exc_info: bool = False) -> NoReturn:
+                     f: _OpenFile | None = None, exc_info: bool = False) -> NoReturn:
         self.stats.read_errors += 1
+        if f is not None:
+            f.failed_until = trio.current_time() + self.fail_fast
         log.error("EIO: layer %s file %s (inode %d) offset %d size %d: %s", os.fsdecode(att.name),
                   _path_of(att.tree, node), node.ino, off, size, why, exc_info=exc_info)
         raise pyfuse3.FUSEError(errno.EIO)

@@ -111,3 +111,27 @@ async def test_full_disk_still_returns_data(tmp_path: Path, monkeypatch: pytest.
 
     assert await cache.get_or_fetch("k", fetch) == b"data"
     assert cache.stats.write_errors == 1 and cache.size == 0 and "k" not in cache
+
+
+async def test_cancelled_fetcher_hands_over_to_a_waiter(tmp_path: Path) -> None:
+    """The first reader gives up (its FUSE read timed out); the next must fetch, not inherit Cancelled."""
+    cache = ChunkCache(tmp_path, max_bytes=1 << 20)
+    calls = 0
+
+    async def slow_then_fast() -> bytes:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await trio.sleep(10)
+        return b"data"
+
+    got: list[bytes] = []
+    async with trio.open_nursery() as n:
+        async def impatient() -> None:
+            with trio.move_on_after(0.05):
+                await cache.get_or_fetch("k", slow_then_fast)
+
+        n.start_soon(impatient)
+        await trio.sleep(0.01)
+        n.start_soon(lambda: _append(got, cache.get_or_fetch("k", slow_then_fast)))
+    assert got == [b"data"] and calls == 2
