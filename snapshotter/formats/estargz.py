@@ -74,6 +74,10 @@ _CHUNK = "chunk"
 
 # --------------------------------------------------------------------------- records
 
+class NotEStargz(FormatError):
+    """The blob has no eStargz footer at all: an ordinary layer, not a broken eStargz one."""
+
+
 @dataclass(frozen=True)
 class Footer:
     """Where the TOC member starts, and how many bytes at the end are footer."""
@@ -178,7 +182,7 @@ def parse_footer(tail: bytes, *, blob_size: int | None = None) -> Footer:
             raise FormatError(f"not an eStargz layer: {kind} footer puts the TOC at {toc_offset}, "
                               f"but the footer itself starts at {blob_size - size}")
         return Footer(toc_offset, size, legacy)
-    raise FormatError("not an eStargz layer: " + "; ".join(problems))
+    raise NotEStargz("not an eStargz layer: " + "; ".join(problems))
 
 
 def _footer_toc_offset(footer: bytes, legacy: bool) -> int:

@@ -192,8 +192,11 @@ class LayerManager:
                 resolution.blob = blob
         except trio.TooSlowError:
             resolution.error = f"finding the layer's index took over {self.options.resolve_timeout:g} s"
+        except estargz.NotEStargz as e:
+            log.debug("layer %s of %s: %s", digest, image_ref, e)
+            resolution.error = "not an eStargz layer (no eStargz footer); convert the image or index it"
         except FormatError as e:
-            resolution.error = f"not an eStargz layer: {e}" if "eStargz" not in str(e) else str(e)
+            resolution.error = f"broken eStargz index: {e}"
         except RegistryError as e:
             resolution.error = f"registry: {e}"
         except Exception as e:
