@@ -69,9 +69,9 @@ def _open_lazy_side(config: Config, store: Store, nursery: trio.Nursery):  # typ
         async def __aenter__(self):  # type: ignore[no-untyped-def]
             self.stack = AsyncExitStack()
             mountpoint = config.root / "fuse"  # where Snapshotter.layer_path looks
-            mountpoint.mkdir(exist_ok=True)
             if await clear_stale_mount(mountpoint):
                 log.warning("cleared a stale FUSE mount at %s (left by a crashed lazysnap)", mountpoint)
+            mountpoint.mkdir(exist_ok=True)
             fs = LayerFilesystem(read_timeout=config.read_timeout)
             await nursery.start(serve_fuse, mountpoint, fs)
             registry = await self.stack.enter_async_context(RegistryClient(RegistryOptions(

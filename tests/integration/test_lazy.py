@@ -9,11 +9,13 @@ registry push what they need to a registry of their own (`own_registry`).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import random
 import re
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -463,6 +465,24 @@ def test_restart_then_run(containerd: Containerd, lazysnap: Lazysnap, lazy_image
     assert done.stdout.splitlines() == [HELLO_OUTPUT, MIDDLE_TEXT.strip()]
     out, layers = status(lazysnap)
     assert all(layers.get(short(d), {}).get("mode") == "estargz" for d in pushed.layer_digests), out
+
+
+def test_crash_leaves_nothing_a_restart_cannot_fix(containerd: Containerd, lazysnap: Lazysnap,
+                                                  lazy_images: LazyImages, cid: str) -> None:
+    """SIGKILL leaves a dead FUSE mount ("transport endpoint is not connected"); the next start clears it."""
+    pushed = lazy_images.estargz
+    output, rows = rpull(containerd, lazysnap, pushed.ref)
+    assert all(row.how == "lazy estargz" for row in rows.values()), output
+    assert lazysnap.proc is not None
+    lazysnap.proc.stop(sig=signal.SIGKILL)
+    with pytest.raises(OSError) as dead:
+        os.statvfs(lazysnap.root / "fuse")
+    assert dead.value.errno == errno.ENOTCONN
+    lazysnap.start()
+    reconnected(containerd)
+    done, _ = run_script(containerd, pushed.ref, "/hello.sh; cat /middle.txt", cid)
+    assert done.stdout.splitlines() == [HELLO_OUTPUT, MIDDLE_TEXT.strip()]
+    assert "cleared a stale FUSE mount" in lazysnap.proc.log_text()
 
 
 @pytest.mark.lazysnap_config(f"read_timeout = {READ_TIMEOUT}")
