@@ -232,6 +232,7 @@ class _Reader:
         self.what = what
         self.tables = 0
         self.max_tables = max(len(buf) // 4, 1)
+        self._layouts: dict[tuple[int, str], tuple[int, list[tuple[int, int, Any, Any]]]] = {}
 
     def fail(self, msg: str) -> FormatError:
         return FormatError(f"{self.what} is not a valid flatbuffer: {msg}")
@@ -257,30 +258,22 @@ class _Reader:
         buf = self.buf
         self._check(pos, 4)
         vtable = pos - int(_I32S.unpack_from(buf, pos)[0])
-        self._check(vtable, 4)
-        vt_len, t_len = _U16.unpack_from(buf, vtable)[0], _U16.unpack_from(buf, vtable + 2)[0]
-        if vt_len < 4 or vt_len % 2:
-            raise self.fail(f"{name} table at {pos} has a vtable of {vt_len} bytes")
-        self._check(vtable, vt_len)
+        layout = self._layouts.get((vtable, name))
+        if layout is None:
+            layout = self._layout(vtable, pos, name)
+        t_len, fields = layout
         self._check(pos, t_len)
-        kinds = _SCHEMA[name]
-        values: list[Any] = [None] * len(kinds)
-        for slot in range(min(len(kinds), (vt_len - 4) // 2)):
-            off = _U16.unpack_from(buf, vtable + 4 + 2 * slot)[0]
-            if not off:
-                continue
-            kind = kinds[slot]
-            scalar = _SCALARS.get(kind) if isinstance(kind, str) else None
-            size = scalar.size if scalar is not None else 4
-            if off < 4 or off + size > t_len:
-                raise self.fail(f"{name} field {slot} at +{off} is outside its {t_len}-byte table")
+        values: list[Any] = [None] * len(_SCHEMA[name])
+        for slot, off, kind, scalar in fields:
             at = pos + off
             if scalar is not None:
                 values[slot] = scalar.unpack_from(buf, at)[0]
                 continue
             target = at + int(_U32S.unpack_from(buf, at)[0])
-            if kind in (_S, "bytes"):
-                values[slot] = self._bytes(target, 1 if kind == _S else 0)
+            if kind is _S:
+                values[slot] = self._bytes(target)
+            elif kind == "bytes":
+                values[slot] = self._bytes(target, 0)
             elif kind == "strings":
                 values[slot] = [self._bytes(t) for t in self._vector(target)]
             elif kind[0] == "table":
@@ -288,6 +281,29 @@ class _Reader:
             else:
                 values[slot] = [self.table(t, kind[1]) for t in self._vector(target)]
         return values
+
+    def _layout(self, vtable: int, pos: int, name: str) -> tuple[int, list[tuple[int, int, Any, Any]]]:
+        """Check a vtable once (writers share one among similar tables): which fields, where."""
+        buf = self.buf
+        self._check(vtable, 4)
+        vt_len, t_len = _U16.unpack_from(buf, vtable)[0], _U16.unpack_from(buf, vtable + 2)[0]
+        if vt_len < 4 or vt_len % 2 or t_len < 4:
+            raise self.fail(f"{name} table at {pos} has a {vt_len}-byte vtable for {t_len} bytes")
+        self._check(vtable, vt_len)
+        kinds = _SCHEMA[name]
+        fields = []
+        for slot in range(min(len(kinds), (vt_len - 4) // 2)):
+            off = _U16.unpack_from(buf, vtable + 4 + 2 * slot)[0]
+            if not off:
+                continue
+            kind = kinds[slot]
+            scalar = _SCALARS.get(kind) if isinstance(kind, str) else None
+            if off < 4 or off + (scalar.size if scalar is not None else 4) > t_len:
+                raise self.fail(f"{name} field {slot} at +{off} is outside its {t_len}-byte table")
+            fields.append((slot, off, kind, scalar))
+        layout = (t_len, fields)
+        self._layouts[(vtable, name)] = layout
+        return layout
 
     def _bytes(self, target: int, nul: int = 1) -> bytes:
         """A string, or a [ubyte] (nul=0); strings end with a NUL the writer adds, so a cut buffer shows."""
@@ -495,6 +511,7 @@ def serialize_tar_zinfo(t: TarZinfo) -> bytes:
 def layer_entries(z: Ztoc) -> list[LayerEntry]:
     """The zTOC as tar members for `build_tree`, in tar order; regular files carry a `FileExtent`."""
     out = []
+    times: dict[str, int] = {}
     for i, e in sorted(enumerate(z.entries), key=lambda ie: ie[1].uncompressed_offset):
         where = f"zTOC entry {i} ({e.name!r})"
         etype = _ENTRY_TYPES.get(e.type)
@@ -513,7 +530,8 @@ def layer_entries(z: Ztoc) -> list[LayerEntry]:
             uid=e.uid,
             gid=e.gid,
             size=e.uncompressed_size if is_reg else 0,
-            mtime_ns=parse_mod_time(e.mod_time, where),
+            mtime_ns=times[e.mod_time] if e.mod_time in times else times.setdefault(
+                e.mod_time, parse_mod_time(e.mod_time, where)),
             link_name=link_name,
             dev_major=e.devmajor,
             dev_minor=e.devminor,
