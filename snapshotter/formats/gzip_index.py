@@ -388,8 +388,10 @@ def _zlib_library() -> ctypes.CDLL:
     global _libz
     with _libz_lock:
         if _libz is None:
-            name = ctypes.util.find_library("z") or "libz.so.1"
-            lib = ctypes.CDLL(name)
+            try:
+                lib = ctypes.CDLL("libz.so.1")
+            except OSError:  # not the usual Linux soname: ask the loader's cache
+                lib = ctypes.CDLL(ctypes.util.find_library("z") or "libz.so")
             stream = ctypes.POINTER(_ZStream)
             lib.zlibVersion.restype = ctypes.c_char_p
             lib.inflateInit2_.argtypes = [stream, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
