@@ -232,11 +232,14 @@ def _span_ids(index: Any, start: int, end: int) -> range:
 
 # --------------------------------------------------------------------------- span digests
 
-def span_digest(compressed: bytes | memoryview) -> str:
+Bytes = bytes | bytearray | memoryview
+
+
+def span_digest(compressed: Bytes) -> str:
     return "sha256:" + hashlib.sha256(compressed).hexdigest()
 
 
-def verify_span(compressed: bytes | memoryview, digest: str) -> None:
+def verify_span(compressed: Bytes, digest: str) -> None:
     """Check a span's compressed bytes against its zTOC digest before anything inflates them."""
     m = _SHA256.fullmatch(digest)
     if m is None:
@@ -304,7 +307,7 @@ def preface(bits: int, partial: int) -> bytes:
     return value.to_bytes((nbits + bits) // 8, "little")
 
 
-def inflate_span(compressed: bytes | memoryview, span: Span) -> bytes:
+def inflate_span(compressed: Bytes, span: Span) -> bytes:
     """The uncompressed bytes of `span`, exactly, from its compressed bytes (verify them first).
 
     Crosses gzip member boundaries inside the span (pigz, eStargz-style blobs): the raw

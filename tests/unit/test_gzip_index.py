@@ -238,7 +238,8 @@ def test_builder_is_independent_of_chunking(corpus: list[Layer], indexes: dict[s
     layer = next(x for x in corpus if x.name == "members-gzip")
     rng = random.Random(5)
     for sizes in ([1 << 20], [4096], [1, 7, 511, 3, 65537, 2, 16384]):
-        pieces, at = [], 0
+        pieces: list[bytes] = []
+        at = 0
         while at < len(layer.blob):
             size = sizes[len(pieces) % len(sizes)] + rng.randrange(2)
             pieces.append(layer.blob[at:at + size])

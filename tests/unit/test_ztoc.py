@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tracemalloc
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +29,13 @@ from snapshotter.formats.errors import FormatError
 from snapshotter.formats.ztoc_fbs.ztoc import CompressionInfo as fb_compression_info
 from snapshotter.formats.ztoc_fbs.ztoc import Ztoc as fb_ztoc
 from snapshotter.layers.tree import EntryType, build_tree
-from tests.unit.test_gzip_index import SPAN, Layer, build_corpus, chunks
+from tests.unit.test_gzip_index import (
+    SPAN,
+    Layer,
+    _synthetic_blocks,
+    build_corpus,
+    chunks,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 GZIP = Z.CompressionAlgorithm.GZIP
@@ -200,6 +207,11 @@ def test_a_huge_vector_length_fails_fast() -> None:
         Z.parse_ztoc(bytes(data))
 
 
+def _one_more_digest(c: Z.CompressionInfo) -> None:
+    c.span_digests.append("sha256:" + "c" * 64)
+    c.max_span_id = 2
+
+
 def _with(mutate: Callable[[Z.Ztoc], None]) -> bytes:
     z = _sample_ztoc()
     mutate(z)
@@ -211,8 +223,7 @@ def _with(mutate: Callable[[Z.Ztoc], None]) -> bytes:
     (lambda z: setattr(z.compression, "max_span_id", 2), "span digests"),
     (lambda z: z.compression.span_digests.pop(), "span digests"),
     (lambda z: setattr(z.compression, "max_span_id", -1), "span digests"),
-    (lambda z: (z.compression.span_digests.append("sha256:" + "c" * 64),
-                setattr(z.compression, "max_span_id", 2)), "describe 2 spans"),
+    (lambda z: _one_more_digest(z.compression), "describe 2 spans"),
     (lambda z: setattr(z.compression, "span_digests", ["sha256:00", "sha256:" + "b" * 64]), "not a sha256"),
     (lambda z: setattr(z.compression, "checkpoints", z.compression.checkpoints[:-1]), "fits neither"),
     (lambda z: setattr(z.compression, "checkpoints", b""), "shorter than"),
@@ -389,8 +400,9 @@ def test_tar_scanner_rejects_malformed_pax() -> None:
 def test_global_pax_headers_are_skipped() -> None:
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT, pax_headers={"comment": "git"}) as tar:
-        info, data = _reg("a", b"abc")
-        tar.addfile(info, io.BytesIO(data))
+        info = tarfile.TarInfo("a")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
     scanner = Z.TarScanner()
     scanner.feed(out.getvalue())
     entries, _ = scanner.finish()
@@ -483,3 +495,28 @@ def test_mod_time_parsing() -> None:
     for bad in ("yesterday", "2023-13-01T00:00:00Z", "2023-11-14 22:13:20Z"):
         with pytest.raises(FormatError):
             Z.parse_mod_time(bad)
+
+
+def test_ztoc_builder_memory_is_bounded() -> None:
+    """A 64 MiB tar streamed as gzip: the builder keeps headers and a 32 KiB window, never file data."""
+    blocks = _synthetic_blocks(4)
+    headers = []
+    for i in range(64):
+        info = tarfile.TarInfo(f"data/file-{i:02d}.bin")
+        info.size = len(blocks[i % 4])
+        headers.append(info.tobuf(tarfile.GNU_FORMAT))
+    builder = Z.ZtocBuilder(1 << 22)
+    tracemalloc.start()
+    try:
+        compressor = zlib.compressobj(1, zlib.DEFLATED, 31)
+        for i in range(64):
+            builder.feed(compressor.compress(headers[i]))
+            builder.feed(compressor.compress(blocks[i % 4]))
+        builder.feed(compressor.compress(bytes(1024)) + compressor.flush())
+        z = builder.finish()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(z.entries) == 64 and z.uncompressed_archive_size == 64 * (512 + (1 << 20)) + 1024
+    checkpoints = len(z.compression.checkpoints)
+    assert peak < 2 * checkpoints + (6 << 20), (peak, checkpoints)
