@@ -27,7 +27,7 @@ import re
 import struct
 import threading
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -49,7 +49,6 @@ DEFAULT_SPAN_SIZE = 4 << 20
 _HEADER = struct.Struct("<iq")
 _POINT = struct.Struct("<qqB")
 _ZERO_WINDOW = bytes(WINDOW_SIZE)
-_MAX_INT64 = (1 << 63) - 1
 _SHA256 = re.compile(r"sha256:([0-9a-f]{64})")
 
 _inflate_module: ModuleType = _isal_zlib if _isal_zlib is not None else zlib
@@ -573,7 +572,7 @@ class GzipIndexBuilder:
         return GzipIndex(self.span_size, self._checkpoints, digests, self._totin, self._totout, self._members)
 
 
-def build_gzip_index(chunks: Sequence[bytes] | Any, span_size: int = DEFAULT_SPAN_SIZE,
+def build_gzip_index(chunks: Iterable[Bytes], span_size: int = DEFAULT_SPAN_SIZE,
                      sink: Callable[[bytes], None] | None = None) -> GzipIndex:
     """Convenience: feed an iterable of compressed chunks to a `GzipIndexBuilder`."""
     builder = GzipIndexBuilder(span_size, sink)
