@@ -2,7 +2,8 @@
 # Both install what is missing first (Debian packages as root, a .venv for Python).
 
 APT_PACKAGES := containerd runc docker-registry skopeo umoci busybox-static fuse3 \
-                libfuse3-dev pkg-config stargz-snapshotter python3 python3-venv python3-dev gcc openssl
+                libfuse3-dev pkg-config stargz-snapshotter python3 python3-venv python3-dev gcc openssl \
+                flatbuffers-compiler pigz zlib1g-dev
 VENV   := .venv
 PYTHON := $(VENV)/bin/python
 PYTEST_ARGS ?=
@@ -35,9 +36,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m pip install -q -e '.[test]'
 	touch $@
 
-# Regenerates snapshotter/api/ from proto/ (tests/unit/test_proto.py checks it is current).
+# Regenerates snapshotter/api/ (protobuf) and snapshotter/formats/ztoc_fbs/ (flatbuffers) from proto/;
+# tests check both are current.
 proto: venv
 	$(PYTHON) proto/generate.py
+	$(PYTHON) proto/generate_ztoc.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
