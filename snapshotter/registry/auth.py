@@ -258,9 +258,9 @@ class Authenticator:
     async def _fetch(self, host: str, scope: str, challenge: Challenge, send: TokenRequest) -> _Token:
         realm = challenge.params["realm"]
         service = challenge.params.get("service", "")
-        scopes = [scope]
+        scopes = scope.split()
         asked = challenge.params.get("scope", "")
-        if asked and asked != scope:
+        if asked and asked not in scopes:
             scopes.append(asked)
         creds = self.keychain.lookup(host)
         self.token_fetches += 1

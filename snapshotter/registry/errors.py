@@ -3,7 +3,8 @@
 Callers (the fetcher, the layer resolver, `rpull`) decide what to do by class:
 `NotFoundError` means "this content is not there", `RegistryUnavailable` means
 "try again later or fall back", `BadResponse` means "the registry lied or broke
-the protocol: never use what it sent", `Unauthorized` means "fix credentials".
+the protocol: never use what it sent", `Unauthorized` means "fix credentials",
+`PushRejected` means "the registry refused what we pushed: do not send it again".
 Every message names what was asked for, from where, and why it failed.
 """
 
@@ -36,3 +37,8 @@ class RegistryUnavailable(RegistryError):
 
 class BadResponse(RegistryError):
     """The registry's answer broke the protocol or failed verification (digest, size, ranges, JSON)."""
+
+
+class PushRejected(RegistryError):
+    """The registry refused an upload or a manifest (HTTP 4xx: invalid manifest, unknown blob, digest
+    mismatch, too large, unsupported); sending the same bytes again would be refused again."""

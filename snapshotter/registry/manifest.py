@@ -35,6 +35,8 @@ class Descriptor:
     annotations: dict[str, str] = field(default_factory=dict)
     urls: tuple[str, ...] = ()
     platform: dict[str, Any] | None = None
+    artifact_type: str = ""
+    """`artifactType`: set on the entries of a referrers list (and of SOCI v2 indexes), else ""."""
 
     @classmethod
     def parse(cls, obj: Any, where: str) -> Descriptor:
@@ -58,7 +60,23 @@ class Descriptor:
             raise BadResponse(f"{where}: descriptor {digest} has invalid urls")
         if platform is not None and not isinstance(platform, dict):
             raise BadResponse(f"{where}: descriptor {digest} has an invalid platform")
-        return cls(media_type, digest, size, dict(annotations), tuple(urls), platform)
+        artifact_type = obj.get("artifactType") or ""
+        if not isinstance(artifact_type, str):
+            raise BadResponse(f"{where}: descriptor {digest} has an invalid artifactType")
+        return cls(media_type, digest, size, dict(annotations), tuple(urls), platform, artifact_type)
+
+    def to_json(self) -> dict[str, Any]:
+        """The descriptor as OCI JSON; empty optional fields are left out."""
+        out: dict[str, Any] = {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
+        if self.artifact_type:
+            out["artifactType"] = self.artifact_type
+        if self.annotations:
+            out["annotations"] = dict(self.annotations)
+        if self.urls:
+            out["urls"] = list(self.urls)
+        if self.platform is not None:
+            out["platform"] = dict(self.platform)
+        return out
 
 
 @dataclass(frozen=True)

@@ -109,6 +109,13 @@ def _split_domain(name: str, text: str) -> tuple[str, str]:
     return domain, path
 
 
+def validate_tag(tag: str) -> str:
+    """`tag` unchanged if it is a valid tag; else `InvalidReference`."""
+    if not isinstance(tag, str) or not _TAG.match(tag):
+        raise InvalidReference(f"invalid tag {tag!r}")
+    return tag
+
+
 def repository(ref: Reference | str) -> Reference:
     """`ref` as a Reference (parsing a string); used where only the repository matters."""
     return ref if isinstance(ref, Reference) else parse(ref)

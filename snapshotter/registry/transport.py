@@ -59,7 +59,7 @@ class Request:
     endpoint: Endpoint
     what: str
     scope: str | None = None
-    """Auth scope (`repository:<path>:pull`); None sends no credentials."""
+    """Auth scope (`repository:<path>:pull`; several separated by spaces); None sends no credentials."""
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes | None = None
     follow_redirects: bool = True
