@@ -9,8 +9,11 @@ time:
         proxy.flip = {"blobs"}                  # one byte of every blob body is flipped
         proxy.redirect_blobs = True             # blob GET/HEAD answer 307 to /_redirected/<gen>/...
         proxy.require_bearer(users={"u": "p"})  # token auth with its own /token endpoint
+        proxy.serve_referrers()                 # a referrers API (distribution 2.8 has none)
 
 Bodies are streamed through in chunks, so large blobs cost the proxy no memory.
+`Location` headers naming the registry are rewritten to name the proxy, so upload
+sessions (`POST .../blobs/uploads/` then `PUT <Location>`) stay behind it.
 It counts requests and body bytes per path (query string dropped), and keeps a
 log of every request it answered, for tests to assert on.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import http.client
 import json
 import secrets
@@ -58,6 +62,7 @@ class _Failure:
     times: int
     match: str
     retry_after: str | None
+    method: str | None = None
 
 
 @dataclass
@@ -70,6 +75,8 @@ class _Auth:
     refresh_tokens: set[str] = field(default_factory=set)
     tokens: dict[str, float] = field(default_factory=dict)   # token -> expiry (monotonic)
     issued: int = 0
+    scoped: bool = False
+    grants: dict[str, set[tuple[str, str]]] = field(default_factory=dict)  # token -> {(repo, action)}
 
 
 class FaultProxy:
@@ -97,6 +104,8 @@ class FaultProxy:
         """Shift the range in the Content-Range header of single-part 206 answers by one byte."""
         self.short_body = False
         """Send one byte less of each blob body, with a Content-Length that agrees."""
+        self.referrers: dict[str, list[dict[str, object]]] | None = None
+        """Subject digest -> referrers list, when the proxy serves the referrers API (`serve_referrers`)."""
         self.requests: Counter[str] = Counter()
         """"METHOD path" -> number of requests."""
         self.bytes_sent: Counter[str] = Counter()
@@ -155,10 +164,11 @@ class FaultProxy:
 
     # ------------------------------------------------------------------ faults
 
-    def fail(self, status: int, times: int, match: str = "/v2/", retry_after: str | None = None) -> None:
-        """Answer `status` to the next `times` requests whose path contains `match`."""
+    def fail(self, status: int, times: int, match: str = "/v2/", retry_after: str | None = None,
+             method: str | None = None) -> None:
+        """Answer `status` to the next `times` requests whose path contains `match` (and of `method`, if given)."""
         with self._lock:
-            self._failures.append(_Failure(status, times, match, retry_after))
+            self._failures.append(_Failure(status, times, match, retry_after, method))
 
     def drop(self, times: int, match: str = "/blobs/") -> None:
         """Close the connection halfway through the body of the next `times` matching answers."""
@@ -172,13 +182,28 @@ class FaultProxy:
 
     def require_bearer(self, users: dict[str, str] | None = None, anonymous: bool = True,
                        expires_in: int | None = 300, token_field: str = "token",
-                       refresh_tokens: set[str] | None = None) -> None:
+                       refresh_tokens: set[str] | None = None, scoped: bool = False) -> None:
         """Registry requests need a token from this proxy's /token endpoint (`realm`).
 
         GET /token takes basic `users` (or nobody, if `anonymous`); POST /token takes an
-        OAuth2 form with grant_type=refresh_token and one of `refresh_tokens`.
+        OAuth2 form with grant_type=refresh_token and one of `refresh_tokens`. With
+        `scoped`, a token is good only for the `repository:<name>:<actions>` scopes it
+        was asked for: GET and HEAD need `pull`, other methods `push`, and a token
+        without them gets a challenge naming the scope needed, as distribution does.
         """
-        self._auth = _Auth("bearer", dict(users or {}), anonymous, expires_in, token_field, set(refresh_tokens or ()))
+        self._auth = _Auth("bearer", dict(users or {}), anonymous, expires_in, token_field, set(refresh_tokens or ()),
+                           scoped=scoped)
+
+    def serve_referrers(self, lists: dict[str, list[dict[str, object]]] | None = None) -> None:
+        """Answer the referrers API instead of passing it to the registry (which has none).
+
+        `GET /v2/<name>/referrers/<digest>` returns an OCI index of `lists[digest]`
+        (empty for an unknown digest), filtered by `?artifactType=` with
+        `OCI-Filters-Applied`. A manifest pushed with a `subject` is added to the
+        list of its subject and answered with `OCI-Subject`, as the spec asks.
+        """
+        with self._lock:
+            self.referrers = {k: list(v) for k, v in (lists or {}).items()}
 
     def require_basic(self, users: dict[str, str]) -> None:
         """Registry requests need HTTP basic credentials."""
@@ -206,7 +231,7 @@ class FaultProxy:
             return [h for h in self.log if contains in h.path]
 
     def reset_counts(self) -> None:
-        with self._lock:
+        with self._settled():
             self.requests.clear()
             self.bytes_sent.clear()
             self.log.clear()
@@ -227,10 +252,10 @@ class FaultProxy:
         with self._lock:
             self._in_flight += 1
 
-    def _take(self, queue: list[_Failure], path: str) -> _Failure | None:
+    def _take(self, queue: list[_Failure], path: str, method: str = "") -> _Failure | None:
         with self._lock:
             for f in queue:
-                if f.times > 0 and f.match in path:
+                if f.times > 0 and f.match in path and f.method in (None, method):
                     f.times -= 1
                     return f
         return None
@@ -307,7 +332,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             if p.delay and p.delay_match in path and p._stopping.wait(p.delay):
                 return
-            failure = p._take(p._failures, path)
+            failure = p._take(p._failures, path, self.command)
             if failure is not None:
                 headers = {"Retry-After": failure.retry_after} if failure.retry_after else {}
                 status, sent = self._send_simple(failure.status, b'{"errors":[{"code":"INJECTED"}]}', headers)
@@ -327,7 +352,12 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             if range_header and "," in range_header and p.first_range_only:
                 range_header = range_header.split(",", 1)[0]
-            status, sent = self._forward(path, query, request_body, None if p.ignore_ranges else range_header)
+            if p.referrers is not None and "/referrers/" in path and self.command in ("GET", "HEAD"):
+                status, sent = self._referrers(path, query)
+                return
+            subject = self._subject(path, request_body) if p.referrers is not None else None
+            status, sent = self._forward(path, query, request_body, None if p.ignore_ranges else range_header,
+                                         subject)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         finally:
@@ -352,7 +382,14 @@ class _Handler(BaseHTTPRequestHandler):
             return False
         with self.proxy._lock:
             expiry = auth.tokens.get(value[7:])
-        return expiry is not None and expiry > time.monotonic()
+            grants = auth.grants.get(value[7:], set())
+        if expiry is None or expiry <= time.monotonic():
+            return False
+        repo = _repository(path)
+        return not (auth.scoped and repo) or (repo, self._action()) in grants
+
+    def _action(self) -> str:
+        return "pull" if self.command in ("GET", "HEAD") else "push"
 
     def _challenge(self, path: str) -> tuple[int, int]:
         auth = self.proxy._auth
@@ -363,7 +400,8 @@ class _Handler(BaseHTTPRequestHandler):
             header = f'Bearer realm="{self.proxy.url}/token",service="faultproxy"'
             repo = _repository(path)
             if repo:
-                header += f',scope="repository:{repo}:pull"'
+                actions = "pull" if not auth.scoped or self._action() == "pull" else "pull,push"
+                header += f',scope="repository:{repo}:{actions}"'
         body = b'{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}'
         return self._send_simple(401, body, {"WWW-Authenticate": header, "Content-Type": "application/json"})
 
@@ -385,13 +423,64 @@ class _Handler(BaseHTTPRequestHandler):
         params = parse_qs(query)
         token = secrets.token_hex(16)
         lifetime = auth.expires_in if auth.expires_in is not None else 60
+        grants = set()
+        for scope in params.get("scope", []):
+            kind, _, rest = scope.partition(":")
+            name, _, actions = rest.rpartition(":")
+            if kind == "repository" and name:
+                grants |= {(name, a) for a in actions.split(",") if a in ("pull", "push")}
         with self.proxy._lock:
             auth.tokens[token] = time.monotonic() + lifetime
+            auth.grants[token] = grants
             auth.issued += 1
         doc: dict[str, object] = {auth.token_field: token, "scope": params.get("scope", [])}
         if auth.expires_in is not None:
             doc["expires_in"] = auth.expires_in
         return self._send_simple(200, json.dumps(doc).encode(), {"Content-Type": "application/json"})
+
+    # ------------------------------------------------------------------ referrers API
+
+    def _referrers(self, path: str, query: str) -> tuple[int, int]:
+        p = self.proxy
+        subject = path.rsplit("/referrers/", 1)[1]
+        wanted = parse_qs(query).get("artifactType")
+        with p._lock:
+            listed = list((p.referrers or {}).get(subject, []))
+        headers = {"Content-Type": "application/vnd.oci.image.index.v1+json"}
+        if wanted:
+            listed = [d for d in listed if d.get("artifactType") == wanted[0]]
+            headers["OCI-Filters-Applied"] = "artifactType"
+        body = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                           "manifests": listed}).encode()
+        return self._send_simple(200, body, headers)
+
+    def _subject(self, path: str, body: bytes | None) -> dict[str, object] | None:
+        """The `subject` of a manifest being pushed, if it has one."""
+        if self.command != "PUT" or "/manifests/" not in path or not body:
+            return None
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            return None
+        subject = doc.get("subject") if isinstance(doc, dict) else None
+        return subject if isinstance(subject, dict) and isinstance(subject.get("digest"), str) else None
+
+    def _add_referrer(self, subject: dict[str, object], body: bytes) -> None:
+        doc = json.loads(body)
+        config = doc.get("config") if isinstance(doc.get("config"), dict) else {}
+        entry: dict[str, object] = {
+            "mediaType": doc.get("mediaType") or self.headers.get("Content-Type", ""),
+            "digest": "sha256:" + hashlib.sha256(body).hexdigest(), "size": len(body),
+            "artifactType": doc.get("artifactType") or config.get("mediaType", ""),
+        }
+        if doc.get("annotations"):
+            entry["annotations"] = doc["annotations"]
+        p = self.proxy
+        with p._lock:
+            assert p.referrers is not None
+            listed = p.referrers.setdefault(str(subject["digest"]), [])
+            if all(d["digest"] != entry["digest"] for d in listed):
+                listed.append(entry)
 
     # ------------------------------------------------------------------ responses
 
@@ -405,7 +494,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
         return status, len(body) if self.command != "HEAD" else 0
 
-    def _forward(self, path: str, query: str, body: bytes | None, range_header: str | None) -> tuple[int, int]:
+    def _forward(self, path: str, query: str, body: bytes | None, range_header: str | None,
+                 subject: dict[str, object] | None = None) -> tuple[int, int]:
         p = self.proxy
         conn = http.client.HTTPConnection(p.upstream, timeout=60)
         try:
@@ -415,7 +505,13 @@ class _Handler(BaseHTTPRequestHandler):
                 headers["Range"] = range_header
             conn.request(self.command, path + (f"?{query}" if query else ""), body=body, headers=headers)
             upstream = conn.getresponse()
-            out_headers = [(k, v) for k, v in upstream.getheaders() if k.lower() not in _HOP_BY_HOP]
+            upstream_origin = f"http://{p.upstream}"
+            out_headers = [(k, p.url + v[len(upstream_origin):] if k.lower() == "location"
+                            and v.startswith(upstream_origin + "/") else v)
+                           for k, v in upstream.getheaders() if k.lower() not in _HOP_BY_HOP]
+            if subject is not None and upstream.status == 201:
+                self._add_referrer(subject, body or b"")
+                out_headers.append(("OCI-Subject", str(subject["digest"])))
             length_text = upstream.getheader("Content-Length")
             if self.command == "HEAD":
                 return self._relay_head(upstream.status, out_headers)
@@ -492,7 +588,7 @@ def _shift_range(value: str) -> str:
 
 def _repository(path: str) -> str:
     rest = path[len("/v2/"):]
-    for marker in ("/blobs/", "/manifests/", "/tags/"):
+    for marker in ("/blobs/", "/manifests/", "/tags/", "/referrers/"):
         if marker in rest:
             return rest.split(marker, 1)[0]
     return ""
