@@ -9,22 +9,33 @@ which servers refuse multi-range requests (they get single ranges from then on).
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import NoReturn, TypeVar
+from urllib.parse import urlencode, urljoin
 
 import httpx
 import trio
 
 from . import digest as digests
 from . import ranges as byteranges
+from . import referrers as refs
 from .auth import Keychain
-from .errors import BadResponse, NotFoundError, RegistryError, RegistryUnavailable, Unauthorized
+from .errors import (
+    BadResponse,
+    InvalidReference,
+    NotFoundError,
+    PushRejected,
+    RegistryError,
+    RegistryUnavailable,
+    Unauthorized,
+)
 from .hosts import Capability, Endpoint, HostsConfig, for_capability
-from .manifest import ACCEPT, INDEX_TYPES, Manifest, choose, decode
+from .manifest import ACCEPT, INDEX_TYPES, OCI_INDEX, Descriptor, Manifest, choose, decode
 from .options import RegistryOptions
-from .reference import Reference, parse, repository
+from .reference import Reference, parse, repository, validate_tag
 from .transport import Request, Transport, content_length, error_detail, origin, read_body
 
 log = logging.getLogger(__name__)
@@ -35,6 +46,10 @@ _STALE_REDIRECT = frozenset({400, 401, 403, 404, 410})
 """Answers from a remembered redirect target that mean "ask the registry for a fresh URL"."""
 MULTIPART_OVERHEAD = 1024
 """Bytes of boundary and headers we allow per part of a multipart/byteranges answer."""
+MAX_REFERRER_PAGES = 64
+"""Pages of a referrers API answer (`Link: <...>; rel="next"`) we follow before calling it a loop."""
+CANCEL_UPLOAD_TIMEOUT = 5.0
+"""Seconds we give the courtesy DELETE of a failed upload session."""
 
 
 @dataclass
@@ -69,6 +84,9 @@ class RegistryClient:
         self.transport = Transport(self.options, keychain or Keychain(self.options.docker_config))
         self.single_range_only: dict[str, str] = {}
         """Origins that refused a multi-range request, with why; they get single ranges only."""
+        self.referrers_api: dict[str, bool] = {}
+        """Endpoints (origin + API path) known to serve the referrers API (True) or not to (False)."""
+        self._tag_locks: dict[tuple[str, str, str], trio.Lock] = {}
 
     async def aclose(self) -> None:
         await self.transport.aclose()
@@ -108,8 +126,15 @@ class RegistryClient:
 
     async def _manifest(self, ep: Endpoint, ref: Reference, obj: str,
                         expected: str | None) -> tuple[Manifest, Endpoint]:
-        what = f"manifest {ref.name}{'@' if ':' in obj else ':'}{obj}"
-        req = Request("GET", ep.url(ref.path, "manifests", obj), ep, what, _scope(ref), {"Accept": ACCEPT})
+        raw, content_type, digest = await self._get_manifest(ep, ref, obj, expected, ACCEPT, _scope(ref))
+        media_type, parsed = decode(raw, content_type, f"{_manifest_what(ref, obj)} from {ep}")
+        return Manifest(ref, digest, media_type, raw, parsed), ep
+
+    async def _get_manifest(self, ep: Endpoint, ref: Reference, obj: str, expected: str | None, accept: str,
+                            scope: str) -> tuple[bytes, str, str]:
+        """(raw, Content-Type, digest) of manifest `obj`, verified against `expected` or the announced digest."""
+        what = _manifest_what(ref, obj)
+        req = Request("GET", ep.url(ref.path, "manifests", obj), ep, what, scope, {"Accept": accept})
 
         async def consume(response: httpx.Response) -> tuple[bytes, str, str | None]:
             if response.status_code != 200:
@@ -125,8 +150,30 @@ class RegistryClient:
         except RegistryError:
             raise BadResponse(f"{where}: invalid Docker-Content-Digest {digest!r}") from None
         digests.verify(raw, digest, where)
-        media_type, parsed = decode(raw, content_type, where)
-        return Manifest(ref, digest, media_type, raw, parsed), ep
+        return raw, content_type, digest
+
+    async def fetch_manifest(self, repo_ref: Reference | str, digest_or_tag: str,
+                             accept: str = ACCEPT) -> tuple[str, bytes, str]:
+        """(media type, raw bytes, digest) of a manifest, index or artifact manifest, exactly as stored.
+
+        Unlike `resolve`, nothing is chosen or decoded: an image index comes back
+        as the index, a SOCI index manifest as itself. By digest the bytes are
+        verified against it; by tag against the `Docker-Content-Digest` the
+        registry announces (endpoints trusted to resolve only). The media type is
+        the body's `mediaType`, else the Content-Type.
+        """
+        ref = repository(repo_ref)
+        by_digest = ":" in digest_or_tag
+        if by_digest:
+            digests.validate(digest_or_tag)
+        else:
+            validate_tag(digest_or_tag)
+        needed = (Capability.PULL,) if by_digest else (Capability.PULL, Capability.RESOLVE)
+        expected = digest_or_tag if by_digest else None
+        raw, content_type, digest = await self._each(
+            self.endpoints(ref, *needed), _manifest_what(ref, digest_or_tag),
+            lambda ep: self._get_manifest(ep, ref, digest_or_tag, expected, accept, _scope(ref)))
+        return _media_type(raw, content_type), raw, digest
 
     # ------------------------------------------------------------------ small blobs
 
@@ -401,6 +448,313 @@ class RegistryClient:
             raise BadResponse(f"{where}: server ignored Range when resuming at byte {offset}")
         await _fail(response, req.what)
 
+    # ------------------------------------------------------------------ referrers
+
+    async def referrers(self, repo_ref: Reference | str, subject_digest: str,
+                        artifact_type: str | None = None) -> list[Descriptor]:
+        """The manifests in `repo_ref`'s repository whose `subject` is `subject_digest`, of `artifact_type`.
+
+        Asks the referrers API; a registry without it (HTTP 404, remembered per
+        endpoint) is read through the referrers tag `sha256-<hex>` instead, and a
+        missing or unusable tag means no referrers. Only endpoints trusted to
+        resolve are asked: the list decides which index describes an image.
+        """
+        ref = repository(repo_ref)
+        digests.validate(subject_digest)
+        return await self._each(self.endpoints(ref, Capability.PULL, Capability.RESOLVE),
+                                f"referrers of {subject_digest} in {ref.name}",
+                                lambda ep: self._referrers(ep, ref, subject_digest, artifact_type))
+
+    async def _referrers(self, ep: Endpoint, ref: Reference, subject: str,
+                         artifact_type: str | None) -> list[Descriptor]:
+        listed = None
+        if self.referrers_api.get(_endpoint_key(ep)) is not False:
+            listed = await self._referrers_from_api(ep, ref, subject, artifact_type)
+        if listed is None:
+            listed = await self._referrers_from_tag(ep, ref, subject)
+        return refs.matching(listed, artifact_type)
+
+    async def _referrers_from_api(self, ep: Endpoint, ref: Reference, subject: str,
+                                  artifact_type: str | None) -> list[Descriptor] | None:
+        """The referrers API's list (every page of it), or None when the endpoint has no referrers API."""
+        what = f"referrers of {subject} in {ref.name}"
+        url = ep.url(ref.path, "referrers", subject)
+        if artifact_type is not None:
+            url += ("&" if "?" in url else "?") + urlencode({"artifactType": artifact_type})
+        key = _endpoint_key(ep)
+        listed: list[Descriptor] = []
+        for page in range(MAX_REFERRER_PAGES):
+            req = Request("GET", url, ep, what, _scope(ref), {"Accept": OCI_INDEX})
+
+            async def consume(response: httpx.Response) -> tuple[list[Descriptor], str | None] | None:
+                status = response.status_code
+                if status == 404:
+                    detail = await error_detail(response)
+                    if "NAME_UNKNOWN" not in detail:
+                        self._no_referrers_api(key, f"answers the referrers API with HTTP 404{detail}")
+                    return None
+                if status != 200:
+                    await _fail(response, what)
+                content_type = response.headers.get("content-type", "").partition(";")[0].strip()
+                where = f"{what} from {response.url}"
+                body = await read_body(response, self.options.max_manifest_size, where)
+                try:
+                    _, entries = refs.parse_list(body, content_type, where)
+                except BadResponse:
+                    if content_type in (OCI_INDEX, "application/json"):
+                        raise
+                    self._no_referrers_api(key, f"answers the referrers API with {content_type or 'no'} content")
+                    return None
+                following = response.links.get("next", {}).get("url")
+                return entries, urljoin(str(response.url), following) if following else None
+
+            answer = await self.transport.call(req, consume)
+            if answer is None:
+                if page:
+                    raise BadResponse(f"{what}: page {page + 1} of the referrers list is gone from {url}")
+                return None
+            if key not in self.referrers_api:
+                log.debug("%s serves the referrers API", key)
+            self.referrers_api[key] = True
+            entries, next_url = answer
+            listed += entries
+            if next_url is None:
+                return listed
+            url = next_url
+        raise BadResponse(f"{what}: more than {MAX_REFERRER_PAGES} pages from {ep}")
+
+    def _no_referrers_api(self, key: str, why: str) -> None:
+        if self.referrers_api.get(key) is not False:
+            log.info("%s %s; using the referrers tag schema for it from now on", key, why)
+        self.referrers_api[key] = False
+
+    async def _referrers_from_tag(self, ep: Endpoint, ref: Reference, subject: str) -> list[Descriptor]:
+        tag = refs.referrers_tag(subject)
+        try:
+            raw, content_type, _ = await self._get_manifest(ep, ref, tag, None, ACCEPT, _scope(ref))
+        except NotFoundError:
+            return []
+        try:
+            return refs.parse_list(raw, content_type, f"referrers tag {ref.name}:{tag}")[1]
+        except BadResponse as e:
+            log.warning("%s from %s; taking it as no referrers", e, ep)
+            return []
+
+    async def supports_referrers_api(self, repo_ref: Reference | str) -> bool:
+        """Whether the registry `referrers` would ask serves the referrers API (asked once, then remembered).
+
+        A repository the registry does not know cannot tell; that answers False
+        and is not remembered.
+        """
+        ref = repository(repo_ref)
+        ep = self.endpoints(ref, Capability.PULL, Capability.RESOLVE)[0]
+        key = _endpoint_key(ep)
+        if key not in self.referrers_api:
+            await self._referrers_from_api(ep, ref, refs.EMPTY_JSON_DIGEST, None)
+        return self.referrers_api.get(key, False)
+
+    # ------------------------------------------------------------------ push
+
+    async def push_blob(self, repo_ref: Reference | str, data: bytes, media_type: str = "application/octet-stream",
+                        *, mount_from: Reference | str | None = None) -> Descriptor:
+        """Upload `data` (monolithic POST + PUT) unless `HEAD` finds it; its descriptor.
+
+        `mount_from` names another repository of the same registry that may hold
+        the blob: the registry is asked to mount it from there first, and uploads
+        it when it cannot. Pushes go to the first endpoint hosts.toml allows to push.
+        """
+        ref = repository(repo_ref)
+        digest = digests.of(data)
+        ep = self._pusher(ref)
+        what = f"blob {digest} of {ref.name}"
+        scope = _push_scope(ref)
+        source = repository(mount_from) if mount_from is not None else None
+        if source is not None and (source.domain != ref.domain or source.path == ref.path):
+            source = None
+        if source is not None:
+            scope += f" {_scope(source)}"
+        if await self._blob_exists(ep, ref, digest, len(data), scope):
+            log.debug("%s is already at %s; not uploading it", what, ep)
+        else:
+            await self._upload(ep, ref, data, digest, scope, source)
+        return Descriptor(media_type, digest, len(data))
+
+    async def _blob_exists(self, ep: Endpoint, ref: Reference, digest: str, size: int, scope: str) -> bool:
+        what = f"blob {digest} of {ref.name}"
+        req = Request("HEAD", ep.url(ref.path, "blobs", digest), ep, what, scope)
+
+        async def consume(response: httpx.Response) -> bool:
+            status = response.status_code
+            if status == 200:
+                _check_digest_header(response, digest, what)
+                length = content_length(response)
+                if length is not None and length != size:
+                    raise BadResponse(f"{what} at {response.url}: registry has {length} bytes, we have {size}")
+                return True
+            if status in (401, 403):
+                await _fail(response, what)
+            return False
+
+        return await self.transport.call(req, consume)
+
+    async def _upload(self, ep: Endpoint, ref: Reference, data: bytes, digest: str, scope: str,
+                      source: Reference | None) -> None:
+        what = f"upload of blob {digest} to {ref.name}"
+        for session in range(2):
+            location = await self._start_upload(ep, ref, digest, scope, source, what)
+            if location is None:
+                log.debug("%s: mounted from %s", what, source.name if source else "?")
+                return
+            try:
+                await self._finish_upload(ep, location, data, digest, scope, what)
+                return
+            except _UploadLost as e:
+                if await self._blob_exists(ep, ref, digest, len(data), scope):
+                    return
+                if session:
+                    raise RegistryUnavailable(f"{what}: the registry lost the upload session twice ({e})") from None
+                log.info("%s: upload session lost (%s); starting a new one", what, e)
+            except RegistryError:
+                await self._cancel_upload(ep, location, scope, what)
+                raise
+
+    async def _start_upload(self, ep: Endpoint, ref: Reference, digest: str, scope: str, source: Reference | None,
+                            what: str) -> str | None:
+        """The upload URL of a new session, or None when the blob was mounted from `source`."""
+        url = ep.url(ref.path, "blobs", "uploads/")
+        if source is not None:
+            url += ("&" if "?" in url else "?") + urlencode({"mount": digest, "from": source.path})
+        req = Request("POST", url, ep, what, scope, body=b"")
+
+        async def consume(response: httpx.Response) -> str | None:
+            status = response.status_code
+            if status == 201 and source is not None:
+                _check_digest_header(response, digest, what)
+                return None
+            if status != 202:
+                await _push_fail(response, what)
+            location = response.headers.get("location")
+            if not location:
+                raise BadResponse(f"{what}: {response.url} answered 202 without a Location")
+            return urljoin(str(response.url), location)
+
+        return await self.transport.call(req, consume)
+
+    async def _finish_upload(self, ep: Endpoint, location: str, data: bytes, digest: str, scope: str,
+                             what: str) -> None:
+        url = location + ("&" if "?" in location else "?") + urlencode({"digest": digest})
+        req = Request("PUT", url, ep, what, scope, {"Content-Type": "application/octet-stream"}, data)
+
+        async def consume(response: httpx.Response) -> None:
+            status = response.status_code
+            if status == 404:
+                raise _UploadLost(f"HTTP 404{await error_detail(response)}")
+            if status not in (201, 204):
+                await _push_fail(response, what)
+            _check_digest_header(response, digest, what)
+
+        await self.transport.call(req, consume)
+
+    async def _cancel_upload(self, ep: Endpoint, location: str, scope: str, what: str) -> None:
+        """Best effort, briefly: tell the registry it may drop the session."""
+        async def consume(response: httpx.Response) -> int:
+            return response.status_code
+
+        with trio.move_on_after(min(self.options.timeouts.request, CANCEL_UPLOAD_TIMEOUT)):
+            try:
+                await self.transport.call(Request("DELETE", location, ep, f"cancel {what}", scope), consume)
+            except RegistryError as e:
+                log.debug("%s: cancelling the upload failed: %s", what, e)
+
+    async def push_manifest(self, ref: Reference | str, raw: bytes, media_type: str) -> str:
+        """Push `raw` as `media_type` under `ref`'s tag, or by its digest; the manifest's digest.
+
+        A digest in `ref` must be that of `raw`. The registry's Docker-Content-Digest,
+        when sent, must match too.
+        """
+        digest, _ = await self._push_manifest(ref if isinstance(ref, Reference) else parse(ref), raw, media_type)
+        return digest
+
+    async def _push_manifest(self, ref: Reference, raw: bytes, media_type: str) -> tuple[str, str | None]:
+        """(digest, the `OCI-Subject` header the registry answered with)."""
+        digest = digests.of(raw, ref.digest.partition(":")[0] if ref.digest else "sha256")
+        if ref.digest is not None and ref.digest != digest:
+            raise ValueError(f"cannot push {ref}: the manifest's digest is {digest}")
+        obj = ref.tag or digest
+        ep = self._pusher(ref)
+        what = f"push of {_manifest_what(ref, obj)}"
+        req = Request("PUT", ep.url(ref.path, "manifests", obj), ep, what, _push_scope(ref),
+                      {"Content-Type": media_type}, raw)
+
+        async def consume(response: httpx.Response) -> str | None:
+            if not 200 <= response.status_code < 300:
+                await _push_fail(response, what)
+            announced = response.headers.get("docker-content-digest")
+            if announced:
+                try:
+                    digests.verify(raw, digests.validate(announced), f"{what} to {response.url}")
+                except InvalidReference:
+                    raise BadResponse(f"{what} to {response.url}: invalid Docker-Content-Digest "
+                                      f"{announced!r}") from None
+            return response.headers.get("oci-subject")
+
+        subject = await self.transport.call(req, consume)
+        if subject:
+            self.referrers_api[_endpoint_key(ep)] = True
+        return digest, subject
+
+    async def push_referrer(self, repo_ref: Reference | str, raw: bytes, media_type: str) -> Descriptor:
+        """Push a manifest with a `subject` (a SOCI index, a signature) by digest, and make it discoverable.
+
+        A registry that answers `OCI-Subject` lists it by itself; for any other,
+        the referrers tag of the subject is updated. Returns the descriptor the
+        referrers list holds for it.
+        """
+        ref = repository(repo_ref)
+        subject = refs.subject_of(raw)
+        if subject is None:
+            raise ValueError(f"cannot push a referrer to {ref.name}: the manifest has no subject")
+        digest, acknowledged = await self._push_manifest(Reference(ref.domain, ref.path), raw, media_type)
+        descriptor = refs.referrer_descriptor(raw, media_type, digest)
+        if acknowledged != subject.digest:
+            await self.update_referrers_tag(ref, subject.digest, descriptor)
+        return descriptor
+
+    async def update_referrers_tag(self, repo_ref: Reference | str, subject_digest: str, new: Descriptor) -> str:
+        """Add `new` to the referrers tag of `subject_digest` (read, append, push back); the tag's digest.
+
+        For registries without the referrers API. A missing tag starts an empty
+        OCI index; an entry with `new`'s digest already listed is left as it is,
+        and nothing is pushed. A tag holding anything but an OCI image index is
+        not overwritten (`BadResponse`). Calls in this process are serialised per
+        tag; other writers of the same tag can still race with us.
+        """
+        ref = repository(repo_ref)
+        digests.validate(subject_digest)
+        digests.validate(new.digest)
+        ep = self._pusher(ref)
+        tag = refs.referrers_tag(subject_digest)
+        lock = self._tag_locks.setdefault((_endpoint_key(ep), ref.path, tag), trio.Lock())
+        async with lock:
+            where = f"referrers tag {ref.name}:{tag}"
+            try:
+                raw, content_type, current = await self._get_manifest(ep, ref, tag, None, ACCEPT, _push_scope(ref))
+            except NotFoundError:
+                doc, listed, current = refs.empty_list(), list[Descriptor](), ""
+            else:
+                doc, listed = refs.parse_list(raw, content_type, f"{where} at {ep}")
+            body = refs.with_entry(doc, listed, new)
+            if body is None:
+                log.debug("%s already lists %s", where, new.digest)
+                return current
+            digest, _ = await self._push_manifest(Reference(ref.domain, ref.path, tag), body, OCI_INDEX)
+            log.debug("%s now lists %d referrer(s)", where, len(listed) + 1)
+            return digest
+
+    def _pusher(self, ref: Reference) -> Endpoint:
+        """Where pushes go: the first endpoint trusted to push (blobs, manifests and tags all to one place)."""
+        return self.endpoints(ref, Capability.PUSH)[0]
+
     # ------------------------------------------------------------------ endpoints
 
     async def _each(self, endpoints: list[Endpoint], what: str, attempt: Callable[[Endpoint], Awaitable[T]]) -> T:
@@ -424,8 +778,35 @@ class _StaleRedirect(Exception):
     """A remembered redirect target no longer serves the blob."""
 
 
+class _UploadLost(Exception):
+    """The registry no longer knows the upload session (HTTP 404 to the upload URL)."""
+
+
 def _scope(ref: Reference) -> str:
     return f"repository:{ref.path}:pull"
+
+
+def _push_scope(ref: Reference) -> str:
+    return f"repository:{ref.path}:pull,push"
+
+
+def _endpoint_key(ep: Endpoint) -> str:
+    return f"{ep.origin}{ep.path}"
+
+
+def _manifest_what(ref: Reference, obj: str) -> str:
+    return f"manifest {ref.name}{'@' if ':' in obj else ':'}{obj}"
+
+
+def _media_type(raw: bytes, content_type: str) -> str:
+    """The body's `mediaType` (covered by the digest), else the Content-Type without parameters."""
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict) and isinstance(doc.get("mediaType"), str) and doc["mediaType"]:
+        return str(doc["mediaType"])
+    return content_type.partition(";")[0].strip()
 
 
 def _check_bounds(blob: BlobLocation, wanted: Sequence[tuple[int, int]]) -> None:
@@ -438,6 +819,14 @@ def _check_digest_header(response: httpx.Response, digest: str, what: str) -> No
     announced = response.headers.get("docker-content-digest")
     if announced and announced != digest:
         raise BadResponse(f"{what} from {response.url}: server says it is {announced}")
+
+
+async def _push_fail(response: httpx.Response, what: str) -> NoReturn:
+    """Raise the error an unexpected answer to a push means: 4xx is a refusal, not worth repeating."""
+    status = response.status_code
+    if 400 <= status < 500 and status not in (401, 403, 404) or status in (501, 505):
+        raise PushRejected(f"{what}: {response.url} refused it (HTTP {status}{await error_detail(response)})")
+    await _fail(response, what)
 
 
 async def _fail(response: httpx.Response, what: str) -> NoReturn:
