@@ -18,11 +18,9 @@ from __future__ import annotations
 import base64
 import binascii
 import bisect
-import calendar
 import hashlib
 import io
 import json
-import posixpath
 import re
 import tarfile
 import zlib
@@ -32,6 +30,7 @@ from typing import Any
 from snapshotter.layers.tree import EntryType, LayerEntry
 
 from .errors import FormatError
+from .tar import ENTRY_TYPES, clean_path, parse_time
 
 FOOTER_SIZE = 51
 LEGACY_FOOTER_SIZE = 47
@@ -56,19 +55,6 @@ _SUBFIELD_LEN = 16 + len(_MAGIC)
 _HEX16 = re.compile(rb"[0-9a-fA-F]{16}")
 _DIGEST = re.compile(r"(sha256|sha384|sha512):([0-9a-f]+)")
 _DIGEST_HEX_LEN = {"sha256": 64, "sha384": 96, "sha512": 128}
-_RFC3339 = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?(?:([Zz])|([+-])(\d{2}):(\d{2}))"
-)
-
-_ENTRY_TYPES = {
-    "dir": EntryType.DIR,
-    "reg": EntryType.REG,
-    "symlink": EntryType.SYMLINK,
-    "hardlink": EntryType.HARDLINK,
-    "char": EntryType.CHAR,
-    "block": EntryType.BLOCK,
-    "fifo": EntryType.FIFO,
-}
 _CHUNK = "chunk"
 
 
@@ -276,7 +262,7 @@ def _tar_member(tar_bytes: bytes, name: str) -> tuple[bytes, tarfile.TarInfo]:
     try:
         with tarfile.open(fileobj=io.BytesIO(tar_bytes), mode="r:") as tar:
             for member in tar:
-                if _clean(member.name) == name and member.isreg():
+                if clean_path(member.name) == name and member.isreg():
                     extracted = tar.extractfile(member)
                     assert extracted is not None
                     data = extracted.read()
@@ -307,7 +293,7 @@ def _toc_entry(index: int, item: Any) -> TocEntry:
     if not isinstance(name, str):
         raise FormatError(f"{where}: name is not a string")
     etype = item.get("type")
-    if etype != _CHUNK and etype not in _ENTRY_TYPES:
+    if etype != _CHUNK and etype not in ENTRY_TYPES:
         raise FormatError(f"{where}: unknown type {etype!r}")
     if not name and etype != _CHUNK:
         raise FormatError(f"{where}: empty name")
@@ -332,7 +318,7 @@ def _toc_entry(index: int, item: Any) -> TocEntry:
         if item.get(key):
             _check_digest_syntax(item[key], f"{where}: {key}")
     if item.get("modtime"):
-        _modtime_ns(item["modtime"], where)
+        parse_time(item["modtime"], f"{where} modtime")
     values["xattrs"] = _xattrs(item.get("xattrs"), where)
     return TocEntry(**values)
 
@@ -363,22 +349,6 @@ def _check_digest_syntax(digest: str, where: str) -> tuple[str, str]:
 def _digest_matches(data: bytes, digest: str, where: str) -> bool:
     algorithm, hexdigest = _check_digest_syntax(digest, where)
     return hashlib.new(algorithm, data).hexdigest() == hexdigest
-
-
-def _modtime_ns(text: str, where: str) -> int:
-    """RFC 3339 to nanoseconds since the epoch, exactly (no float rounding)."""
-    m = _RFC3339.fullmatch(text)
-    if m is None:
-        raise FormatError(f"{where}: modtime {text!r} is not RFC 3339")
-    year, month, day, hour, minute, second = (int(m[i]) for i in range(1, 7))
-    if not (1 <= month <= 12 and 1 <= day <= 31 and hour <= 23 and minute <= 59 and second <= 60):
-        raise FormatError(f"{where}: modtime {text!r} is not a valid time")
-    seconds = calendar.timegm((year, month, day, hour, minute, second, 0, 0, 0))
-    if m[9]:
-        offset = (int(m[10]) * 60 + int(m[11])) * 60
-        seconds -= offset if m[9] == "+" else -offset
-    fraction = int((m[7] or "").ljust(9, "0"))
-    return seconds * 1_000_000_000 + fraction
 
 
 def verify_toc(toc: Toc, expected_digest: str | None, *, allow_unverified: bool) -> None:
@@ -412,7 +382,7 @@ def layer_entries(toc: Toc, toc_offset: int) -> list[LayerEntry]:
         if entry.type == _CHUNK:
             if current is None:
                 raise FormatError(f"{where}: chunk entry does not follow a non-empty regular file")
-            if entry.name and _clean(entry.name) != _clean(current.entry.name):
+            if entry.name and clean_path(entry.name) != clean_path(current.entry.name):
                 raise FormatError(f"{where}: chunk entry follows {current.entry.name!r}, a different file")
             current.add(entry, where, ends, toc_offset)
             continue
@@ -480,30 +450,25 @@ class _FileChunks:
 
 
 def _layer_entry(entry: TocEntry, where: str) -> LayerEntry:
-    etype = _ENTRY_TYPES[entry.type]
+    etype = ENTRY_TYPES[entry.type]
     link_name = entry.link_name
     if etype == EntryType.HARDLINK:
-        link_name = _clean(link_name)
+        link_name = clean_path(link_name)
         if not link_name:
             raise FormatError(f"{where}: hardlink without a target")
     return LayerEntry(
-        path=_clean(entry.name),
+        path=clean_path(entry.name),
         type=etype,
         mode=entry.mode & 0o7777,
         uid=entry.uid,
         gid=entry.gid,
         size=entry.size if etype == EntryType.REG else 0,
-        mtime_ns=_modtime_ns(entry.modtime, where) if entry.modtime else 0,
+        mtime_ns=parse_time(entry.modtime, f"{where} modtime"),
         link_name=link_name,
         dev_major=entry.dev_major,
         dev_minor=entry.dev_minor,
         xattrs=dict(entry.xattrs),
     )
-
-
-def _clean(name: str) -> str:
-    """A tar member name as a path relative to the layer root: `./a/b/` -> `a/b`, `./` -> ``."""
-    return posixpath.normpath("/" + name).lstrip("/")
 
 
 # --------------------------------------------------------------------------- chunks
@@ -559,11 +524,11 @@ def _inflate_to_member_end(inflater: zlib._Decompress, pending: bytes) -> None:
 def prefetch_end(toc: Toc) -> int | None:
     """Blob bytes [0, this) hold the files the image's optimiser marked for prefetch, if it marked any."""
     for entry in toc.entries:
-        if entry.type == "reg" and _clean(entry.name) == PREFETCH_LANDMARK:
+        if entry.type == "reg" and clean_path(entry.name) == PREFETCH_LANDMARK:
             return entry.offset
     return None
 
 
 def has_no_prefetch_landmark(toc: Toc) -> bool:
     """Whether the image says "prefetch nothing" (`ctr-remote convert` without a record)."""
-    return any(entry.type == "reg" and _clean(entry.name) == NO_PREFETCH_LANDMARK for entry in toc.entries)
+    return any(entry.type == "reg" and clean_path(entry.name) == NO_PREFETCH_LANDMARK for entry in toc.entries)

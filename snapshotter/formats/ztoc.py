@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import enum
 import hashlib
-import posixpath
 import re
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import flatbuffers  # type: ignore[import-untyped]
@@ -35,6 +33,7 @@ from snapshotter.layers.tree import EntryType, LayerEntry
 
 from . import gzip_index
 from .errors import FormatError
+from .tar import ENTRY_TYPES, clean_path, format_time, parse_time
 from .gzip_index import (
     DEFAULT_SPAN_SIZE,
     CheckpointTable,
@@ -58,20 +57,6 @@ _BLOCK = 512
 _MAX_SPECIAL_FILE = 1 << 20  # what Go's archive/tar allows for PAX and GNU long-name data
 _MAX_INT64 = (1 << 63) - 1
 _SHA256 = re.compile(r"sha256:[0-9a-f]{64}")
-_RFC3339 = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?(?:([Zz])|([+-])(\d{2}):(\d{2}))"
-)
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-_ENTRY_TYPES = {
-    "dir": EntryType.DIR,
-    "reg": EntryType.REG,
-    "symlink": EntryType.SYMLINK,
-    "hardlink": EntryType.HARDLINK,
-    "char": EntryType.CHAR,
-    "block": EntryType.BLOCK,
-    "fifo": EntryType.FIFO,
-}
 
 
 class CompressionAlgorithm(enum.IntEnum):
@@ -161,41 +146,6 @@ def _text(raw: bytes) -> str:
 
 def _raw(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")
-
-
-def format_mod_time(total_ns: int) -> str:
-    """Go's `time.MarshalText` of a UTC time (RFC 3339, trailing zeros of the fraction cut).
-
-    Go gives up outside years 0-9999 and SOCI then stores an empty string; so do we.
-    """
-    seconds, nanos = divmod(total_ns, 1_000_000_000)
-    try:
-        t = _EPOCH + timedelta(seconds=seconds)
-    except OverflowError:
-        return ""
-    text = f"{t.year:04d}-{t.month:02d}-{t.day:02d}T{t.hour:02d}:{t.minute:02d}:{t.second:02d}"
-    if nanos:
-        text += "." + f"{nanos:09d}".rstrip("0")
-    return text + "Z"
-
-
-def parse_mod_time(text: str, where: str = "mod_time") -> int:
-    """RFC 3339 to nanoseconds since the epoch, exactly; an empty string is the epoch."""
-    if not text:
-        return 0
-    m = _RFC3339.fullmatch(text)
-    if m is None:
-        raise FormatError(f"{where}: {text!r} is not an RFC 3339 time")
-    year, month, day, hour, minute, second = (int(m[i]) for i in range(1, 7))
-    try:
-        t = datetime(year, month, day, hour, minute, min(second, 59), tzinfo=UTC)
-    except ValueError:
-        raise FormatError(f"{where}: {text!r} is not a valid time") from None
-    seconds = (t - _EPOCH) // timedelta(seconds=1) + (second - min(second, 59))
-    if m[9]:
-        offset = (int(m[10]) * 60 + int(m[11])) * 60
-        seconds -= offset if m[9] == "+" else -offset
-    return seconds * 1_000_000_000 + int((m[7] or "").ljust(9, "0"))
 
 
 # --------------------------------------------------------------------------- flatbuffers: read
@@ -392,7 +342,7 @@ def _validate_entries(z: Ztoc) -> None:
     for i in order:
         e = z.entries[i]
         where = f"zTOC entry {i} ({e.name!r})"
-        if e.type not in _ENTRY_TYPES:
+        if e.type not in ENTRY_TYPES:
             raise FormatError(f"{where}: unknown type {e.type!r}")
         if e.uncompressed_offset < 0 or e.uncompressed_size < 0:
             raise FormatError(f"{where}: negative offset or size")
@@ -514,24 +464,24 @@ def layer_entries(z: Ztoc) -> list[LayerEntry]:
     times: dict[str, int] = {}
     for i, e in sorted(enumerate(z.entries), key=lambda ie: ie[1].uncompressed_offset):
         where = f"zTOC entry {i} ({e.name!r})"
-        etype = _ENTRY_TYPES.get(e.type)
+        etype = ENTRY_TYPES.get(e.type)
         if etype is None:
             raise FormatError(f"{where}: unknown type {e.type!r}")
         link_name = e.linkname
         if etype == EntryType.HARDLINK:
-            link_name = _clean(link_name)
+            link_name = clean_path(link_name)
             if not link_name:
                 raise FormatError(f"{where}: hardlink without a target")
         is_reg = etype == EntryType.REG
         out.append(LayerEntry(
-            path=_clean(e.name),
+            path=clean_path(e.name),
             type=etype,
             mode=e.mode & 0o7777,
             uid=e.uid,
             gid=e.gid,
             size=e.uncompressed_size if is_reg else 0,
             mtime_ns=times[e.mod_time] if e.mod_time in times else times.setdefault(
-                e.mod_time, parse_mod_time(e.mod_time, where)),
+                e.mod_time, parse_time(e.mod_time, where)),
             link_name=link_name,
             dev_major=e.devmajor,
             dev_minor=e.devminor,
@@ -539,11 +489,6 @@ def layer_entries(z: Ztoc) -> list[LayerEntry]:
             content=FileExtent(e.uncompressed_offset, e.uncompressed_size) if is_reg else None,
         ))
     return out
-
-
-def _clean(name: str) -> str:
-    """A tar member name as a path relative to the layer root: `./a/b/` -> `a/b`, `./` -> ``."""
-    return posixpath.normpath("/" + name).lstrip("/")
 
 
 # --------------------------------------------------------------------------- spans
@@ -779,7 +724,7 @@ class TarScanner:
         self.entries.append(FileMetadata(
             name=_text(name), type=etype, uncompressed_offset=self.pos, uncompressed_size=size,
             linkname=_text(linkname), mode=h["mode"], uid=h["uid"] & 0xFFFFFFFF, gid=h["gid"] & 0xFFFFFFFF,
-            uname=_text(h["uname"]), gname=_text(h["gname"]), mod_time=format_mod_time(h["mtime_ns"]),
+            uname=_text(h["uname"]), gname=_text(h["gname"]), mod_time=format_time(h["mtime_ns"]),
             devmajor=h["devmajor"], devminor=h["devminor"],
             xattrs={_text(k): v for k, v in records.items()} if records else {},
         ))
@@ -941,7 +886,7 @@ def build_ztoc(chunks: Iterable[bytes | bytearray | memoryview], span_size: int 
 __all__ = [
     "DEFAULT_BUILD_TOOL", "DEFAULT_SPAN_SIZE", "TAR_ZINFO_VERSION", "XATTR_PAX_PREFIX", "ZTOC_VERSION",
     "CompressionAlgorithm", "CompressionInfo", "FileExtent", "FileMetadata", "SpanIndex", "TarScanner",
-    "TarSpanIndex", "TarZinfo", "Ztoc", "ZtocBuilder", "build_ztoc", "extract_file", "format_mod_time",
-    "layer_entries", "parse_mod_time", "parse_tar_zinfo", "parse_ztoc", "serialize_tar_zinfo",
+    "TarSpanIndex", "TarZinfo", "Ztoc", "ZtocBuilder", "build_ztoc", "extract_file",
+    "layer_entries", "parse_tar_zinfo", "parse_ztoc", "serialize_tar_zinfo",
     "serialize_ztoc", "span_index", "spans_for", "validate_ztoc", "ztoc_digest",
 ]

@@ -25,6 +25,7 @@ import pytest
 
 from snapshotter.formats import gzip_index as gi
 from snapshotter.formats import ztoc as Z
+from snapshotter.formats.tar import format_time, parse_time
 from snapshotter.formats.errors import FormatError
 from snapshotter.formats.ztoc_fbs.ztoc import CompressionInfo as fb_compression_info
 from snapshotter.formats.ztoc_fbs.ztoc import Ztoc as fb_ztoc
@@ -350,7 +351,7 @@ def test_tar_scanner_agrees_with_tarfile(fmt: int) -> None:
         assert e.uncompressed_size == m.size
         assert (e.mode, e.uid, e.gid, e.uname, e.gname) == (m.mode, m.uid, m.gid, m.uname, m.gname)
         assert (e.linkname, e.devmajor, e.devminor) == (m.linkname, m.devmajor, m.devminor)
-        assert abs(Z.parse_mod_time(e.mod_time) - m.mtime * 1_000_000_000) < 1000
+        assert abs(parse_time(e.mod_time, "t") - m.mtime * 1_000_000_000) < 1000
         assert {k: v.decode("utf-8", "surrogateescape") for k, v in e.xattrs.items()} == m.pax_headers
         assert e.type == {tarfile.REGTYPE: "reg", tarfile.DIRTYPE: "dir", tarfile.SYMTYPE: "symlink",
                           tarfile.LNKTYPE: "hardlink", tarfile.CHRTYPE: "char", tarfile.BLKTYPE: "block",
@@ -484,17 +485,17 @@ def test_build_ztoc_checks_the_blob_size(corpus: list[Layer]) -> None:
     (-1_000_000_000, "1969-12-31T23:59:59Z"),
 ])
 def test_mod_time_text(ns: int, text: str) -> None:
-    assert Z.format_mod_time(ns) == text
-    assert Z.parse_mod_time(text) == ns
+    assert format_time(ns) == text
+    assert parse_time(text, "t") == ns
 
 
 def test_mod_time_parsing() -> None:
-    assert Z.parse_mod_time("2023-11-14T23:13:20+01:00") == 1_700_000_000 * 10**9
-    assert Z.parse_mod_time("") == 0
-    assert Z.format_mod_time(10**30) == ""
+    assert parse_time("2023-11-14T23:13:20+01:00", "t") == 1_700_000_000 * 10**9
+    assert parse_time("", "t") == 0
+    assert format_time(10**30) == ""
     for bad in ("yesterday", "2023-13-01T00:00:00Z", "2023-11-14 22:13:20Z"):
         with pytest.raises(FormatError):
-            Z.parse_mod_time(bad)
+            parse_time(bad, "mod_time")
 
 
 def test_ztoc_builder_memory_is_bounded() -> None:
