@@ -1,0 +1,92 @@
+"""SOCI layers: an ordinary gzip (or tar) layer made seekable by a zTOC.
+
+The zTOC gives the tree and the span geometry; a file read becomes the spans that hold
+its bytes. Each span's compressed bytes are fetched with one range GET, checked against
+the zTOC's span digest, kept in the chunk cache under that digest (so a copy on disk is
+re-verified whenever it is loaded), and inflated from the span's checkpoint. A few
+inflated spans stay in memory, because a run of 128 KiB FUSE reads walks one span.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import trio
+
+from ..cache import ChunkCache, sha256_verifier
+from ..formats import gzip_index, ztoc
+from ..formats.errors import FormatError
+from .layer import Blob, ReadError
+from .tree import LayerTree, Node, build_tree
+
+INFLATED_SPANS = 8
+"""Inflated spans kept per layer (4 MiB each at the default span size)."""
+
+
+class SociLayer:
+    """A `Layer` whose files are read through a zTOC's spans."""
+
+    def __init__(self, z: ztoc.Ztoc, blob: Blob, cache: ChunkCache) -> None:
+        if z.compressed_archive_size != blob.size:
+            raise FormatError(f"the zTOC is for a {z.compressed_archive_size}-byte layer, the blob has {blob.size}")
+        self.ztoc = z
+        self.index = ztoc.span_index(z)
+        self.blob = blob
+        self.cache = cache
+        self._tree = build_tree(ztoc.layer_entries(z))
+        self._inflated: OrderedDict[int, bytes] = OrderedDict()
+        self._inflating: dict[int, trio.Event] = {}
+
+    @property
+    def tree(self) -> LayerTree:
+        return self._tree
+
+    async def read(self, node: Node, offset: int, size: int) -> bytes:
+        extent: ztoc.FileExtent = node.content
+        end = min(offset + size, node.size)
+        if offset >= end:
+            return b""
+        start, stop = extent.uncompressed_offset + offset, extent.uncompressed_offset + end
+        parts = []
+        for span in self.index.spans_for(start, stop):
+            data = await self._span(span)
+            parts.append(data[max(start, span.uncompressed_start) - span.uncompressed_start:
+                              min(stop, span.uncompressed_end) - span.uncompressed_start])
+        return b"".join(parts)
+
+    async def _span(self, span: gzip_index.Span) -> bytes:
+        """The inflated span: from memory, or fetched/loaded and inflated once however many ask."""
+        while True:
+            data = self._inflated.get(span.id)
+            if data is not None:
+                self._inflated.move_to_end(span.id)
+                return data
+            busy = self._inflating.get(span.id)
+            if busy is None:
+                break
+            await busy.wait()
+        done = self._inflating[span.id] = trio.Event()
+        try:
+            digest = self.ztoc.compression.span_digests[span.id]
+            try:
+                compressed = await self.cache.get_or_fetch(digest, lambda: self._fetch(span, digest),
+                                                           sha256_verifier(digest))
+                data = await trio.to_thread.run_sync(gzip_index.inflate_span, compressed, span)
+            except FormatError as e:
+                raise ReadError(f"layer {self.blob.digest} span {span.id}: {e}") from e
+            self._inflated[span.id] = data
+            while len(self._inflated) > INFLATED_SPANS:
+                self._inflated.popitem(last=False)
+            return data
+        finally:
+            del self._inflating[span.id]
+            done.set()
+
+    async def _fetch(self, span: gzip_index.Span, digest: str) -> bytes:
+        try:
+            compressed = await self.blob.read(span.compressed_start, span.compressed_end)
+        except Exception as e:
+            raise ReadError(f"fetching {self.blob.digest} span {span.id} "
+                            f"[{span.compressed_start}, {span.compressed_end}): {e}") from e
+        gzip_index.verify_span(compressed, digest)
+        return compressed
