@@ -46,6 +46,9 @@ _STALE_REDIRECT = frozenset({400, 401, 403, 404, 410})
 """Answers from a remembered redirect target that mean "ask the registry for a fresh URL"."""
 MULTIPART_OVERHEAD = 1024
 """Bytes of boundary and headers we allow per part of a multipart/byteranges answer."""
+_NO_REFERRERS_API = frozenset({404, 405, 501})
+"""Answers to the referrers API that mean "not here": 404 is the spec's; 405 and 501 are what other
+servers say of a route they lack. A 404 naming NAME_UNKNOWN is about the repository instead."""
 MAX_REFERRER_PAGES = 64
 """Pages of a referrers API answer (`Link: <...>; rel="next"`) we follow before calling it a loop."""
 CANCEL_UPLOAD_TIMEOUT = 5.0
@@ -455,8 +458,8 @@ class RegistryClient:
         """The manifests in `repo_ref`'s repository whose `subject` is `subject_digest`, of `artifact_type`.
 
         Asks the referrers API; a registry without it (HTTP 404, remembered per
-        endpoint) is read through the referrers tag `sha256-<hex>` instead, and a
-        missing or unusable tag means no referrers. Only endpoints trusted to
+        endpoint; distribution 2.8 is one) is read through the referrers tag
+        `sha256-<hex>` instead, and a missing or unusable tag means no referrers. Only endpoints trusted to
         resolve are asked: the list decides which index describes an image.
         """
         ref = repository(repo_ref)
@@ -488,10 +491,10 @@ class RegistryClient:
 
             async def consume(response: httpx.Response) -> tuple[list[Descriptor], str | None] | None:
                 status = response.status_code
-                if status == 404:
+                if status in _NO_REFERRERS_API:
                     detail = await error_detail(response)
                     if "NAME_UNKNOWN" not in detail:
-                        self._no_referrers_api(key, f"answers the referrers API with HTTP 404{detail}")
+                        self._no_referrers_api(key, f"answers the referrers API with HTTP {status}{detail}")
                     return None
                 if status != 200:
                     await _fail(response, what)
@@ -591,6 +594,8 @@ class RegistryClient:
                 if length is not None and length != size:
                     raise BadResponse(f"{what} at {response.url}: registry has {length} bytes, we have {size}")
                 return True
+            if origin(str(response.url)) != ep.origin:
+                return status != 404  # redirected to storage, which may refuse HEAD: the registry has it
             if status in (401, 403):
                 await _fail(response, what)
             return False
@@ -601,7 +606,7 @@ class RegistryClient:
                       source: Reference | None) -> None:
         what = f"upload of blob {digest} to {ref.name}"
         for session in range(2):
-            location = await self._start_upload(ep, ref, digest, scope, source, what)
+            location = await self._start_upload(ep, ref, data, digest, scope, source, what)
             if location is None:
                 log.debug("%s: mounted from %s", what, source.name if source else "?")
                 return
@@ -618,8 +623,8 @@ class RegistryClient:
                 await self._cancel_upload(ep, location, scope, what)
                 raise
 
-    async def _start_upload(self, ep: Endpoint, ref: Reference, digest: str, scope: str, source: Reference | None,
-                            what: str) -> str | None:
+    async def _start_upload(self, ep: Endpoint, ref: Reference, data: bytes, digest: str, scope: str,
+                            source: Reference | None, what: str) -> str | None:
         """The upload URL of a new session, or None when the blob was mounted from `source`."""
         url = ep.url(ref.path, "blobs", "uploads/")
         if source is not None:
@@ -629,7 +634,7 @@ class RegistryClient:
         async def consume(response: httpx.Response) -> str | None:
             status = response.status_code
             if status == 201 and source is not None:
-                _check_digest_header(response, digest, what)
+                _check_announced(response, data, what)
                 return None
             if status != 202:
                 await _push_fail(response, what)
@@ -651,7 +656,7 @@ class RegistryClient:
                 raise _UploadLost(f"HTTP 404{await error_detail(response)}")
             if status not in (201, 204):
                 await _push_fail(response, what)
-            _check_digest_header(response, digest, what)
+            _check_announced(response, data, what)
 
         await self.transport.call(req, consume)
 
@@ -689,13 +694,7 @@ class RegistryClient:
         async def consume(response: httpx.Response) -> str | None:
             if not 200 <= response.status_code < 300:
                 await _push_fail(response, what)
-            announced = response.headers.get("docker-content-digest")
-            if announced:
-                try:
-                    digests.verify(raw, digests.validate(announced), f"{what} to {response.url}")
-                except InvalidReference:
-                    raise BadResponse(f"{what} to {response.url}: invalid Docker-Content-Digest "
-                                      f"{announced!r}") from None
+            _check_announced(response, raw, what)
             return response.headers.get("oci-subject")
 
         subject = await self.transport.call(req, consume)
@@ -821,11 +820,29 @@ def _check_digest_header(response: httpx.Response, digest: str, what: str) -> No
         raise BadResponse(f"{what} from {response.url}: server says it is {announced}")
 
 
+def _check_announced(response: httpx.Response, data: bytes, what: str) -> None:
+    """The `Docker-Content-Digest` of a push answer, if sent, must be a digest of what we sent.
+
+    It may use another algorithm than ours (the registry's canonical one), so the
+    bytes are hashed with its algorithm rather than compared with our digest.
+    """
+    announced = response.headers.get("docker-content-digest")
+    if not announced:
+        return
+    where = f"{what} to {response.url.copy_with(query=None)}"
+    try:
+        digests.validate(announced)
+    except InvalidReference:
+        raise BadResponse(f"{where}: invalid Docker-Content-Digest {announced!r}") from None
+    digests.verify(data, announced, f"{where}: the registry's Docker-Content-Digest")
+
+
 async def _push_fail(response: httpx.Response, what: str) -> NoReturn:
     """Raise the error an unexpected answer to a push means: 4xx is a refusal, not worth repeating."""
     status = response.status_code
     if 400 <= status < 500 and status not in (401, 403, 404) or status in (501, 505):
-        raise PushRejected(f"{what}: {response.url} refused it (HTTP {status}{await error_detail(response)})")
+        where = response.url.copy_with(query=None)
+        raise PushRejected(f"{what}: {where} refused it (HTTP {status}{await error_detail(response)})")
     await _fail(response, what)
 
 

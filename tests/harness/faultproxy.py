@@ -104,6 +104,8 @@ class FaultProxy:
         """Shift the range in the Content-Range header of single-part 206 answers by one byte."""
         self.short_body = False
         """Send one byte less of each blob body, with a Content-Length that agrees."""
+        self.wrong_digest_header = False
+        """Replace every `Docker-Content-Digest` the registry sends with the digest of something else."""
         self.referrers: dict[str, list[dict[str, object]]] | None = None
         """Subject digest -> referrers list, when the proxy serves the referrers API (`serve_referrers`)."""
         self.requests: Counter[str] = Counter()
@@ -509,6 +511,9 @@ class _Handler(BaseHTTPRequestHandler):
             out_headers = [(k, p.url + v[len(upstream_origin):] if k.lower() == "location"
                             and v.startswith(upstream_origin + "/") else v)
                            for k, v in upstream.getheaders() if k.lower() not in _HOP_BY_HOP]
+            if p.wrong_digest_header:
+                other = "sha256:" + hashlib.sha256(b"something else").hexdigest()
+                out_headers = [(k, other if k.lower() == "docker-content-digest" else v) for k, v in out_headers]
             if subject is not None and upstream.status == 201:
                 self._add_referrer(subject, body or b"")
                 out_headers.append(("OCI-Subject", str(subject["digest"])))

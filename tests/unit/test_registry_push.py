@@ -146,6 +146,21 @@ async def test_upload_500_is_retried_and_4xx_is_not(client: RegistryClient, prox
             [("POST", 202), ("PUT", 400), ("DELETE", 204)], "not retried; the session is cancelled"
 
 
+async def test_the_registry_digest_of_a_push_is_checked(client: RegistryClient, proxy: FaultProxy) -> None:
+    with trio.fail_after(LIMIT):
+        repo = f"{proxy.host}/push/digest"
+        proxy.wrong_digest_header = True
+        data = os.urandom(100)
+        with pytest.raises(BadResponse, match="registry's Docker-Content-Digest: digest mismatch"):
+            await client.push_blob(repo, data)
+        assert proxy.count("PUT") == 1, "a registry that lies is not asked again"
+        with pytest.raises(BadResponse, match="registry's Docker-Content-Digest: digest mismatch"):
+            await client.push_manifest(f"{repo}:v1", json.dumps(
+                {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}).encode(), OCI_INDEX)
+        with pytest.raises(BadResponse, match="server says it is"):
+            await client.push_blob(repo, data)  # the registry took it: HEAD finds it, with the wrong digest
+
+
 async def test_lost_upload_session_starts_a_new_one(client: RegistryClient, proxy: FaultProxy) -> None:
     with trio.fail_after(LIMIT):
         repo = f"{proxy.host}/push/lost"
@@ -286,6 +301,18 @@ async def test_no_referrers(client: RegistryClient, registry: Registry) -> None:
         _, image = await push_image(client, repo)
         assert await client.referrers(repo, image.digest, SOCI_V1) == []
         assert await client.referrers(f"{registry.host}/no/such/repo", image.digest) == []
+
+
+async def test_other_ways_of_saying_no_referrers_api(client: RegistryClient, proxy: FaultProxy) -> None:
+    with trio.fail_after(LIMIT):
+        repo = f"{proxy.host}/soci/no-api"
+        _, image = await push_image(client, repo)
+        pushed = await client.push_referrer(repo, await soci_index(client, repo, image), OCI_MANIFEST)
+        for status in (501, 405):
+            async with RegistryClient(client.options) as fresh:
+                proxy.fail(status, times=1, match="/referrers/")
+                assert await fresh.referrers(repo, image.digest, SOCI_V1) == [pushed]
+                assert fresh.referrers_api == {f"http://{proxy.host}/v2": False}
 
 
 async def test_a_tag_that_is_not_an_index(client: RegistryClient, registry: Registry) -> None:
