@@ -1,0 +1,132 @@
+"""The SOCI index manifest: which zTOC makes which layer of an image seekable.
+
+An index is an OCI image manifest whose config media type names the artifact (v1 or
+v2), whose `layers` are the zTOCs (each annotated with the image layer it indexes),
+and, in v1, whose `subject` is the image manifest it belongs to. v2 images point at
+their index with an annotation on the image manifest instead. Facts:
+shared/research/soci.md §2. Pure: JSON bytes in, records out, and back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import FormatError
+
+INDEX_V1 = "application/vnd.amazon.soci.index.v1+json"
+INDEX_V2 = "application/vnd.amazon.soci.index.v2+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+ZTOC_MEDIA_TYPE = "application/octet-stream"
+PREFETCH_MEDIA_TYPE = "application/vnd.amazon.soci.prefetch.v1+json"
+
+LAYER_DIGEST = "com.amazon.soci.image-layer-digest"
+LAYER_MEDIA_TYPE = "com.amazon.soci.image-layer-mediaType"
+SPAN_SIZE = "com.amazon.soci.span-size"
+BUILD_TOOL = "com.amazon.soci.build-tool-identifier"
+INDEX_DIGEST = "com.amazon.soci.index-digest"
+"""On a v2 image manifest: the digest of its SOCI index."""
+IMAGE_MANIFEST_DIGEST = "com.amazon.soci.image-manifest-digest"
+"""On a v2 index's descriptor inside an image index: the image manifest it indexes."""
+
+EMPTY_CONFIG = b"{}"
+EMPTY_CONFIG_DIGEST = "sha256:" + hashlib.sha256(EMPTY_CONFIG).hexdigest()
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A descriptor: what the index says about a zTOC, or about the image it belongs to."""
+
+    media_type: str
+    digest: str
+    size: int
+    annotations: dict[str, str] = field(default_factory=dict)
+    artifact_type: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
+        if self.artifact_type:
+            out["artifactType"] = self.artifact_type
+        if self.annotations:
+            out["annotations"] = dict(self.annotations)
+        return out
+
+
+@dataclass(frozen=True)
+class SociIndex:
+    digest: str
+    raw: bytes
+    artifact_type: str
+    ztocs: dict[str, Ref]
+    """Image layer digest -> the zTOC that indexes it. Layers not here are pulled whole."""
+    subject: Ref | None = None
+
+
+def parse_index(raw: bytes, digest: str | None = None) -> SociIndex:
+    """Read an index manifest; a malformed one is a FormatError naming what is wrong."""
+    actual = "sha256:" + hashlib.sha256(raw).hexdigest()
+    if digest is not None and digest != actual:
+        raise FormatError(f"SOCI index digest mismatch: want {digest}, the bytes are {actual}")
+    try:
+        doc = json.loads(raw)
+    except ValueError as e:
+        raise FormatError(f"SOCI index {actual} is not JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise FormatError(f"SOCI index {actual} is not a JSON object")
+    config = _ref(doc.get("config"), "config")
+    if config.media_type not in (INDEX_V1, INDEX_V2):
+        raise FormatError(f"{actual} is not a SOCI index (config media type {config.media_type!r})")
+    layers = doc.get("layers")
+    if not isinstance(layers, list):
+        raise FormatError(f"SOCI index {actual} has no layer list")
+    ztocs: dict[str, Ref] = {}
+    for i, item in enumerate(layers):
+        ref = _ref(item, f"layers[{i}]")
+        if ref.media_type != ZTOC_MEDIA_TYPE:
+            continue  # prefetch artifacts and future kinds
+        layer = ref.annotations.get(LAYER_DIGEST)
+        if not layer:
+            raise FormatError(f"SOCI index {actual}: zTOC {ref.digest} does not say which layer it indexes")
+        ztocs[layer] = ref
+    subject = _ref(doc["subject"], "subject") if doc.get("subject") is not None else None
+    return SociIndex(actual, raw, config.media_type, ztocs, subject)
+
+
+def build_index(ztocs: list[Ref], *, subject: Ref | None, artifact_type: str = INDEX_V1,
+                build_tool: str = "lazysnap") -> bytes:
+    """Serialise an index manifest; v1 carries `subject`, v2 must not (the image points at it)."""
+    if artifact_type == INDEX_V2 and subject is not None:
+        raise ValueError("a v2 SOCI index has no subject")
+    doc: dict[str, Any] = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": artifact_type, "digest": EMPTY_CONFIG_DIGEST, "size": len(EMPTY_CONFIG)},
+        "layers": [z.to_json() for z in ztocs],
+    }
+    if subject is not None:
+        doc["subject"] = subject.to_json()
+    doc["annotations"] = {BUILD_TOOL: build_tool}
+    return json.dumps(doc, separators=(",", ":"), sort_keys=False).encode()
+
+
+def ztoc_ref(digest: str, size: int, layer_digest: str, layer_media_type: str, span_size: int) -> Ref:
+    """The descriptor an index holds for one zTOC."""
+    return Ref(ZTOC_MEDIA_TYPE, digest, size, {
+        LAYER_DIGEST: layer_digest, LAYER_MEDIA_TYPE: layer_media_type, SPAN_SIZE: str(span_size),
+    })
+
+
+def _ref(item: Any, where: str) -> Ref:
+    if not isinstance(item, dict):
+        raise FormatError(f"SOCI index {where} is not an object")
+    media_type, digest, size = item.get("mediaType"), item.get("digest"), item.get("size")
+    annotations = item.get("annotations") or {}
+    if not isinstance(media_type, str) or not isinstance(digest, str) or not digest.startswith("sha256:"):
+        raise FormatError(f"SOCI index {where}: bad media type or digest")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise FormatError(f"SOCI index {where}: bad size {size!r}")
+    if not isinstance(annotations, dict) or not all(isinstance(v, str) for v in annotations.values()):
+        raise FormatError(f"SOCI index {where}: bad annotations")
+    return Ref(media_type, digest, size, dict(annotations), str(item.get("artifactType") or ""))

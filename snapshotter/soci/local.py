@@ -1,0 +1,71 @@
+"""Indexes built on this node (`lazysnap index create`), kept until pushed and after.
+
+Blobs (zTOCs, index manifests) are stored content-addressed and written atomically;
+`images/<image manifest digest>` names the index built for that image. The daemon
+reads the same directory, so an index built locally serves lazy pulls at once, even
+before (or without) it is pushed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+DEFAULT_DIR = Path("/var/lib/lazysnap/soci")
+
+
+class LocalIndexes:
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+
+    def put_blob(self, data: bytes) -> str:
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        path = self._blob_path(digest)
+        if not path.exists():
+            _write_atomically(path, data)
+        return digest
+
+    def get_blob(self, digest: str) -> bytes | None:
+        """The blob, if present and intact (a corrupt copy is removed, not returned)."""
+        path = self._blob_path(digest)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+            path.unlink(missing_ok=True)
+            return None
+        return data
+
+    def set_index(self, image_manifest_digest: str, index_digest: str) -> None:
+        _write_atomically(self._image_path(image_manifest_digest), index_digest.encode())
+
+    def index_for(self, image_manifest_digest: str) -> str | None:
+        try:
+            return self._image_path(image_manifest_digest).read_text().strip() or None
+        except FileNotFoundError:
+            return None
+
+    def images(self) -> list[tuple[str, str]]:
+        """(image manifest digest, index digest) for every locally built index."""
+        images = self.dir / "images"
+        if not images.is_dir():
+            return []
+        return sorted((f"sha256:{p.name}", p.read_text().strip()) for p in images.iterdir() if not p.name.startswith("."))
+
+    def _blob_path(self, digest: str) -> Path:
+        algorithm, _, hex_ = digest.partition(":")
+        if algorithm != "sha256" or len(hex_) != 64:
+            raise ValueError(f"not a sha256 digest: {digest!r}")
+        return self.dir / "blobs" / "sha256" / hex_
+
+    def _image_path(self, digest: str) -> Path:
+        return self.dir / "images" / self._blob_path(digest).name
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
