@@ -47,6 +47,7 @@ class LayerRequest:
     manifest_digest: str = ""
     toc_digest: str = ""
     skip_verify: bool = False
+    soci_index_digest: str = ""
 
     @classmethod
     def from_labels(cls, labels: dict[str, str]) -> LayerRequest | None:
@@ -65,6 +66,7 @@ class LayerRequest:
             manifest_digest=labels.get(CRI_MANIFEST_DIGEST, ""),
             toc_digest=labels.get(TOC_DIGEST, ""),
             skip_verify=STARGZ_SKIP_VERIFY in labels,
+            soci_index_digest=labels.get(SOCI_INDEX_DIGEST, ""),
         )
 
 

@@ -27,18 +27,23 @@ from pathlib import Path
 import trio
 
 from ..cache import ChunkCache
-from ..formats import estargz
+from ..formats import estargz, ztoc
 from ..formats.errors import FormatError
 from ..fuse.filesystem import LayerFilesystem
 from ..labels import LayerRequest
 from ..registry.client import RegistryClient
 from ..registry.errors import RegistryError
+from ..soci.discovery import Discovery, fetch_ztoc, find_index
+from ..soci.local import LocalIndexes
 from ..store import LayerRecord, Store
 from .estargz import EStargzIndex, EStargzLayer, fetch_index, parse_index
+from .layer import Blob
+from .soci import SociLayer
 
 log = logging.getLogger(__name__)
 
 ESTARGZ = "estargz"
+SOCI = "soci"
 FALLBACK = "fallback"
 RESOLUTION_TTL = 300.0
 """Seconds a fetched index waits for its layer's Prepare before it is dropped from memory."""
@@ -57,7 +62,7 @@ class LayerStatus:
     size: int = 0
     resolve_seconds: float = 0.0
     path: str = ""
-    layer: EStargzLayer | None = field(default=None, repr=False)
+    layer: EStargzLayer | SociLayer | None = field(default=None, repr=False)
     """Bytes this layer fetched, the index included, count from its blob."""
 
     @property
@@ -93,20 +98,36 @@ class ManagerOptions:
 
 
 class _Resolution:
-    """One layer's index being fetched; Prepares for it wait on `done`."""
+    """One layer's index being fetched; Prepares for it wait on `done`.
+
+    `saved` is the index as it is kept on disk (an eStargz TOC member or a zTOC), so
+    that the layer can be rebuilt from it at restart without the registry.
+    """
 
     def __init__(self) -> None:
         self.done = trio.Event()
-        self.index: EStargzIndex | None = None
+        self.kind = ""
+        self.estargz: EStargzIndex | None = None
+        self.saved = b""
+        self.offset = 0
         self.blob: RegistryBlob | None = None
         self.error: str = ""
         self.seconds = 0.0
+
+
+class _ImageDiscovery:
+    """The SOCI index search for one image, shared by all its layers."""
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.result = Discovery()
 
 
 class LayerManager:
     def __init__(self, root: Path, store: Store, registry: RegistryClient, cache: ChunkCache, fs: LayerFilesystem,
                  nursery: trio.Nursery, options: ManagerOptions) -> None:
         self.mountpoint = root / "fuse"
+        self.local = LocalIndexes(root / "soci")
         self.index_dir = root / "layers"
         self.index_dir.mkdir(parents=True, exist_ok=True)
         self.store = store
@@ -118,6 +139,7 @@ class LayerManager:
         self.token = trio.lowlevel.current_trio_token()
         self.status: dict[str, LayerStatus] = {}
         self._resolutions: dict[str, _Resolution] = {}
+        self._discoveries: dict[str, _ImageDiscovery] = {}
 
     # -- the blocking face, for the snapshotter on gRPC threads --------------------
 
@@ -148,8 +170,8 @@ class LayerManager:
     async def _mount(self, request: LayerRequest) -> int | None:
         status = self.status.setdefault(request.layer_digest, LayerStatus(request.layer_digest, request.image_ref))
         for other in request.image_layers:
-            self._start_resolving(request.image_ref, other)
-        resolution = self._start_resolving(request.image_ref, request.layer_digest)
+            self._start_resolving(request, other)
+        resolution = self._start_resolving(request, request.layer_digest)
         with trio.move_on_after(self.options.resolve_timeout):
             await resolution.done.wait()
         try:
@@ -157,46 +179,61 @@ class LayerManager:
                 raise _Fallback(f"finding the layer's index took over {self.options.resolve_timeout:g} s")
             if resolution.error:
                 raise _Fallback(resolution.error)
-            assert resolution.index is not None and resolution.blob is not None
+            assert resolution.blob is not None
+            if resolution.estargz is not None:
+                try:
+                    estargz.verify_toc(resolution.estargz.toc, request.toc_digest or None,
+                                       allow_unverified=self.options.allow_unverified or request.skip_verify)
+                except FormatError as e:
+                    raise _Fallback(str(e)) from None
             try:
-                estargz.verify_toc(resolution.index.toc, request.toc_digest or None,
-                                   allow_unverified=self.options.allow_unverified or request.skip_verify)
+                layer, index_digest = _layer(resolution.kind, resolution.saved, resolution.offset, resolution.blob,
+                                             self.cache)
             except FormatError as e:
-                raise _Fallback(str(e)) from None
-            layer = EStargzLayer(resolution.index, resolution.blob, self.cache)
+                raise _Fallback(f"unusable {resolution.kind} index: {e}") from None
         except _Fallback as e:
             status.mode, status.reason, status.resolve_seconds = FALLBACK, str(e), resolution.seconds
             log.warning("layer %s of %s is pulled whole: %s", request.layer_digest, request.image_ref, e)
             self._forget_old_fallbacks()
             return None
-        record = self._record(request, resolution)
+        record = self._record(request, resolution, index_digest)
         self._attach(record, layer, status)
         status.resolve_seconds = resolution.seconds
         self._resolutions.pop(request.layer_digest, None)  # the layer holds what it needs now
         return record.id
 
-    def _start_resolving(self, image_ref: str, digest: str) -> _Resolution:
+    def _start_resolving(self, request: LayerRequest, digest: str) -> _Resolution:
         resolution = self._resolutions.get(digest)
         if resolution is None or (resolution.done.is_set() and resolution.error):
             resolution = self._resolutions[digest] = _Resolution()
-            self.nursery.start_soon(self._resolve, image_ref, digest, resolution)
+            self.nursery.start_soon(self._resolve, request, digest, resolution)
         return resolution
 
-    async def _resolve(self, image_ref: str, digest: str, resolution: _Resolution) -> None:
+    async def _resolve(self, request: LayerRequest, digest: str, resolution: _Resolution) -> None:
+        """Find the layer's index: an eStargz TOC in the blob itself, else a SOCI zTOC beside the image."""
+        image_ref = request.image_ref
         start = time.monotonic()
         try:
             with trio.fail_after(self.options.resolve_timeout):
                 location = await self.registry.open_blob(image_ref, digest)
                 blob = RegistryBlob(self.registry, image_ref, digest, location.size, location)
-                resolution.index = await fetch_index(blob)
+                discovery = self._start_discovery(request)  # in parallel with the footer read
+                try:
+                    resolution.estargz = await fetch_index(blob)
+                    resolution.kind, resolution.saved = ESTARGZ, resolution.estargz.member
+                    resolution.offset = resolution.estargz.footer.toc_offset
+                except estargz.NotEStargz as e:
+                    log.debug("layer %s of %s: %s", digest, image_ref, e)
+                    await discovery.done.wait()
+                    resolution.saved = await self._ztoc(request, digest, discovery.result)
+                    resolution.kind = SOCI
                 resolution.blob = blob
         except trio.TooSlowError:
             resolution.error = f"finding the layer's index took over {self.options.resolve_timeout:g} s"
-        except estargz.NotEStargz as e:
-            log.debug("layer %s of %s: %s", digest, image_ref, e)
-            resolution.error = "not an eStargz layer (no eStargz footer); convert the image or index it"
+        except _Fallback as e:
+            resolution.error = str(e)
         except FormatError as e:
-            resolution.error = f"broken eStargz index: {e}"
+            resolution.error = f"broken index: {e}"
         except RegistryError as e:
             resolution.error = f"registry: {e}"
         except Exception as e:
@@ -209,27 +246,60 @@ class LayerManager:
         if self._resolutions.get(digest) is resolution:
             del self._resolutions[digest]
 
+    async def _ztoc(self, request: LayerRequest, digest: str, discovery: Discovery) -> bytes:
+        index = discovery.index
+        if index is None:
+            raise _Fallback(f"not an eStargz layer, and {discovery.reason}")
+        ref = index.ztocs.get(digest)
+        if ref is None:
+            raise _Fallback(f"the image's SOCI index ({discovery.source}) has no zTOC for this layer "
+                            "(smaller than the index's minimum layer size?)")
+        return await fetch_ztoc(self.registry, self.local, request.image_ref, ref)
+
+    def _start_discovery(self, request: LayerRequest) -> _ImageDiscovery:
+        key = request.manifest_digest or request.image_ref
+        discovery = self._discoveries.get(key)
+        if discovery is None:
+            discovery = self._discoveries[key] = _ImageDiscovery()
+            self.nursery.start_soon(self._discover, request, key, discovery)
+        return discovery
+
+    async def _discover(self, request: LayerRequest, key: str, discovery: _ImageDiscovery) -> None:
+        try:
+            manifest_digest = request.manifest_digest or (await self.registry.resolve(request.image_ref)).digest
+            discovery.result = await find_index(self.registry, self.local, request.image_ref, manifest_digest,
+                                                request.soci_index_digest)
+        except RegistryError as e:
+            discovery.result = Discovery(misses=[f"cannot resolve the image: {e}"])
+        finally:
+            discovery.done.set()
+        if discovery.result.index is not None:
+            log.info("SOCI index %s (%s) found for %s", discovery.result.index.digest, discovery.result.source,
+                     request.image_ref)
+        await trio.sleep(RESOLUTION_TTL)
+        if self._discoveries.get(key) is discovery:
+            del self._discoveries[key]
+
     def _forget_old_fallbacks(self) -> None:
         fallbacks = [d for d, s in self.status.items() if s.mode == FALLBACK]
         for digest in fallbacks[:-MAX_FALLBACK_STATUS]:
             del self.status[digest]
 
-    def _record(self, request: LayerRequest, resolution: _Resolution) -> LayerRecord:
+    def _record(self, request: LayerRequest, resolution: _Resolution, index_digest: str) -> LayerRecord:
         """Persist the layer and its verified index (atomically), so restarts need no registry."""
-        assert resolution.index is not None and resolution.blob is not None
-        index = resolution.index
+        assert resolution.blob is not None
         with self.store.transaction() as tx:
-            record = tx.put_layer(request.layer_digest, request.image_ref, ESTARGZ, resolution.blob.size,
-                                  index.toc.digest, index.footer.toc_offset)
+            record = tx.put_layer(request.layer_digest, request.image_ref, resolution.kind, resolution.blob.size,
+                                  index_digest, resolution.offset)
         path = self._index_path(record)
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
-            tmp.write_bytes(index.member)
+            tmp.write_bytes(resolution.saved)
             os.replace(tmp, path)
         return record
 
-    def _attach(self, record: LayerRecord, layer: EStargzLayer, status: LayerStatus) -> None:
+    def _attach(self, record: LayerRecord, layer: EStargzLayer | SociLayer, status: LayerStatus) -> None:
         name = str(record.id)
         if name not in self.fs.layers():
             self.fs.attach(name, layer)
@@ -243,15 +313,16 @@ class LayerManager:
         for record in records:
             status = self.status.setdefault(record.digest, LayerStatus(record.digest, record.image_ref))
             try:
-                index = parse_index(self._index_path(record).read_bytes(), record.index_offset)
-                if index.toc.digest != record.index_digest:
-                    raise FormatError(f"saved index digest {index.toc.digest} is not {record.index_digest}")
+                saved = self._index_path(record).read_bytes()
+                layer, digest = _layer(record.format, saved, record.index_offset, _LazyBlob(self.registry, record),
+                                       self.cache)
+                if digest != record.index_digest:
+                    raise FormatError(f"saved index digest {digest} is not {record.index_digest}")
             except (OSError, FormatError) as e:
                 log.error("cannot restore layer %s (snapshot reads will fail): %s", record.digest, e)
                 status.mode, status.reason = FALLBACK, f"restore failed: {e}"
                 continue
-            blob = _LazyBlob(self.registry, record)
-            self._attach(record, EStargzLayer(index, blob, self.cache), status)
+            self._attach(record, layer, status)
         log.info("restored %d lazily served layers", len(records))
 
     async def _release(self, layers: list[LayerRecord]) -> None:
@@ -264,7 +335,17 @@ class LayerManager:
             log.info("stopped serving layer %s", record.digest)
 
     def _index_path(self, record: LayerRecord) -> Path:
-        return self.index_dir / str(record.id) / "toc.gz"
+        return self.index_dir / str(record.id) / ("toc.gz" if record.format == ESTARGZ else "ztoc")
+
+
+def _layer(kind: str, saved: bytes, offset: int, blob: Blob, cache: ChunkCache) -> tuple[EStargzLayer | SociLayer, str]:
+    """The layer served from a saved index, and the index's digest (to check against the record)."""
+    if kind == ESTARGZ:
+        index = parse_index(saved, offset)
+        return EStargzLayer(index, blob, cache), index.toc.digest
+    if kind == SOCI:
+        return SociLayer(ztoc.parse_ztoc(saved), blob, cache), ztoc.ztoc_digest(saved)
+    raise FormatError(f"unknown layer format {kind!r}")
 
 
 class _LazyBlob:
