@@ -86,7 +86,8 @@ class FaultProxy:
         self.upstream = upstream
         self.tls = tls
         self.flip: set[str] = set()
-        """Kinds of bodies ("blobs", "manifests") whose middle byte is flipped."""
+        """Kinds of bodies ("blobs", "manifests") whose middle byte is flipped, or paths containing one
+        of these strings (e.g. a digest: only that blob is corrupted)."""
         self.delay = 0.0
         """Seconds to wait before answering requests whose path contains `delay_match`."""
         self.delay_match = "/v2/"
@@ -540,7 +541,8 @@ class _Handler(BaseHTTPRequestHandler):
         p = self.proxy
         is_blob, is_manifest = "/blobs/" in path, "/manifests/" in path
         ok = status in (200, 206)
-        flip_at = length // 2 if ok and length and ((is_blob and "blobs" in p.flip)
+        named = any(f in path for f in p.flip if f not in ("blobs", "manifests"))
+        flip_at = length // 2 if ok and length and ((is_blob and "blobs" in p.flip) or named
                                                    or (is_manifest and "manifests" in p.flip)) else -1
         send_length = length - 1 if ok and is_blob and p.short_body and length else length
         drop = p._take(p._drops, path) if ok else None

@@ -23,6 +23,7 @@ from snapshotter.formats import soci_index, ztoc
 from snapshotter.registry.client import RegistryClient
 from snapshotter.registry.options import RegistryOptions
 from tests.harness.containerd import Containerd
+from tests.harness.faultproxy import FaultProxy
 from tests.harness.images import HELLO_OUTPUT, File, Layer, OCILayout, push, sample_layers
 from tests.harness.lazysnap import Lazysnap
 from tests.harness.registry import Registry
@@ -39,22 +40,28 @@ class SociImage:
     ref: str
     manifest_digest: str
     layers: list[Layer]
-    indexed: set[str]
+    indexed: dict[str, str]
+    """Layer digest -> the digest of its zTOC."""
     data: bytes
+    garbage_ref: str
+    """The same layers, but the index's zTOC for the data layer is garbage."""
 
 
-def _index_image(registry: Registry, ref: str, manifest_digest: str, layers: list[Layer]) -> set[str]:
+def _index_image(registry: Registry, ref: str, manifest_digest: str, layers: list[Layer],
+                 garbage_for: str = "") -> dict[str, str]:
     """Build zTOCs for layers of at least MIN_LAYER bytes and push a v1 index referring to the image."""
-    async def main() -> set[str]:
+    async def main() -> dict[str, str]:
         async with RegistryClient(RegistryOptions(plain_http=True, certs_dir=None)) as client:
-            refs, indexed = [], set()
+            refs, indexed = [], {}
             for layer in layers:
                 if len(layer.blob) < MIN_LAYER:
                     continue
                 data = ztoc.build_ztoc([layer.blob], SPAN, len(layer.blob))
+                if layer.digest == garbage_for:
+                    data = data[: len(data) // 3] + b"garbage" * 100
                 desc = await client.push_blob(ref, data)
                 refs.append(soci_index.ztoc_ref(desc.digest, len(data), layer.digest, layer.media_type, SPAN))
-                indexed.add(layer.digest)
+                indexed[layer.digest] = desc.digest
             await client.push_blob(ref, soci_index.EMPTY_CONFIG)
             _, raw, _ = await client.fetch_manifest(ref, manifest_digest)
             subject = soci_index.Ref("application/vnd.oci.image.manifest.v1+json", manifest_digest, len(raw))
@@ -62,6 +69,12 @@ def _index_image(registry: Registry, ref: str, manifest_digest: str, layers: lis
             await client.push_referrer(ref, index, soci_index.OCI_MANIFEST)
             return indexed
     return trio.run(main)
+
+
+@pytest.fixture
+def proxy(registry: Registry) -> Iterator[FaultProxy]:
+    with FaultProxy(registry.host) as p:
+        yield p
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +91,10 @@ def soci_image(registry: Registry) -> Iterator[SociImage]:
         image = layout.add_image("soci", layers, cmd=["/hello.sh"])
         ref = push(layout.root, "soci", registry, "lazysnap/soci-sample", image=image)
         indexed = _index_image(registry, ref, image.manifest_digest, layers)
-        yield SociImage(ref, image.manifest_digest, layers, indexed, data)
+        other = layout.add_image("soci-garbage", layers, cmd=["/bin/sh"])  # another manifest, same layers
+        garbage_ref = push(layout.root, "soci-garbage", registry, "lazysnap/soci-sample", image=other)
+        _index_image(registry, garbage_ref, other.manifest_digest, layers, garbage_for=layers[-1].digest)
+        yield SociImage(ref, image.manifest_digest, layers, indexed, data, garbage_ref)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -129,6 +145,49 @@ def test_soci_tree_equals_overlayfs_pull(containerd: Containerd, lazysnap: Lazys
             trees[snapshotter] = snapshot_tree(root)
     assert diff_trees(trees["overlayfs"], trees["lazysnap"]) == []
     assert "data/random.bin" in trees["lazysnap"]
+
+
+def _row(out: str, digest: str) -> str:
+    return next(line for line in out.splitlines() if line.startswith(digest[:19]))
+
+
+def test_a_ztoc_that_does_not_match_its_digest_is_not_used(containerd: Containerd, lazysnap: Lazysnap,
+                                                           soci_image: SociImage, proxy: FaultProxy,
+                                                           cid: str) -> None:
+    data_layer = soci_image.layers[-1]
+    proxy.flip = {soci_image.indexed[data_layer.digest]}
+    ref = soci_image.ref.replace(soci_image.ref.split("/")[0], proxy.host, 1)
+    out = rpull(containerd, lazysnap, ref)
+    row = _row(out, data_layer.digest)
+    assert "pulled whole" in row and "digest" in row, out
+    assert "lazy soci" in _row(out, soci_image.layers[0].digest), out
+    done = containerd.run_container(ref, cid, "cat", "/data/small.txt", snapshotter="lazysnap")
+    assert done.stdout == "small\n"
+
+
+def test_a_garbage_ztoc_is_a_clear_fallback(containerd: Containerd, lazysnap: Lazysnap, soci_image: SociImage,
+                                            cid: str) -> None:
+    out = rpull(containerd, lazysnap, soci_image.garbage_ref)
+    row = _row(out, soci_image.layers[-1].digest)
+    assert "pulled whole" in row and "unusable soci index" in row, out
+    done = containerd.run_container(soci_image.garbage_ref, cid, "cat", "/data/small.txt", snapshotter="lazysnap")
+    assert done.stdout == "small\n"
+
+
+def test_a_corrupt_span_gives_eio_never_wrong_bytes(containerd: Containerd, lazysnap: Lazysnap,
+                                                    soci_image: SociImage, proxy: FaultProxy, cid: str) -> None:
+    ref = soci_image.ref.replace(soci_image.ref.split("/")[0], proxy.host, 1)
+    out = rpull(containerd, lazysnap, ref)
+    assert "lazy soci" in _row(out, soci_image.layers[-1].digest), out
+    proxy.flip = {soci_image.layers[-1].digest}
+    script = "dd if=/data/random.bin of=/tmp/out bs=4096 skip=300 count=1; echo rc=$?; sha256sum /tmp/out"
+    bad = containerd.run_container(ref, cid + "-bad", "sh", "-c", f"exec 2>&1; {script}", snapshotter="lazysnap",
+                                   check=False)
+    want = hashlib.sha256(soci_image.data[300 * 4096:301 * 4096]).hexdigest()
+    assert want not in bad.stdout and "Input/output error" in bad.stdout and "rc=1" in bad.stdout, bad.stdout
+    proxy.flip = set()
+    good = containerd.run_container(ref, cid + "-good", "sh", "-c", script, snapshotter="lazysnap")
+    assert want in good.stdout
 
 
 def test_soci_layers_survive_restart(containerd: Containerd, lazysnap: Lazysnap, soci_image: SociImage,
