@@ -29,6 +29,7 @@ from typing import Any
 
 from snapshotter.layers.tree import EntryType, LayerEntry
 
+from . import inflate
 from .errors import FormatError
 from .tar import ENTRY_TYPES, clean_path, parse_time
 
@@ -481,7 +482,7 @@ def decompress_chunk(compressed: bytes, chunk: Chunk) -> bytes:
     """
     skip, want = chunk.inner_offset, chunk.size
     out = bytearray()
-    inflater = zlib.decompressobj(31)
+    inflater = inflate.module.decompressobj(31)
     pending = compressed
     try:
         while len(out) < want:
@@ -489,7 +490,7 @@ def decompress_chunk(compressed: bytes, chunk: Chunk) -> bytes:
                 pending = inflater.unused_data
                 if not pending:
                     break
-                inflater = zlib.decompressobj(31)
+                inflater = inflate.module.decompressobj(31)
             piece = inflater.decompress(pending, min(_INFLATE_STEP, skip + want - len(out)))
             pending = inflater.unconsumed_tail
             if not piece and not pending and not inflater.eof:
@@ -499,7 +500,7 @@ def decompress_chunk(compressed: bytes, chunk: Chunk) -> bytes:
             out += piece[dropped:]
         if chunk.digest is None:
             _inflate_to_member_end(inflater, pending)
-    except zlib.error as e:
+    except inflate.ERRORS as e:
         raise FormatError(f"chunk at blob offset {chunk.compressed_offset}: corrupt gzip data: {e}") from None
     if len(out) < want:
         raise FormatError(f"chunk at blob offset {chunk.compressed_offset}: inflated to {len(out)} of "
@@ -510,7 +511,7 @@ def decompress_chunk(compressed: bytes, chunk: Chunk) -> bytes:
     return data
 
 
-def _inflate_to_member_end(inflater: zlib._Decompress, pending: bytes) -> None:
+def _inflate_to_member_end(inflater: Any, pending: bytes) -> None:
     """Run the member to its end, discarding output: zlib checks the gzip CRC and size there."""
     while not inflater.eof:
         piece = inflater.decompress(pending, _INFLATE_STEP)

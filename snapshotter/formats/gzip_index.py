@@ -22,23 +22,17 @@ import bisect
 import ctypes
 import ctypes.util
 import hashlib
-import importlib
 import re
 import struct
 import threading
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Any
 
+from . import inflate
 from .errors import FormatError
 
-_isal_zlib: ModuleType | None
-try:
-    _isal_zlib = importlib.import_module("isal.isal_zlib")
-except ImportError:  # isal is optional: stdlib zlib gives the same bytes, about half as fast
-    _isal_zlib = None
 
 WINDOW_SIZE = 32768
 BLOB_HEADER_SIZE = 12
@@ -51,8 +45,6 @@ _POINT = struct.Struct("<qqB")
 _ZERO_WINDOW = bytes(WINDOW_SIZE)
 _SHA256 = re.compile(r"sha256:([0-9a-f]{64})")
 
-_inflate_module: ModuleType = _isal_zlib if _isal_zlib is not None else zlib
-_ZLIB_ERRORS: tuple[type[Exception], ...] = (zlib.error, *([_isal_zlib.error] if _isal_zlib is not None else []))
 
 
 # --------------------------------------------------------------------------- records
@@ -323,7 +315,7 @@ def inflate_span(compressed: Bytes, span: Span) -> bytes:
         return bytes(data[:want])
     if want == 0:
         return b""
-    mod = _inflate_module
+    mod = inflate.module
     inflater = mod.decompressobj(-15, zdict=cp.window)
     pieces: list[bytes] = []
     have = 0
@@ -354,7 +346,7 @@ def inflate_span(compressed: Bytes, span: Span) -> bytes:
             pending = inflater.unconsumed_tail
             if not piece and not pending:
                 break
-    except _ZLIB_ERRORS as e:
+    except inflate.ERRORS as e:
         raise FormatError(f"span {span.id}: corrupt deflate data: {e}") from None
     if have != want:
         raise FormatError(f"span {span.id}: inflated to {have} of {want} bytes")

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from snapshotter.formats import gzip_index as gi
+from snapshotter.formats import inflate
 from snapshotter.formats.errors import FormatError
 
 SPAN = 64 << 10
@@ -107,11 +108,11 @@ def indexes(corpus: list[Layer]) -> dict[str, gi.GzipIndex]:
 @pytest.fixture(params=["zlib", "isal"])
 def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     if request.param == "isal":
-        if gi._isal_zlib is None:
+        if inflate.isal is None:
             pytest.fail("isal is not installed: pip install isal", pytrace=False)
-        monkeypatch.setattr(gi, "_inflate_module", gi._isal_zlib)
+        monkeypatch.setattr(inflate, "module", inflate.isal)
     else:
-        monkeypatch.setattr(gi, "_inflate_module", zlib)
+        monkeypatch.setattr(inflate, "module", zlib)
     return str(request.param)
 
 
@@ -343,7 +344,7 @@ def test_inflate_span_rejects_wrong_or_corrupt_input(corpus: list[Layer], indexe
 
 def test_preface_blocks_are_empty_deflate_blocks_ending_bits_before_a_byte_boundary() -> None:
     final_empty = 0b011  # BFINAL=1, BTYPE=01 (fixed), end-of-block: 10 bits
-    modules = [zlib] + ([gi._isal_zlib] if gi._isal_zlib is not None else [])
+    modules = [zlib] + ([inflate.isal] if inflate.isal is not None else [])
     assert gi._EMPTY_FIXED[1] == 10 and gi._EMPTY_DYNAMIC[1] == 93
     for bits in range(1, 8):
         value, nbits = gi._PREFACES[bits]
