@@ -25,7 +25,6 @@ import hashlib
 import re
 import struct
 import threading
-import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any

@@ -13,7 +13,6 @@ import gzip
 import hashlib
 import io
 import json
-import os
 import tarfile
 import urllib.request
 from collections.abc import Iterable, Sequence
