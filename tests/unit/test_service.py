@@ -209,3 +209,21 @@ def test_ready_is_notified_after_socket_accepts(short_tmp: Path) -> None:
 def test_sigterm_stops_cleanly(daemon: Lazysnap) -> None:
     assert daemon.stop() == 0
     wait_until(lambda: not daemon.address.exists(), 5, "socket removal")
+
+
+def test_lazy_off_serves_every_layer_whole(short_tmp: Path) -> None:
+    """With `lazy = false` a remote-snapshot Prepare gets ordinary mounts, and no FUSE mount exists."""
+    config = short_tmp / "config.toml"
+    config.write_text("lazy = false\n")
+    ls = Lazysnap(root=short_tmp / "root", address=short_tmp / "ls.sock", log_path=short_tmp / "log", config=config)
+    ls.start()
+    try:
+        with grpc.insecure_channel(f"unix:{ls.address}") as channel:
+            client = SnapshotsStub(channel)
+            labels = {REF: "sha256:c1", "containerd.io/snapshot/cri.image-ref": "127.0.0.1:1/x:1",
+                      "containerd.io/snapshot/cri.layer-digest": "sha256:" + "a" * 64}
+            mounts = prepare(client, "extract-1", **labels)
+            assert [m.type for m in mounts] == ["bind"]
+        assert not os.path.ismount(short_tmp / "root" / "fuse")
+    finally:
+        ls.close()
