@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -163,6 +164,8 @@ class Node:
             finally:
                 unmount_below(self.workdir)
                 remove_namespace_leftovers()
+                # A node is cold only once: its lazysnap root (chunk cache, indexes) goes too.
+                shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def remove_namespace_leftovers() -> None:

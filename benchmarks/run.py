@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             for i in range(args.runs):
                 for image in names:
                     for mode in modes:
-                        r = one_run(link, certs, image, mode, catalog, tmp / "n",
+                        r = one_run(link, certs, image, mode, catalog, tmp / f"n{len(runs)}",
                                     measure_workload=(i == args.runs - 1))
                         r["run"] = i
                         runs.append(r)
