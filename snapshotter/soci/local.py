@@ -47,6 +47,16 @@ class LocalIndexes:
         except FileNotFoundError:
             return None
 
+    def set_name(self, image_manifest_digest: str, name: str) -> None:
+        """Remember the reference the index was built for, so `index list` can show it."""
+        _write_atomically(self.dir / "names" / self._blob_path(image_manifest_digest).name, name.encode())
+
+    def name_for(self, image_manifest_digest: str) -> str:
+        try:
+            return (self.dir / "names" / self._blob_path(image_manifest_digest).name).read_text().strip()
+        except FileNotFoundError:
+            return ""
+
     def images(self) -> list[tuple[str, str]]:
         """(image manifest digest, index digest) for every locally built index."""
         images = self.dir / "images"
