@@ -566,6 +566,7 @@ _TAR_TYPES = {b"0": "reg", b"\0": "reg", b"1": "hardlink", b"2": "symlink", b"3"
               b"5": "dir", b"6": "fifo"}
 _HEADER_ONLY = {"hardlink", "symlink", "char", "block", "dir", "fifo"}
 _DECIMAL = re.compile(rb"[+-]?[0-9]+")
+_OCTAL = re.compile(rb"[0-7]+")
 _PAX_TIME = re.compile(r"([+-]?[0-9]+)(?:\.([0-9]*))?")
 
 
@@ -638,10 +639,11 @@ class TarScanner:
             stored = _octal(block[148:156], where)
         except FormatError:
             raise FormatError(f"{where}: bad checksum field (not a tar stream?)") from None
-        unsigned = sum(block[:148]) + 8 * 32 + sum(block[156:])
-        signed = unsigned - 256 * sum(1 for c in block[:148] + block[156:] if c > 127)
-        if stored not in (unsigned, signed):
-            raise FormatError(f"{where}: checksum mismatch (not a tar stream?)")
+        unsigned = sum(block) - sum(block[148:156]) + 8 * 32
+        if stored != unsigned:  # old tars summed signed chars; count the high bytes only then (it is slow)
+            signed = unsigned - 256 * sum(1 for c in block[:148] + block[156:] if c > 127)
+            if stored != signed:
+                raise FormatError(f"{where}: checksum mismatch (not a tar stream?)")
         magic, version = block[257:263], block[263:265]
         flag = block[156:157]
         name = _cstr(block[0:100])
@@ -740,7 +742,7 @@ def _octal(field_bytes: bytes, where: str) -> int:
     text = _cstr(field_bytes.strip(b" \0"))
     if not text:
         return 0
-    if not re.fullmatch(rb"[0-7]+", text):
+    if not _OCTAL.fullmatch(text):
         raise FormatError(f"{where}: numeric field {field_bytes!r} is not octal")
     return int(text, 8)
 
