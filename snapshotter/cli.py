@@ -17,6 +17,9 @@ from .errors import SnapshotterError
 from .registry.client import RegistryClient
 from .registry.errors import RegistryError
 from .registry.options import RegistryOptions
+from .soci import build, describe, extract, local, report
+from .soci import convert as soci_convert
+from .soci import push as soci_push
 from .status import StatusClient
 
 
@@ -45,7 +48,66 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="how each layer is served, and the cache")
     status.add_argument("--address", type=Path, default=config.Config.address, help="lazysnap's socket")
+
+    index = commands.add_parser("index", help="SOCI indexes: build, push, convert, inspect").add_subparsers(
+        dest="index_command", required=True)
+    create = index.add_parser("create", help="build zTOCs and a SOCI v1 index for an image, into the local store")
+    create.add_argument("image")
+    _build_args(create)
+    _registry_args(create)
+    push = index.add_parser("push", help="push the locally built index of an image (zTOCs + v1 index manifest)")
+    push.add_argument("image")
+    _registry_args(push)
+    convert = index.add_parser("convert", help="make a SOCI v2 image at NEW_REF: the image plus its index")
+    convert.add_argument("image")
+    convert.add_argument("new_ref", help="where the converted image index goes (same repository, a tag)")
+    _build_args(convert)
+    _registry_args(convert)
+    ls = index.add_parser("list", help="indexes in the local store; with IMAGE, also what the registry has")
+    ls.add_argument("image", nargs="?")
+    _registry_args(ls)
+    info = index.add_parser("info", help="an index manifest and a summary of each of its zTOCs")
+    info.add_argument("what", metavar="DIGEST|IMAGE")
+    _registry_args(info)
+
+    ztoc = commands.add_parser("ztoc", help="zTOCs: inspect, extract a file").add_subparsers(
+        dest="ztoc_command", required=True)
+    zinfo = ztoc.add_parser("info", help="a zTOC's sizes, spans and first files")
+    zinfo.add_argument("digest")
+    zinfo.add_argument("--image", default="", help="fetch it from this image's repository if not stored locally")
+    zinfo.add_argument("--files", type=int, default=10, help="how many entries to list (default 10)")
+    _registry_args(zinfo)
+    get = ztoc.add_parser("get-file", help="extract one file of a layer through its zTOC (range reads only)")
+    get.add_argument("image")
+    get.add_argument("layer", metavar="LAYER-DIGEST", help="the layer's digest (or a unique prefix of it)")
+    get.add_argument("path", help="the file's path in the layer")
+    get.add_argument("-o", "--output", type=Path, help="write here instead of standard output")
+    _registry_args(get)
     return parser
+
+
+def _size(text: str) -> int:
+    try:
+        return build.parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _build_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--span-size", type=_size, default=build.DEFAULT_SPAN_SIZE,
+                   help="uncompressed bytes per span (default 4MiB; sizes: 4MiB, 10MB, 65536)")
+    p.add_argument("--min-layer-size", type=_size, default=build.DEFAULT_MIN_LAYER_SIZE,
+                   help="layers smaller than this (compressed) get no zTOC (default 10MiB)")
+    p.add_argument("--force", action="store_true", help="rebuild zTOCs already in the store")
+    p.add_argument("--jobs", type=int, default=build.DEFAULT_JOBS, help="layers streamed at once (default 3)")
+
+
+def _registry_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", type=Path, default=local.DEFAULT_DIR,
+                   help=f"the node's index store, which the daemon reads too (default {local.DEFAULT_DIR})")
+    p.add_argument("--plain-http", action="store_true", help="use HTTP for registries without hosts.toml")
+    p.add_argument("--certs-dir", type=Path, default=config.Config.certs_dir, help="hosts.toml directory")
+    p.add_argument("--docker-config", type=Path, help="credentials file (default ~/.docker/config.json)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -60,6 +122,9 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(trio.run(rpull_command, args))
         elif args.command == "status":
             sys.exit(status_command(args))
+        elif args.command in ("index", "ztoc"):
+            setup_logging("warning")
+            sys.exit(trio.run(soci_command, args))
     except (SnapshotterError, RegistryError) as e:
         sys.exit(f"lazysnap: {e}")
 
@@ -78,6 +143,56 @@ async def rpull_command(args: argparse.Namespace) -> int:
         status.close()
     print(pull.format_report(report))
     return 0
+
+
+async def soci_command(args: argparse.Namespace) -> int:
+    options = RegistryOptions(plain_http=args.plain_http, certs_dir=args.certs_dir, docker_config=args.docker_config)
+    store = local.LocalIndexes(args.store)
+    command = args.index_command if args.command == "index" else "ztoc-" + args.ztoc_command
+    async with RegistryClient(options) as registry:
+        if command in ("create", "convert"):
+            sizes = {"span_size": args.span_size, "min_layer_size": args.min_layer_size, "force": args.force,
+                     "jobs": args.jobs, "progress": report.ProgressBar()}
+            try:
+                if command == "create":
+                    print(report.build_report(await build.create_index(registry, store, args.image, **sizes)))
+                else:
+                    result = await soci_convert.convert(registry, store, args.image, args.new_ref, **sizes)
+                    print(report.convert_report(result))
+            except build.EmptyIndex as e:
+                print(report.layer_table(e.layers))
+                raise
+        elif command == "push":
+            print(report.push_report(await soci_push.push_index(registry, store, args.image)))
+        elif command == "list":
+            digest = (await registry.resolve(args.image)).digest if args.image else None
+            print(report.local_list(describe.local_indexes(store, digest), str(store.dir)))
+            if args.image:
+                print(report.registry_view(await describe.registry_indexes(registry, args.image)))
+        elif command == "info":
+            print(report.index_info(await describe.index_info(registry, store, args.what)))
+        elif command == "ztoc-info":
+            print(report.ztoc_info(await describe.ztoc_info(registry, store, args.digest, args.image), args.files))
+        elif command == "ztoc-get-file":
+            await get_file_command(registry, store, args)
+    return 0
+
+
+async def get_file_command(registry: RegistryClient, store: local.LocalIndexes, args: argparse.Namespace) -> None:
+    """Into `-o FILE` (a temporary name until complete) or standard output; the summary to stderr."""
+    if args.output is None:
+        out = sys.stdout.buffer
+        result = await extract.get_file(registry, store, args.image, args.layer, args.path, out.write)
+        out.flush()
+    else:
+        partial = args.output.with_name(f".{args.output.name}.partial")
+        try:
+            with partial.open("wb") as f:
+                result = await extract.get_file(registry, store, args.image, args.layer, args.path, f.write)
+            partial.replace(args.output)
+        finally:
+            partial.unlink(missing_ok=True)
+    print(report.extracted(result, str(args.output or "standard output")), file=sys.stderr)
 
 
 def status_command(args: argparse.Namespace) -> int:
