@@ -9,16 +9,22 @@ fails, the tails of the containerd and lazysnap logs are printed in its report.
 from __future__ import annotations
 
 import os
+import random
 import shutil
+import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from snapshotter.formats import soci_index
+from snapshotter.soci.local import LocalIndexes
 from tests.harness.containerd import Containerd
-from tests.harness.images import Image, OCILayout, push, sample_image
+from tests.harness.images import File, Image, Layer, OCILayout, push, sample_image, sample_layers
 from tests.harness.lazysnap import Lazysnap
 from tests.harness.procs import HarnessError, require_tool, unmount_below
 from tests.harness.registry import Registry
@@ -150,3 +156,73 @@ def containerd(lazysnap: Lazysnap, request: pytest.FixtureRequest) -> Iterator[C
 def cid() -> str:
     """A container id unique to this test run."""
     return f"lzs-{uuid.uuid4().hex[:10]}"
+
+
+# --------------------------------------------------------------------------- SOCI
+
+SOCI_SPAN = 256 << 10
+SOCI_MIN_LAYER = 64 << 10
+
+
+@dataclass
+class SociImage:
+    """An ordinary gzip image indexed by `lazysnap index create` and published by `lazysnap index push` (v1)."""
+
+    ref: str
+    """host/lazysnap/soci-index:v1 — plain gzip layers, never rewritten."""
+    image: Image
+    manifest_digest: str
+    layers: list[Layer]
+    indexed: dict[str, str]
+    """Layer digest -> the digest of its zTOC (layers of at least `min_layer_size` bytes)."""
+    skipped: list[str]
+    """Layer digests without a zTOC (below `min_layer_size`): pulled whole by lazysnap."""
+    index_digest: str
+    store: Path
+    """The `--store` the index was built in (a LocalIndexes directory)."""
+    data: bytes
+    """The content of /data/random.bin (in the last, indexed layer); /data/small.txt holds "small\\n"."""
+    span_size: int = SOCI_SPAN
+    min_layer_size: int = SOCI_MIN_LAYER
+
+
+def lazysnap_cli(*args: str) -> str:
+    """Run `python -m snapshotter ARGS` as a user would; its stdout (a failure shows both streams)."""
+    done = subprocess.run([sys.executable, "-m", "snapshotter", *args], capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        raise HarnessError(f"lazysnap {' '.join(args)} exited {done.returncode}:\n{done.stdout}{done.stderr}")
+    return done.stdout
+
+
+@pytest.fixture(scope="session")
+def soci_image(registry: Registry) -> Iterator[SociImage]:
+    """The sample image plus a data layer, with a SOCI v1 index made and pushed by the lazysnap CLI.
+
+    The sample's middle and top layers are below the 64 KiB minimum, so they are skipped;
+    the busybox layer and the data layer (3 MiB random + text, many 256 KiB spans) are indexed.
+    """
+    tmp = short_tmpdir("lzs-soci-")
+    try:
+        layout = OCILayout(tmp / "layout")
+        data = random.Random(4).randbytes(3 << 20)
+        text = b"".join(b"row %d of a text file\n" % i for i in range(60_000))
+        layers = [Layer.from_entries(entries) for entries in sample_layers()]
+        layers.append(Layer.from_entries([File("data/random.bin", data), File("data/text.log", text),
+                                          File("data/small.txt", "small\n")]))
+        image = layout.add_image("v1", layers, cmd=["/hello.sh"])
+        ref = push(layout.root, "v1", registry, "lazysnap/soci-index", image=image)
+        store = tmp / "soci"
+        common = ["--store", str(store), "--plain-http"]
+        lazysnap_cli("index", "create", ref, "--span-size", str(SOCI_SPAN), "--min-layer-size", str(SOCI_MIN_LAYER),
+                     *common)
+        lazysnap_cli("index", "push", ref, *common)
+        local = LocalIndexes(store)
+        index_digest = local.index_for(image.manifest_digest)
+        if index_digest is None:
+            raise HarnessError(f"lazysnap index create left no index for {ref} in {store}")
+        index = soci_index.parse_index(local.get_blob(index_digest) or b"", index_digest)
+        indexed = {layer: ref_.digest for layer, ref_ in index.ztocs.items()}
+        skipped = [layer.digest for layer in layers if layer.digest not in indexed]
+        yield SociImage(ref, image, image.manifest_digest, layers, indexed, skipped, index_digest, store, data)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
