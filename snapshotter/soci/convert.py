@@ -9,6 +9,9 @@ NEW-REF is an OCI image index holding the new image manifest and the index manif
 (`artifactType …index.v2+json`, `com.amazon.soci.image-manifest-digest`), both with the
 platform. The original image and its tag are untouched. Facts: shared/research/soci.md §2.
 
+Only the image for the client's platform (linux/amd64) is converted: when IMAGE is a
+multi-platform index, NEW-REF holds that one platform (the report says so).
+
 NEW-REF must be in the image's repository: zTOCs and layers are fetched from the
 repository of the image that lists them, and lazysnap does not copy layers.
 """
@@ -67,6 +70,8 @@ class ConvertResult:
     layers: list[LayerResult]
     ztoc_bytes: int
     seconds: float
+    source_index: str = ""
+    """The image index IMAGE named, when it was one: only the chosen platform is in NEW-REF."""
 
 
 async def convert(registry: RegistryClient, local: LocalIndexes, image: str, new_ref: str, *,
@@ -105,7 +110,7 @@ async def convert(registry: RegistryClient, local: LocalIndexes, image: str, new
     local.set_index(new_digest, index.digest)
     local.set_name(new_digest, str(target))
     return ConvertResult(str(manifest.ref), manifest.digest, str(target), top, new_digest, index.digest, index_raw,
-                         platform, layers, ztoc_bytes, time.monotonic() - start)
+                         platform, layers, ztoc_bytes, time.monotonic() - start, manifest.index_digest or "")
 
 
 def _annotated(manifest: Manifest, index_digest: str) -> bytes:

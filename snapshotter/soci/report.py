@@ -152,6 +152,8 @@ def convert_report(result: ConvertResult) -> str:
         f"  image manifest {result.image_manifest_digest} (the original plus {soci_index.INDEX_DIGEST})",
         f"  SOCI v2 index  {result.soci_index_digest}",
         f"{result.image} ({result.manifest_digest}) is unchanged; {_rate(result.layers, result.seconds)}",
+        *([f"note: {result.image} is a multi-platform index ({result.source_index}); {result.new_ref} holds "
+           f"only {platform}"] if result.source_index else []),
     ])
 
 

@@ -18,7 +18,7 @@ from snapshotter.formats import soci_index
 from snapshotter.registry import RegistryClient
 from snapshotter.registry.manifest import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 from snapshotter.registry.referrers import referrers_tag
-from snapshotter.soci import build, convert, describe, push
+from snapshotter.soci import build, convert, describe, push, report
 from snapshotter.soci.build import SociError
 from snapshotter.soci.discovery import find_index
 from snapshotter.soci.local import LocalIndexes
@@ -195,3 +195,20 @@ async def test_convert_turns_docker_media_types_into_oci(registry: Registry, cli
 
 def image_layout_manifest(image: Sample) -> bytes:
     return (image.layout / "blobs" / "sha256" / image.manifest_digest.split(":")[1]).read_bytes()
+
+
+async def test_convert_of_a_multi_platform_index_keeps_the_client_platform(
+        registry: Registry, image: Sample, client: RegistryClient, store: LocalIndexes) -> None:
+    pushed(registry, image, "soci/multi")
+    manifest = image_layout_manifest(image)
+    entries = [{"mediaType": OCI_MANIFEST, "digest": image.manifest_digest, "size": len(manifest),
+                "platform": {"architecture": arch, "os": "linux"}} for arch in ("arm64", "amd64")]
+    multi = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}).encode()
+    with trio.fail_after(LIMIT):
+        index_digest = await client.push_manifest(f"{registry.host}/soci/multi:multi", multi, OCI_INDEX)
+        result = await convert.convert(client, store, f"{registry.host}/soci/multi:multi",
+                                       f"{registry.host}/soci/multi:multi-soci", span_size=SPAN, min_layer_size=MIN)
+    assert result.source_index == index_digest and result.manifest_digest == image.manifest_digest
+    _, raw = fetch_manifest(registry.host, "soci/multi", "multi-soci")
+    assert [m["platform"]["architecture"] for m in json.loads(raw)["manifests"]] == ["amd64", "amd64"]
+    assert "holds only linux/amd64" in report.convert_report(result)
