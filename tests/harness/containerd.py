@@ -288,6 +288,11 @@ class Containerd:
                         *extra, ref, container_id, *cmd,
                         namespace=namespace, timeout=timeout, check=check)
 
+    def wait_for_snapshotter(self, name: str, timeout: float = 15.0) -> None:
+        """Wait until containerd has redialled a restarted proxy snapshotter (its backoff caps at 3 s)."""
+        wait_until(lambda: self.ctr("snapshots", "--snapshotter", name, "ls", check=False, timeout=30).returncode == 0,
+                   timeout, f"containerd to reach the restarted {name}")
+
     def gc(self, namespace: str = "default") -> None:
         """Run containerd's garbage collector now and wait for it (and its snapshotter passes).
 

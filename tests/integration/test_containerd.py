@@ -137,7 +137,7 @@ def test_restart_between_pull_and_run(containerd: Containerd, lazysnap: Lazysnap
     containerd.pull(ref, LAZY)
     before = snapshot_rows(containerd, LAZY)
     lazysnap.restart()
-    # containerd redials the plugin by itself (its backoff is capped at 3 s).
+    containerd.wait_for_snapshotter(LAZY)  # containerd redials the plugin by itself
     assert snapshot_rows(containerd, LAZY) == before
     done = containerd.run_container(ref, cid, "sh", "-c", "/hello.sh; cat /middle.txt", snapshotter=LAZY)
     assert done.stdout.splitlines() == [HELLO_OUTPUT, MIDDLE_TEXT.strip()]

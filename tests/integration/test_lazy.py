@@ -40,7 +40,7 @@ from tests.harness.images import (
     sample_layers,
 )
 from tests.harness.lazysnap import Lazysnap
-from tests.harness.procs import run
+from tests.harness.procs import run, wait_until
 from tests.harness.registry import Registry
 from tests.harness.tree import diff_trees, mount_snapshot, snapshot_tree
 
@@ -200,23 +200,6 @@ def snapshot_keys(containerd: Containerd, snapshotter: str = LAZY) -> list[str]:
 def settled_mark(registry: Registry) -> int:
     """A position in the access log once the lines of requests already answered have landed."""
     return len(registry.requests(settle=0.3))
-
-
-def wait_for(check, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.2)
-
-
-def reconnected(containerd: Containerd) -> None:
-    """Wait until containerd has redialled a restarted lazysnap (its backoff is capped at 3 s)."""
-    wait_for(lambda: containerd.ctr("snapshots", "--snapshotter", LAZY, "ls", check=False, timeout=30).returncode == 0,
-             15, "containerd to reach the restarted lazysnap")
 
 
 def run_script(containerd: Containerd, ref: str, script: str, cid: str, check: bool = True):
@@ -460,7 +443,7 @@ def test_restart_then_run(containerd: Containerd, lazysnap: Lazysnap, lazy_image
     output, rows = rpull(containerd, lazysnap, pushed.ref)
     assert all(row.how == "lazy estargz" for row in rows.values()), output
     lazysnap.restart()
-    reconnected(containerd)
+    containerd.wait_for_snapshotter(LAZY)
     done, _ = run_script(containerd, pushed.ref, "/hello.sh; cat /middle.txt", cid)
     assert done.stdout.splitlines() == [HELLO_OUTPUT, MIDDLE_TEXT.strip()]
     out, layers = status(lazysnap)
@@ -479,7 +462,7 @@ def test_crash_leaves_nothing_a_restart_cannot_fix(containerd: Containerd, lazys
         os.statvfs(lazysnap.root / "fuse")
     assert dead.value.errno == errno.ENOTCONN
     lazysnap.start()
-    reconnected(containerd)
+    containerd.wait_for_snapshotter(LAZY)
     done, _ = run_script(containerd, pushed.ref, "/hello.sh; cat /middle.txt", cid)
     assert done.stdout.splitlines() == [HELLO_OUTPUT, MIDDLE_TEXT.strip()]
     assert "cleared a stale FUSE mount" in lazysnap.proc.log_text()
@@ -495,7 +478,7 @@ def test_restart_with_registry_stopped_serves_cached_files(containerd: Container
 
     own_registry.stop()
     lazysnap.restart()
-    reconnected(containerd)
+    containerd.wait_for_snapshotter(LAZY)
     out, layers = status(lazysnap)
     assert all(layers.get(short(d), {}).get("mode") == "estargz" for d in pushed.layer_digests), out
     done, _ = run_script(containerd, ref, "sha256sum /bin/busybox >/dev/null && cat /small.txt", cid + "-cached")
@@ -515,13 +498,13 @@ def test_image_rm_releases_lazy_layers(containerd: Containerd, lazysnap: Lazysna
     run_script(containerd, pushed.ref, "/hello.sh", cid)
     fuse = lazysnap.root / "fuse"
     assert len(os.listdir(fuse)) == len(pushed.layer_digests)
-    wait_for(lambda: snapshot_keys(containerd) == sorted(pushed.image.chain_ids), 10,
+    wait_until(lambda: snapshot_keys(containerd) == sorted(pushed.image.chain_ids), 10,
              "only the image's layer snapshots to remain")
 
     containerd.ctr("images", "rm", "--sync", pushed.ref)
-    wait_for(lambda: snapshot_keys(containerd) == [], 15, "lazysnap's snapshots to be removed")
-    wait_for(lambda: status(lazysnap)[1] == {}, 15, "lazysnap status to list no layers")
-    wait_for(lambda: os.listdir(fuse) == [], 15, f"{fuse} to have no layer directories")
+    wait_until(lambda: snapshot_keys(containerd) == [], 15, "lazysnap's snapshots to be removed")
+    wait_until(lambda: status(lazysnap)[1] == {}, 15, "lazysnap status to list no layers")
+    wait_until(lambda: os.listdir(fuse) == [], 15, f"{fuse} to have no layer directories")
     layers_dir = lazysnap.root / "layers"
     assert not layers_dir.exists() or os.listdir(layers_dir) == [], f"saved indexes left: {os.listdir(layers_dir)}"
     assert lazysnap.proc is not None and lazysnap.proc.running

@@ -194,5 +194,6 @@ def test_soci_layers_survive_restart(containerd: Containerd, lazysnap: Lazysnap,
                                      cid: str) -> None:
     rpull(containerd, lazysnap, soci_image.ref)
     lazysnap.restart()
+    containerd.wait_for_snapshotter("lazysnap")
     done = containerd.run_container(soci_image.ref, cid, "cat", "/data/small.txt", snapshotter="lazysnap")
     assert done.stdout == "small\n"
