@@ -1,19 +1,17 @@
 """SOCI end to end: an ordinary gzip image, left untouched, is started lazily through zTOCs.
 
-The index here is built with lazysnap's own format code and pushed as a v1 referrer
-(through the fallback tag: the test registry has no referrers API); how `lazysnap
-index create/push/convert` make and publish indexes is tested in test_soci_index.py.
+The index is made and published the way a user does it (`lazysnap index create` and
+`index push`, in the session fixture `soci_image`, or `index convert` for SOCI v2);
+`lazysnap rpull` then finds it and serves the indexed layers lazily.
 """
 
 from __future__ import annotations
 
 import hashlib
-import random
 import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -24,51 +22,30 @@ from snapshotter.registry.client import RegistryClient
 from snapshotter.registry.options import RegistryOptions
 from tests.harness.containerd import Containerd
 from tests.harness.faultproxy import FaultProxy
-from tests.harness.images import HELLO_OUTPUT, File, Layer, OCILayout, push, sample_layers
+from tests.harness.images import HELLO_OUTPUT, Layer, OCILayout, fetch_manifest, push
 from tests.harness.lazysnap import Lazysnap
 from tests.harness.registry import Registry
 from tests.harness.tree import diff_trees, mount_snapshot, snapshot_tree
 
-from .conftest import short_tmpdir
-
-SPAN = 256 << 10
-MIN_LAYER = 64 << 10
+from .conftest import SociImage, lazysnap_cli, short_tmpdir
 
 
-@dataclass
-class SociImage:
-    ref: str
-    manifest_digest: str
-    layers: list[Layer]
-    indexed: dict[str, str]
-    """Layer digest -> the digest of its zTOC."""
-    data: bytes
-    garbage_ref: str
-    """The same layers, but the index's zTOC for the data layer is garbage."""
-
-
-def _index_image(registry: Registry, ref: str, manifest_digest: str, layers: list[Layer],
-                 garbage_for: str = "") -> dict[str, str]:
-    """Build zTOCs for layers of at least MIN_LAYER bytes and push a v1 index referring to the image."""
-    async def main() -> dict[str, str]:
+def _push_garbage_index(ref: str, manifest_digest: str, layers: list[Layer], span: int, garbage_for: str) -> None:
+    """A v1 index for the image at `ref` whose zTOC for layer `garbage_for` is garbage."""
+    async def main() -> None:
         async with RegistryClient(RegistryOptions(plain_http=True, certs_dir=None)) as client:
-            refs, indexed = [], {}
+            refs = []
             for layer in layers:
-                if len(layer.blob) < MIN_LAYER:
-                    continue
-                data = ztoc.build_ztoc([layer.blob], SPAN, len(layer.blob))
+                data = ztoc.build_ztoc([layer.blob], span, len(layer.blob))
                 if layer.digest == garbage_for:
                     data = data[: len(data) // 3] + b"garbage" * 100
                 desc = await client.push_blob(ref, data)
-                refs.append(soci_index.ztoc_ref(desc.digest, len(data), layer.digest, layer.media_type, SPAN))
-                indexed[layer.digest] = desc.digest
+                refs.append(soci_index.ztoc_ref(desc.digest, len(data), layer.digest, layer.media_type, span))
             await client.push_blob(ref, soci_index.EMPTY_CONFIG)
             _, raw, _ = await client.fetch_manifest(ref, manifest_digest)
-            subject = soci_index.Ref("application/vnd.oci.image.manifest.v1+json", manifest_digest, len(raw))
-            index = soci_index.build_index(refs, subject=subject)
-            await client.push_referrer(ref, index, soci_index.OCI_MANIFEST)
-            return indexed
-    return trio.run(main)
+            subject = soci_index.Ref(soci_index.OCI_MANIFEST, manifest_digest, len(raw))
+            await client.push_referrer(ref, soci_index.build_index(refs, subject=subject), soci_index.OCI_MANIFEST)
+    trio.run(main)
 
 
 @pytest.fixture
@@ -78,23 +55,16 @@ def proxy(registry: Registry) -> Iterator[FaultProxy]:
 
 
 @pytest.fixture(scope="module")
-def soci_image(registry: Registry) -> Iterator[SociImage]:
-    tmp = short_tmpdir("lzs-soci-")
+def garbage_ref(registry: Registry, soci_image: SociImage) -> Iterator[str]:
+    """The same layers under another manifest, whose index has a garbage zTOC for the data layer."""
+    tmp = short_tmpdir("lzs-soci-bad-")
     try:
         layout = OCILayout(tmp / "layout")
-        rng = random.Random(4)
-        data = rng.randbytes(3 << 20)
-        text = b"".join(b"row %d of a text file\n" % i for i in range(60_000))
-        layers = [Layer.from_entries(entries) for entries in sample_layers()]
-        layers.append(Layer.from_entries([File("data/random.bin", data), File("data/text.log", text),
-                                          File("data/small.txt", "small\n")]))
-        image = layout.add_image("soci", layers, cmd=["/hello.sh"])
-        ref = push(layout.root, "soci", registry, "lazysnap/soci-sample", image=image)
-        indexed = _index_image(registry, ref, image.manifest_digest, layers)
-        other = layout.add_image("soci-garbage", layers, cmd=["/bin/sh"])  # another manifest, same layers
-        garbage_ref = push(layout.root, "soci-garbage", registry, "lazysnap/soci-sample", image=other)
-        _index_image(registry, garbage_ref, other.manifest_digest, layers, garbage_for=layers[-1].digest)
-        yield SociImage(ref, image.manifest_digest, layers, indexed, data, garbage_ref)
+        image = layout.add_image("garbage", soci_image.layers, cmd=["/bin/sh"])
+        ref = push(layout.root, "garbage", registry, "lazysnap/soci-index", image=image)
+        _push_garbage_index(ref, image.manifest_digest, soci_image.layers[-1:], soci_image.span_size,
+                            garbage_for=soci_image.layers[-1].digest)
+        yield ref
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -109,7 +79,10 @@ def rpull(containerd: Containerd, lazysnap: Lazysnap, ref: str) -> str:
 
 def test_soci_image_runs_lazily_and_small_layers_are_pulled_whole(
         containerd: Containerd, lazysnap: Lazysnap, soci_image: SociImage, registry: Registry, cid: str) -> None:
-    assert soci_image.indexed and len(soci_image.indexed) < len(soci_image.layers), "want both kinds of layer"
+    assert soci_image.indexed and soci_image.skipped, "want both kinds of layer"
+    host, _, rest = soci_image.ref.partition("/")
+    repo, _, tag = rest.rpartition(":")
+    assert fetch_manifest(host, repo, tag)[0] == soci_image.manifest_digest, "indexing must not touch the image"
     out = rpull(containerd, lazysnap, soci_image.ref)
     for layer in soci_image.layers:
         row = next(line for line in out.splitlines() if line.startswith(layer.digest[:19]))
@@ -166,11 +139,11 @@ def test_a_ztoc_that_does_not_match_its_digest_is_not_used(containerd: Container
 
 
 def test_a_garbage_ztoc_is_a_clear_fallback(containerd: Containerd, lazysnap: Lazysnap, soci_image: SociImage,
-                                            cid: str) -> None:
-    out = rpull(containerd, lazysnap, soci_image.garbage_ref)
+                                            garbage_ref: str, cid: str) -> None:
+    out = rpull(containerd, lazysnap, garbage_ref)
     row = _row(out, soci_image.layers[-1].digest)
     assert "pulled whole" in row and "unusable soci index" in row, out
-    done = containerd.run_container(soci_image.garbage_ref, cid, "cat", "/data/small.txt", snapshotter="lazysnap")
+    done = containerd.run_container(garbage_ref, cid, "cat", "/data/small.txt", snapshotter="lazysnap")
     assert done.stdout == "small\n"
 
 
@@ -197,3 +170,20 @@ def test_soci_layers_survive_restart(containerd: Containerd, lazysnap: Lazysnap,
     containerd.wait_for_snapshotter("lazysnap")
     done = containerd.run_container(soci_image.ref, cid, "cat", "/data/small.txt", snapshotter="lazysnap")
     assert done.stdout == "small\n"
+
+
+def test_soci_v2_convert_runs_lazily(containerd: Containerd, lazysnap: Lazysnap, soci_image: SociImage,
+                                     cid: str) -> None:
+    """`index convert` makes the v2 form (a new image index); rpull of it finds the index by annotation."""
+    new_ref = soci_image.ref.rsplit(":", 1)[0] + ":v2-soci"
+    lazysnap_cli("index", "convert", soci_image.ref, new_ref, "--store", str(soci_image.store), "--plain-http",
+                 "--span-size", str(soci_image.span_size), "--min-layer-size", str(soci_image.min_layer_size))
+    out = rpull(containerd, lazysnap, new_ref)
+    for digest in soci_image.indexed:
+        assert "lazy soci" in _row(out, digest), out
+    for digest in soci_image.skipped:
+        assert "pulled whole" in _row(out, digest), out
+    done = containerd.run_container(new_ref, cid, "sh", "-c", "/hello.sh; sha256sum /data/random.bin",
+                                    snapshotter="lazysnap")
+    lines = done.stdout.splitlines()
+    assert lines[0] == HELLO_OUTPUT and lines[1].split()[0] == hashlib.sha256(soci_image.data).hexdigest()
