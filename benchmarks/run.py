@@ -141,7 +141,16 @@ def machine() -> dict:
     mem = int(Path("/proc/meminfo").read_text().split()[1]) // 1024
     return {"kernel": platform.release(), "cpu": cpu, "cores": len(__import__("os").sched_getaffinity(0)),
             "mem_mib": mem, "python": platform.python_version(), "containerd": first(["containerd", "--version"]),
-            "debian": Path("/etc/debian_version").read_text().strip()}
+            "debian": Path("/etc/debian_version").read_text().strip(), "lazysnap": lazysnap_version()}
+
+
+def lazysnap_version() -> str:
+    """The commit lazysnap ran from, and whether snapshotter/ had uncommitted changes."""
+    root = Path(__file__).resolve().parent.parent
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=root).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "snapshotter"], capture_output=True, text=True,
+                           cwd=root).stdout.strip()
+    return f"{head}{' + uncommitted changes in snapshotter/' if dirty else ''}"
 
 
 def fmt(s: dict | None, unit: float = 1.0, digits: int = 2) -> str:
