@@ -30,7 +30,6 @@ import json
 import os
 import random
 import shutil
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -40,9 +39,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.harness.containerd import Containerd
-from tests.harness.images import Dir, Entry, File, Layer, OCILayout, Symlink, busybox_bytes, fetch_manifest, \
-    gzip_bytes, push, sha256_digest
-from tests.harness.procs import HarnessError, require_tool, run
+from tests.harness.images import (
+    Dir,
+    Entry,
+    File,
+    Layer,
+    OCILayout,
+    Symlink,
+    busybox_bytes,
+    fetch_manifest,
+    gzip_bytes,
+    push,
+    sha256_digest,
+)
+from tests.harness.procs import require_tool, run
 
 CACHE = Path(os.environ.get("LAZYSNAP_BENCH_CACHE", "/var/tmp/lazysnap-bench"))
 STORAGE = CACHE / "registry"
@@ -184,11 +194,11 @@ def _python_layer_of(name: str) -> int | None:
 
 def build_python_app() -> tuple[list[Layer], str]:
     outs = [io.BytesIO(), io.BytesIO()]
-    tars = [tarfile.open(fileobj=o, mode="w", format=tarfile.PAX_FORMAT) for o in outs]
+    tars = [tarfile.open(fileobj=o, mode="w", format=tarfile.PAX_FORMAT) for o in outs]  # noqa: SIM115 (closed below)
     names: list[set[str]] = [set(), set()]
     with tarfile.open(rootfs_tarball()) as src:
         for m in src:
-            name = m.name[2:] if m.name.startswith("./") else m.name
+            name = m.name.removeprefix("./")
             if name in ("", "."):
                 continue
             which = _python_layer_of(name)
@@ -196,7 +206,7 @@ def build_python_app() -> tuple[list[Layer], str]:
                 continue
             m.name = name
             if m.islnk():
-                target = m.linkname[2:] if m.linkname.startswith("./") else m.linkname
+                target = m.linkname.removeprefix("./")
                 if target in names[which]:
                     m.linkname = target
                     tars[which].addfile(m)

@@ -19,7 +19,6 @@ link: latency of a small request, throughput of a large one, and the proxy's CPU
 from __future__ import annotations
 
 import argparse
-import http.server
 import json
 import os
 import re
@@ -27,13 +26,19 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
-from tests.harness.procs import HarnessError, ManagedProcess, require_tool, run, wait_until
+from tests.harness.procs import (
+    HarnessError,
+    ManagedProcess,
+    require_tool,
+    run,
+    wait_until,
+)
 from tests.harness.registry import CONFIG_TEMPLATE, Registry
 
 NAMESPACE = "lzsb-reg"
@@ -68,14 +73,14 @@ def _ip(*args: str, ns: str | None = None, check: bool = True) -> subprocess.Com
 
 def cleanup_leftovers() -> None:
     """Remove the namespace and veth of an earlier run that did not get to clean up."""
-    if subprocess.run(["ip", "link", "show", VETH_ROOT], capture_output=True).returncode == 0:
-        subprocess.run(["ip", "link", "del", VETH_ROOT], capture_output=True)
-    if NAMESPACE in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split():
+    if subprocess.run(["ip", "link", "show", VETH_ROOT], capture_output=True, check=False).returncode == 0:
+        subprocess.run(["ip", "link", "del", VETH_ROOT], capture_output=True, check=False)
+    if NAMESPACE in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False).stdout.split():
         # Any process still living in it would keep it alive: stop those first.
-        pids = subprocess.run(["ip", "netns", "pids", NAMESPACE], capture_output=True, text=True).stdout.split()
+        pids = subprocess.run(["ip", "netns", "pids", NAMESPACE], capture_output=True, text=True, check=False).stdout.split()
         for pid in pids:
-            subprocess.run(["kill", "-9", pid], capture_output=True)
-        subprocess.run(["ip", "netns", "del", NAMESPACE], capture_output=True)
+            subprocess.run(["kill", "-9", pid], capture_output=True, check=False)
+        subprocess.run(["ip", "netns", "del", NAMESPACE], capture_output=True, check=False)
 
 
 @dataclass
@@ -98,8 +103,8 @@ class NetnsRegistry(Registry):
 
     def _in_ns_answers(self) -> bool:
         return subprocess.run(["ip", "netns", "exec", self.namespace, sys.executable, "-c",
-                               f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{self.port}/v2/', "
-                               "timeout=1)"], capture_output=True).returncode == 0
+                               (f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{self.port}/v2/', "
+                               "timeout=1)")], capture_output=True, check=False).returncode == 0
 
 
 @dataclass
@@ -132,7 +137,7 @@ class ShapedLink:
     def describe(self) -> str:
         return "loopback (unshaped)" if self.loopback else f"{self.rate}, {self.rtt * 1000:g} ms RTT (tbf + delay proxy)"
 
-    def __enter__(self) -> ShapedLink:
+    def __enter__(self) -> Self:
         try:
             self.start()
         except BaseException:
@@ -206,12 +211,12 @@ class ShapedLink:
             if proc is not None:
                 try:
                     proc.stop()
-                except Exception as e:  # keep tearing down
+                except Exception as e:  # noqa: BLE001 (whatever it was, keep tearing down)
                     print(f"warning: stopping {proc.name}: {e}", file=sys.stderr)
         if self._made:
-            subprocess.run(["tc", "qdisc", "del", "dev", VETH_ROOT, "root"], capture_output=True)
+            subprocess.run(["tc", "qdisc", "del", "dev", VETH_ROOT, "root"], capture_output=True, check=False)
             subprocess.run(["ip", "netns", "exec", NAMESPACE, "tc", "qdisc", "del", "dev", VETH_NS, "root"],
-                           capture_output=True)
+                           capture_output=True, check=False)
             cleanup_leftovers()
             self._made = False
 

@@ -135,7 +135,7 @@ def summarize(values: list[float]) -> dict | None:
 
 def machine() -> dict:
     def first(cmd: list[str]) -> str:
-        return subprocess.run(cmd, capture_output=True, text=True).stdout.strip().splitlines()[0]
+        return subprocess.run(cmd, capture_output=True, text=True, check=False).stdout.strip().splitlines()[0]
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), "?")
     mem = int(Path("/proc/meminfo").read_text().split()[1]) // 1024
@@ -147,9 +147,9 @@ def machine() -> dict:
 def lazysnap_version() -> str:
     """The commit lazysnap ran from, and whether snapshotter/ had uncommitted changes."""
     root = Path(__file__).resolve().parent.parent
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=root).stdout.strip()
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=root, check=False).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "snapshotter"], capture_output=True, text=True,
-                           cwd=root).stdout.strip()
+                           cwd=root, check=False).stdout.strip()
     return f"{head}{' + uncommitted changes in snapshotter/' if dirty else ''}"
 
 
@@ -164,8 +164,8 @@ def fmt(s: dict | None, unit: float = 1.0, digits: int = 2) -> str:
 
 def markdown(report: dict) -> str:
     lines = [f"### {report['link']} — {report['runs']} cold runs each, median [min–max]", "",
-             "| image | mode | pull s | create s | run s | **total s** | speed-up | warm start s | registry MiB "
-             "| range GETs | workload read MiB | fetched ÷ read | lazysnap peak RSS MiB |",
+             ("| image | mode | pull s | create s | run s | **total s** | speed-up | warm start s | registry MiB "
+             "| range GETs | workload read MiB | fetched ÷ read | lazysnap peak RSS MiB |"),
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     MiB = 2 ** 20
     for image, modes in report["summary"].items():
