@@ -14,9 +14,8 @@ The runner serves that storage, unchanged, from inside the shaped namespace.
 - many-files: busybox plus a node_modules-like tree of 30,000 small files; the workload
   counts them with `find | wc -l`, stats them all with `du -s`, and reads five.
 
-SOCI: `VARIANTS["soci"]` is the hook. It needs `lazysnap index create/push` (being
-built); once that exists, fill in `_soci` to index the `gzip` tag and return the ref
-to pull, and `python -m benchmarks.run --modes ...,soci` picks it up.
+SOCI (tag `soci`): `lazysnap index convert` of the gzip tag, a SOCI v2 image (the same
+gzip layers plus zTOCs, found through the `com.amazon.soci.index-digest` annotation).
 
     python -m benchmarks.images [--images python-app,big-file,many-files] [--rebuild]
 """
@@ -251,10 +250,16 @@ def _estargz(ctd: Containerd, gzip_ref: str, ref: str) -> None:
 
 
 def _soci(ctd: Containerd, gzip_ref: str, ref: str) -> None:
-    """Hook for SOCI: index the gzip image with lazysnap's own indexer and push the index."""
-    raise NotImplementedError(
-        "SOCI images are not built yet: implement benchmarks.images._soci with `lazysnap index create` and "
-        "`lazysnap index push` once they exist (index the gzip tag; push to the same registry).")
+    """SOCI v2: `lazysnap index convert` builds zTOCs for the gzip image's layers (its defaults:
+    4 MiB spans, layers under 10 MiB get none) and pushes the image plus its index at `ref`.
+    The layers themselves are the gzip image's, byte for byte. The index store is a temp dir,
+    so no node state is touched and every benchmark node starts without it."""
+    store = Path(tempfile.mkdtemp(prefix="lzsb-soci-", dir="/var/tmp"))
+    try:
+        run([sys.executable, "-m", "snapshotter", "index", "convert", "--plain-http", "--store", str(store),
+             gzip_ref, ref], timeout=1800)
+    finally:
+        shutil.rmtree(store, ignore_errors=True)
 
 
 VARIANTS: dict[str, Callable[[Containerd, str, str], None] | None] = {
@@ -282,6 +287,11 @@ def _save_catalog(catalog: dict) -> None:
 def _describe(host: str, repo: str, tag: str) -> dict:
     digest, body = fetch_manifest(host, repo, tag)
     manifest = json.loads(body)
+    if "manifests" in manifest:  # an image index (SOCI v2 convert writes one): take the amd64/linux image
+        chosen = next(m for m in manifest["manifests"]
+                      if m.get("platform", {}).get("architecture", "amd64") == "amd64")
+        _, body = fetch_manifest(host, repo, chosen["digest"])
+        manifest = json.loads(body)
     layers = [{"digest": d["digest"], "size": d["size"], "mediaType": d["mediaType"],
                "toc_digest": d.get("annotations", {}).get("containerd.io/snapshot/stargz/toc.digest")}
               for d in manifest["layers"]]
