@@ -15,26 +15,9 @@ from snapshotter.cache import ChunkCache
 from snapshotter.formats import ztoc
 from snapshotter.layers.layer import ReadError
 from snapshotter.layers.soci import SociLayer
+from tests.unit.blobs import MemoryBlob
 
 SPAN = 64 << 10
-
-
-class MemoryBlob:
-    def __init__(self, data: bytes, digest: str = "sha256:" + "ab" * 32) -> None:
-        self.data, self._digest, self.fetched_bytes, self.reads = bytearray(data), digest, 0, 0
-
-    @property
-    def digest(self) -> str:
-        return self._digest
-
-    @property
-    def size(self) -> int:
-        return len(self.data)
-
-    async def read(self, start: int, end: int) -> bytes:
-        self.reads += 1
-        self.fetched_bytes += end - start
-        return bytes(self.data[start:end])
 
 
 def layer_files() -> dict[str, bytes]:
