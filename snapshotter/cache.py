@@ -10,7 +10,9 @@ Why it is built this way:
   low-water mark (peer snapshotters' caches grow until the disk is full).
 - Concurrent misses for one key fetch once (single-flight): the others wait for it.
 - A small in-memory LRU keeps hot chunks, so a run of 128 KiB FUSE reads within one
-  4 MiB chunk costs one disk load and one digest check, not thirty-two.
+  4 MiB chunk costs one disk load and one digest check, not thirty-two; and once a file
+  has been verified in this run, a small read of it reads only the bytes it needs
+  (cached files are never changed after they are renamed into place).
 - A full disk costs only caching: the data is still returned.
 """
 
@@ -73,6 +75,8 @@ class ChunkCache:
         self._memory: OrderedDict[str, bytes] = OrderedDict()
         self._memory_used = 0
         self._inflight: dict[str, _InFlight] = {}
+        self._verified: set[str] = set()
+        """Names whose file was written or verified by this process: safe to read in part."""
         self._load_index()
 
     @property
@@ -138,10 +142,31 @@ class ChunkCache:
             self._forget(name, unlink=True)
             self.stats.misses += 1
             return None
+        self._verified.add(name)
         self._touch(name)
         self._remember(key, data)
         self.stats.hits += 1
         return data
+
+    async def get_range(self, key: str, start: int, end: int, verify: Verify | None = None) -> bytes | None:
+        """Bytes [start, end) of the chunk for `key`, reading no more of it than needed once verified."""
+        data = self._memory.get(key)
+        if data is not None:
+            self._memory.move_to_end(key)
+            self.stats.hits += 1
+            return data[start:end]
+        name = _name(key)
+        if name in self._verified and name in self._index:
+            try:
+                part = await trio.to_thread.run_sync(_pread, self._path(name), start, end - start)
+            except FileNotFoundError:
+                self._forget(name)
+            else:
+                self._touch(name)
+                self.stats.hits += 1
+                return part
+        whole = await self.get(key, verify)
+        return None if whole is None else whole[start:end]
 
     async def put(self, key: str, data: bytes) -> None:
         """Store verified data; a disk error is logged and costs only the caching."""
@@ -157,6 +182,7 @@ class ChunkCache:
             log.log(level, "could not cache %s (%d bytes): %s", key, len(data), e)
             return
         self._index[name] = _Entry(len(data), time.time())
+        self._verified.add(name)
         self._bytes += len(data)
         if self._bytes > self.max_bytes:
             self._evict(int(self.max_bytes * 0.9))
@@ -180,6 +206,7 @@ class ChunkCache:
             self.stats.evictions += 1
 
     def _forget(self, name: str, unlink: bool = False) -> None:
+        self._verified.discard(name)
         entry = self._index.pop(name, None)
         if entry is not None:
             self._bytes -= entry.size
@@ -228,6 +255,11 @@ class ChunkCache:
             self._bytes += size
         if self._bytes > self.max_bytes:
             self._evict(int(self.max_bytes * 0.9))
+
+
+def _pread(path: Path, offset: int, length: int) -> bytes:
+    with open(path, "rb") as f:
+        return os.pread(f.fileno(), length, offset)
 
 
 def _name(key: str) -> str:

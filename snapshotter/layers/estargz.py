@@ -86,8 +86,10 @@ class EStargzLayer:
         for chunk in chunks[first:]:
             if chunk.file_offset >= end:
                 break
-            data = await self._chunk(chunk)
-            parts.append(data[max(0, offset - chunk.file_offset):end - chunk.file_offset])
+            lo, hi = max(0, offset - chunk.file_offset), min(chunk.size, end - chunk.file_offset)
+            verify = sha256_verifier(chunk.digest) if chunk.digest else None
+            part = await self.cache.get_range(self._key(chunk), lo, hi, verify)
+            parts.append(part if part is not None else (await self._chunk(chunk))[lo:hi])
         return b"".join(parts)
 
     async def _chunk(self, chunk: estargz.Chunk) -> bytes:

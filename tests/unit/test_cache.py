@@ -135,3 +135,21 @@ async def test_cancelled_fetcher_hands_over_to_a_waiter(tmp_path: Path) -> None:
         await trio.sleep(0.01)
         n.start_soon(lambda: _append(got, cache.get_or_fetch("k", slow_then_fast)))
     assert got == [b"data"] and calls == 2
+
+
+async def test_range_reads_verify_once_then_read_only_what_they_need(tmp_path: Path) -> None:
+    data = bytes(range(256)) * 64
+    first = ChunkCache(tmp_path, max_bytes=1 << 20, memory_bytes=0)
+    await first.put(digest(data), data)
+    cache = ChunkCache(tmp_path, max_bytes=1 << 20, memory_bytes=0)  # a restart: nothing verified yet
+    checks = 0
+
+    def counting(d: bytes) -> bool:
+        nonlocal checks
+        checks += 1
+        return sha256_verifier(digest(data))(d)
+
+    assert await cache.get_range(digest(data), 10, 20, counting) == data[10:20]
+    assert await cache.get_range(digest(data), 1000, 1004, counting) == data[1000:1004]
+    assert checks == 1, "a verified file is read in part afterwards, not re-verified"
+    assert await cache.get_range("absent", 0, 4) is None
