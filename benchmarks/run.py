@@ -52,7 +52,7 @@ class Mode:
 MODES = {m.name: m for m in (
     Mode("overlayfs", "gzip", lazy=False),
     Mode("estargz", "estargz", lazy=True),
-    Mode("soci", "soci", lazy=True),       # hook: needs benchmarks.images._soci (lazysnap index create/push)
+    Mode("soci", "soci", lazy=True),       # SOCI v2 image from `lazysnap index convert` (benchmarks/images.py)
 )}
 
 
