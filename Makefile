@@ -8,13 +8,21 @@ VENV   := .venv
 PYTHON := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: test demo deps apt-deps venv proto clean
+.PHONY: test demo bench deps apt-deps venv proto clean
 
 test: deps
 	$(PYTHON) -m pytest -v $(PYTEST_ARGS)
 
 demo: deps
 	$(PYTHON) -m tests.demo
+
+# Cold-start and read benchmarks against containerd's overlayfs (not part of `make test`;
+# about 25 minutes; results and method in benchmarks/RESULTS.md).
+bench: deps
+	$(MAKE) apt-deps APT_PACKAGES="debootstrap fio"
+	$(PYTHON) -m benchmarks.run --modes overlayfs,estargz,soci $(BENCH_ARGS)
+	$(PYTHON) -m benchmarks.run --modes overlayfs,estargz,soci --loopback $(BENCH_ARGS)
+	$(PYTHON) -m benchmarks.micro
 
 deps: apt-deps venv
 
