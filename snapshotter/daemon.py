@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import logging
 import signal
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 
 import trio
 
@@ -23,12 +24,12 @@ from .cache import ChunkCache
 from .config import Config
 from .fuse.filesystem import LayerFilesystem
 from .fuse.mount import clear_stale_mount, serve_fuse
-from .layers.manager import ManagerOptions, open_manager
+from .layers.manager import LayerManager, ManagerOptions, open_manager
 from .mounts import overlay_index_off
 from .registry.client import RegistryClient
 from .registry.options import RegistryOptions
 from .sdnotify import notify
-from .snapshots import Snapshotter
+from .snapshots import FUSE_DIR, Snapshotter
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -62,29 +63,22 @@ async def serve(config: Config) -> None:
         store.close()
 
 
-def _open_lazy_side(config: Config, store: Store, nursery: trio.Nursery):  # type: ignore[no-untyped-def]
+@asynccontextmanager
+async def _open_lazy_side(config: Config, store: Store, nursery: trio.Nursery) -> AsyncIterator[LayerManager]:
     """FUSE mount, registry client, chunk cache and layer manager, torn down in reverse."""
-
-    class _Lazy:
-        async def __aenter__(self):  # type: ignore[no-untyped-def]
-            self.stack = AsyncExitStack()
-            mountpoint = config.root / "fuse"  # where Snapshotter.layer_path looks
-            if await clear_stale_mount(mountpoint):
-                log.warning("cleared a stale FUSE mount at %s (left by a crashed lazysnap)", mountpoint)
-            mountpoint.mkdir(exist_ok=True)
-            fs = LayerFilesystem(read_timeout=config.read_timeout)
-            await nursery.start(serve_fuse, mountpoint, fs)
-            registry = await self.stack.enter_async_context(RegistryClient(RegistryOptions(
-                certs_dir=config.certs_dir, docker_config=config.docker_config)))
-            cache = ChunkCache(config.root / "cache", config.cache_max_mib << 20)
-            options = ManagerOptions(resolve_timeout=config.resolve_timeout, allow_unverified=config.allow_unverified)
-            return await self.stack.enter_async_context(
-                open_manager(config.root, store, registry, cache, fs, options))
-
-        async def __aexit__(self, *exc: object) -> None:
-            await self.stack.aclose()
-
-    return _Lazy()
+    mountpoint = config.root / FUSE_DIR
+    if await clear_stale_mount(mountpoint):
+        log.warning("cleared a stale FUSE mount at %s (left by a crashed lazysnap)", mountpoint)
+    mountpoint.mkdir(exist_ok=True)
+    fs = LayerFilesystem(read_timeout=config.read_timeout)
+    await nursery.start(serve_fuse, mountpoint, fs)
+    options = RegistryOptions(certs_dir=config.certs_dir, docker_config=config.docker_config)
+    async with RegistryClient(options) as registry:
+        cache = ChunkCache(config.root / "cache", config.cache_max_mib << 20)
+        manager_options = ManagerOptions(resolve_timeout=config.resolve_timeout,
+                                         allow_unverified=config.allow_unverified)
+        async with open_manager(config.root, mountpoint, store, registry, cache, fs, manager_options) as manager:
+            yield manager
 
 
 def run(config: Config) -> None:

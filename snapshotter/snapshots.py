@@ -14,7 +14,6 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -25,6 +24,9 @@ from .mounts import Mount, compose
 from .store import Kind, LayerRecord, Parent, Snapshot, Store
 
 log = logging.getLogger(__name__)
+
+FUSE_DIR = "fuse"
+"""Under the root: the one FUSE mount, where each lazily served layer is a directory."""
 
 MAX_LABEL_BYTES = 4096
 """containerd's limit on one label's key plus value."""
@@ -39,8 +41,8 @@ class Usage:
 class RemoteLayers(Protocol):
     """Lazily served layers (`layers/manager.py`). Without one, every layer is pulled whole."""
 
-    def mount(self, request: L.LayerRequest, layer_dir: Callable[[int], Path]) -> int | None:
-        """Blocking: the id of a layer record serving `request`, or None to fall back (reason logged)."""
+    def mount(self, request: L.LayerRequest) -> int | None:
+        """Blocking: the id of a layer record serving `request` at `<root>/fuse/<id>`, or None to fall back."""
         ...
 
     def release(self, layers: list[LayerRecord]) -> None:
@@ -55,7 +57,7 @@ class Snapshotter:
         self.root = root
         self.dir = root / "snapshots"
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.fuse_dir = root / "fuse"
+        self.fuse_dir = root / FUSE_DIR
         self.store = store
         self.index_off = index_off
         self.remote = remote
@@ -82,7 +84,7 @@ class Snapshotter:
         with self.store.transaction() as tx:
             if tx.exists(request.target):
                 raise AlreadyExists(f"target snapshot {request.target!r} already exists")
-        layer_id = self.remote.mount(request, self.layer_path)
+        layer_id = self.remote.mount(request)
         if layer_id is None:
             return
         with self.store.transaction() as tx:

@@ -19,7 +19,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,9 +124,9 @@ class _ImageDiscovery:
 
 
 class LayerManager:
-    def __init__(self, root: Path, store: Store, registry: RegistryClient, cache: ChunkCache, fs: LayerFilesystem,
-                 nursery: trio.Nursery, options: ManagerOptions) -> None:
-        self.mountpoint = root / "fuse"
+    def __init__(self, root: Path, mountpoint: Path, store: Store, registry: RegistryClient, cache: ChunkCache,
+                 fs: LayerFilesystem, nursery: trio.Nursery, options: ManagerOptions) -> None:
+        self.mountpoint = mountpoint
         self.local = LocalIndexes(root / "soci")
         self.index_dir = root / "layers"
         self.index_dir.mkdir(parents=True, exist_ok=True)
@@ -143,7 +143,7 @@ class LayerManager:
 
     # -- the blocking face, for the snapshotter on gRPC threads --------------------
 
-    def mount(self, request: LayerRequest, layer_dir: Callable[[int], Path]) -> int | None:
+    def mount(self, request: LayerRequest) -> int | None:
         return trio.from_thread.run(self._mount, request, trio_token=self.token)
 
     def release(self, layers: list[LayerRecord]) -> None:
@@ -382,11 +382,11 @@ class _Fallback(Exception):
 
 
 @asynccontextmanager
-async def open_manager(root: Path, store: Store, registry: RegistryClient, cache: ChunkCache, fs: LayerFilesystem,
-                       options: ManagerOptions) -> AsyncIterator[LayerManager]:
+async def open_manager(root: Path, mountpoint: Path, store: Store, registry: RegistryClient, cache: ChunkCache,
+                       fs: LayerFilesystem, options: ManagerOptions) -> AsyncIterator[LayerManager]:
     """A manager whose background resolutions live (and die) with this block."""
     async with trio.open_nursery() as nursery:
-        manager = LayerManager(root, store, registry, cache, fs, nursery, options)
+        manager = LayerManager(root, mountpoint, store, registry, cache, fs, nursery, options)
         await manager.restore()
         yield manager
         nursery.cancel_scope.cancel()

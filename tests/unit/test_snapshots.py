@@ -92,16 +92,16 @@ def test_disk_usage_counts_hardlinks_once(tmp_path: Path) -> None:
 class FakeRemote:
     """Serves every layer whose digest is in `lazy`; records what it was asked."""
 
-    def __init__(self, store: Store, lazy: set[str]) -> None:
-        self.store, self.lazy = store, lazy
+    def __init__(self, store: Store, lazy: set[str], fuse_dir: Path) -> None:
+        self.store, self.lazy, self.fuse_dir = store, lazy, fuse_dir
         self.released: list[str] = []
 
-    def mount(self, request, layer_dir):  # type: ignore[no-untyped-def]
+    def mount(self, request):  # type: ignore[no-untyped-def]
         if request.layer_digest not in self.lazy:
             return None
         with self.store.transaction() as tx:
             layer_id = tx.put_layer(request.layer_digest, request.image_ref, "estargz", 100, "sha256:toc", 50).id
-        layer_dir(layer_id).mkdir(parents=True, exist_ok=True)  # where FUSE would show it
+        (self.fuse_dir / str(layer_id)).mkdir(parents=True, exist_ok=True)  # where FUSE would show it
         return layer_id
 
     def release(self, layers):  # type: ignore[no-untyped-def]
@@ -119,7 +119,7 @@ def test_remote_handshake_commits_target_and_answers_already_exists(tmp_path: Pa
     from snapshotter.errors import AlreadyExists
 
     store = Store(tmp_path / "metadata.db")
-    remote = FakeRemote(store, lazy={"sha256:l1"})
+    remote = FakeRemote(store, lazy={"sha256:l1"}, fuse_dir=tmp_path / "fuse")
     sn = Snapshotter(tmp_path, store, remote=remote)
     with pytest.raises(AlreadyExists):
         sn.prepare("default/1/extract-1 c1", "", remote_labels("c1", "sha256:l1"))
@@ -144,6 +144,6 @@ def test_remote_handshake_commits_target_and_answers_already_exists(tmp_path: Pa
 
 def test_without_remote_labels_are_just_labels(tmp_path: Path) -> None:
     store = Store(tmp_path / "metadata.db")
-    sn = Snapshotter(tmp_path, store, remote=FakeRemote(store, lazy={"sha256:l1"}))
+    sn = Snapshotter(tmp_path, store, remote=FakeRemote(store, lazy={"sha256:l1"}, fuse_dir=tmp_path / "fuse"))
     sn.prepare("k", "", {"containerd.io/snapshot.ref": "c1"})  # no image/layer: not a remote request
     assert sn.stat("k").kind == Kind.ACTIVE
