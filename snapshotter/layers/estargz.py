@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import trio
 
-from ..cache import ChunkCache, sha256_verifier
+from ..cache import ChunkCache, Verify, sha256_verifier
 from ..formats import estargz
 from ..formats.errors import FormatError
 from .layer import Blob, ReadError
@@ -89,11 +89,10 @@ class EStargzLayer:
             lo, hi = max(0, offset - chunk.file_offset), min(chunk.size, end - chunk.file_offset)
             verify = sha256_verifier(chunk.digest) if chunk.digest else None
             part = await self.cache.get_range(self._key(chunk), lo, hi, verify)
-            parts.append(part if part is not None else (await self._chunk(chunk))[lo:hi])
+            parts.append(part if part is not None else (await self._chunk(chunk, verify))[lo:hi])
         return b"".join(parts)
 
-    async def _chunk(self, chunk: estargz.Chunk) -> bytes:
-        verify = sha256_verifier(chunk.digest) if chunk.digest else None
+    async def _chunk(self, chunk: estargz.Chunk, verify: Verify | None) -> bytes:
         try:
             return await self.cache.get_or_fetch(self._key(chunk), lambda: self._fetch(chunk), verify)
         except FormatError as e:
