@@ -9,7 +9,10 @@ import grpc
 import pytest
 
 from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc
+from snapshotter.soci.local import LocalIndexes
 from tests.harness.lazysnap import Lazysnap
+from tests.harness.registry import Registry
+from tests.unit.soci_images import Sample, make_sample
 
 
 @pytest.fixture
@@ -40,3 +43,23 @@ def daemon(short_tmp: Path) -> Iterator[Lazysnap]:
 def client(daemon: Lazysnap) -> Iterator[snapshots_pb2_grpc.SnapshotsStub]:
     with grpc.insecure_channel(f"unix:{daemon.address}") as channel:
         yield snapshots_pb2_grpc.SnapshotsStub(channel)
+
+
+@pytest.fixture(scope="module")
+def registry() -> Iterator[Registry]:
+    """A real docker-registry on loopback, one per test module."""
+    with Registry() as r:
+        yield r
+
+
+@pytest.fixture(scope="module")
+def image(registry: Registry) -> Iterator[Sample]:
+    """The SOCI tests' sample image (see soci_images.py), built once per module."""
+    yield from make_sample()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> LocalIndexes:
+    """An empty local SOCI index store."""
+    return LocalIndexes(tmp_path / "soci")
+

@@ -55,12 +55,6 @@ def fast(tmp_path: Path, **overrides: Any) -> RegistryOptions:
     return RegistryOptions(**values)
 
 
-@pytest.fixture(scope="module")
-def registry() -> Iterator[Registry]:
-    with Registry() as r:
-        yield r
-
-
 @pytest.fixture
 async def client(tmp_path: Path) -> AsyncIterator[RegistryClient]:
     async with RegistryClient(fast(tmp_path)) as c:

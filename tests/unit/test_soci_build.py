@@ -14,7 +14,7 @@ import os
 import random
 import tarfile
 import tracemalloc
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -34,7 +34,6 @@ from tests.unit.soci_images import (
     SPAN,
     Sample,
     blob_gets,
-    make_sample,
     options,
     push_by_client,
     pushed,
@@ -43,26 +42,10 @@ from tests.unit.soci_images import (
 LIMIT = 60
 
 
-@pytest.fixture(scope="module")
-def registry() -> Iterator[Registry]:
-    with Registry() as r:
-        yield r
-
-
-@pytest.fixture(scope="module")
-def image(registry: Registry) -> Iterator[Sample]:
-    yield from make_sample()
-
-
 @pytest.fixture
 async def client(tmp_path: Path) -> AsyncIterator[RegistryClient]:
     async with RegistryClient(options(tmp_path)) as c:
         yield c
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> LocalIndexes:
-    return LocalIndexes(tmp_path / "soci")
 
 
 # --------------------------------------------------------------------------- create

@@ -5,28 +5,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 
 from snapshotter.formats import soci_index
 from snapshotter.soci.local import LocalIndexes
 from tests.harness.registry import Registry
-from tests.unit.soci_images import Sample, make_sample, pushed
+from tests.unit.soci_images import Sample, pushed
 
 SIZES = ["--span-size", "64KiB", "--min-layer-size", "64KiB"]
-
-
-@pytest.fixture(scope="module")
-def registry() -> Iterator[Registry]:
-    with Registry() as r:
-        yield r
-
-
-@pytest.fixture(scope="module")
-def image(registry: Registry) -> Iterator[Sample]:
-    yield from make_sample()
 
 
 def lazysnap(*args: str | Path, store: Path, check: int = 0) -> subprocess.CompletedProcess[bytes]:

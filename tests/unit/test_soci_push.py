@@ -30,7 +30,6 @@ from tests.unit.soci_images import (
     SPAN,
     Sample,
     layer_entries,
-    make_sample,
     options,
     push_by_client,
     pushed,
@@ -40,26 +39,10 @@ LIMIT = 60
 GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 
 
-@pytest.fixture(scope="module")
-def registry() -> Iterator[Registry]:
-    with Registry() as r:
-        yield r
-
-
-@pytest.fixture(scope="module")
-def image(registry: Registry) -> Iterator[Sample]:
-    yield from make_sample()
-
-
 @pytest.fixture
 async def client(tmp_path: Path) -> AsyncIterator[RegistryClient]:
     async with RegistryClient(options(tmp_path)) as c:
         yield c
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> LocalIndexes:
-    return LocalIndexes(tmp_path / "soci")
 
 
 @pytest.fixture
