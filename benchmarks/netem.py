@@ -148,14 +148,8 @@ class ShapedLink:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def start(self) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        if self.loopback:
-            self.registry = _StorageRegistry(workdir=self.workdir / "registry", storage=self.storage).start()
-            return
-        require_tool("tc", "iproute2")
-        cleanup_leftovers()
-        self._made = True
+    def make_link(self) -> None:
+        """The namespace, the veth pair between it and us, and tbf shaping on both ends."""
         _ip("ip", "netns", "add", NAMESPACE)
         _ip("ip", "link", "set", "lo", "up", ns=NAMESPACE)
         _ip("ip", "link", "add", VETH_ROOT, "type", "veth", "peer", "name", VETH_NS)
@@ -166,6 +160,16 @@ class ShapedLink:
         _ip("ip", "link", "set", VETH_NS, "up", ns=NAMESPACE)
         for dev, ns in ((VETH_ROOT, None), (VETH_NS, NAMESPACE)):
             _ip("tc", "qdisc", "add", "dev", dev, "root", *self.tbf_args(), ns=ns)
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.loopback:
+            self.registry = _StorageRegistry(workdir=self.workdir / "registry", storage=self.storage).start()
+            return
+        require_tool("tc", "iproute2")
+        cleanup_leftovers()
+        self._made = True
+        self.make_link()
         self.registry = NetnsRegistry(workdir=self.workdir / "registry", port=REGISTRY_PORT,
                                       storage=self.storage).start()
         self.proxy = ManagedProcess("delayproxy", [
@@ -259,16 +263,7 @@ def selfcheck(rate: str, rtt: float, size_mib: int = 64) -> dict:
         cleanup_leftovers()
         link._made = True
         link.workdir.mkdir(parents=True)
-        _ip("ip", "netns", "add", NAMESPACE)
-        _ip("ip", "link", "set", "lo", "up", ns=NAMESPACE)
-        _ip("ip", "link", "add", VETH_ROOT, "type", "veth", "peer", "name", VETH_NS)
-        _ip("ip", "link", "set", VETH_NS, "netns", NAMESPACE)
-        _ip("ip", "addr", "add", f"{ADDR_ROOT}/{PREFIX}", "dev", VETH_ROOT)
-        _ip("ip", "link", "set", VETH_ROOT, "up")
-        _ip("ip", "addr", "add", f"{ADDR_NS}/{PREFIX}", "dev", VETH_NS, ns=NAMESPACE)
-        _ip("ip", "link", "set", VETH_NS, "up", ns=NAMESPACE)
-        for dev, ns in ((VETH_ROOT, None), (VETH_NS, NAMESPACE)):
-            _ip("tc", "qdisc", "add", "dev", dev, "root", *link.tbf_args(), ns=ns)
+        link.make_link()
         server = ManagedProcess("http.server", ["ip", "netns", "exec", NAMESPACE, sys.executable, "-m", "http.server",
                                                 "--bind", "127.0.0.1", "--directory", str(tmp / "www"),
                                                 str(REGISTRY_PORT)], tmp / "http.log").start()
