@@ -87,6 +87,10 @@ class ChunkCache:
     def __contains__(self, key: str) -> bool:
         return key in self._memory or _name(key) in self._index
 
+    def wanted(self, key: str) -> bool:
+        """Neither cached nor being fetched: worth adding to a fetch."""
+        return key not in self._inflight and key not in self
+
     async def get_or_fetch(self, key: str, fetch: Callable[[], Awaitable[bytes]], verify: Verify | None = None) -> bytes:
         """The chunk for `key`: from memory, from disk, or fetched once however many ask.
 
@@ -118,6 +122,35 @@ class ChunkCache:
         finally:
             del self._inflight[key]
             flight.done.set()
+
+    async def fill(self, keys: list[str], fetch: Callable[[list[str]], Awaitable[dict[str, bytes]]]) -> int:
+        """Fetch, with one call of `fetch`, those `keys` that are neither cached nor being fetched.
+
+        For prefetch and background fetch: one range GET fills many chunks. Readers that
+        miss a claimed key wait for this call like for any fetch. `fetch` returns the
+        verified data of the keys it could get; a key it leaves out, or a failure or
+        cancellation of the whole call, sends each waiter to fetch that key itself, so
+        a speculative fetch never makes a read fail. Returns the bytes stored.
+        """
+        claimed = [k for k in dict.fromkeys(keys) if self.wanted(k)]
+        if not claimed:
+            return 0
+        flights = {k: _InFlight() for k in claimed}
+        self._inflight.update(flights)
+        stored = 0
+        try:
+            self.stats.fetches += 1
+            for key, data in (await fetch(claimed)).items():
+                flight = flights.get(key)
+                if flight is not None and flight.data is None:
+                    flight.data = data
+                    await self.put(key, data)
+                    stored += len(data)
+            return stored
+        finally:
+            for key, flight in flights.items():
+                del self._inflight[key]
+                flight.done.set()
 
     async def get(self, key: str, verify: Verify | None = None) -> bytes | None:
         data = self._memory.get(key)

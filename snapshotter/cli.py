@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 import trio
 
-from . import __version__, config, daemon
+from . import __version__, config, daemon, profiles
 from .containerd import pull
 from .containerd.client import ContainerdClient
 from .errors import SnapshotterError
@@ -70,6 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("what", metavar="DIGEST|IMAGE")
     _registry_args(info)
 
+    profile = commands.add_parser("profile", help="start profiles: what an image reads first, replayed as prefetch"
+                                  ).add_subparsers(dest="profile_command", required=True)
+    plist = profile.add_parser("list", help="the start profiles recorded on this node")
+    ppush = profile.add_parser("push", help="publish this node's start profile of IMAGE beside it, for every node")
+    ppush.add_argument("image")
+    ppush.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                       help="wait up to this long for the daemon to save the profile (default: do not wait)")
+    for p in (plist, ppush):
+        p.add_argument("--root", type=Path, default=config.Config.root, help="the daemon's state directory")
+    _registry_args(ppush)
+
     ztoc = commands.add_parser("ztoc", help="zTOCs: inspect, extract a file").add_subparsers(
         dest="ztoc_command", required=True)
     zinfo = ztoc.add_parser("info", help="a zTOC's sizes, spans and first files")
@@ -125,7 +136,10 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command in ("index", "ztoc"):
             setup_logging("warning")
             sys.exit(trio.run(soci_command, args))
-    except (SnapshotterError, RegistryError) as e:
+        elif args.command == "profile":
+            setup_logging("warning")
+            sys.exit(trio.run(profile_command, args))
+    except (SnapshotterError, RegistryError, profiles.ProfileError) as e:
         sys.exit(f"lazysnap: {e}")
 
 
@@ -195,6 +209,25 @@ async def get_file_command(registry: RegistryClient, store: local.LocalIndexes, 
     print(report.extracted(result, str(args.output or "standard output")), file=sys.stderr)
 
 
+async def profile_command(args: argparse.Namespace) -> int:
+    store = profiles.ProfileStore(args.root / "profiles")
+    if args.profile_command == "list":
+        for p in store.all():
+            print(f"{p.image}  {len(p.layers)} layer(s)  {sum(len(lp.ranges) for lp in p.layers)} range(s)  "
+                  f"{pull.human_size(p.bytes)} compressed  recorded over {p.seconds:g} s")
+        return 0
+    options = RegistryOptions(plain_http=args.plain_http, certs_dir=args.certs_dir, docker_config=args.docker_config)
+    async with RegistryClient(options) as registry:
+        with trio.move_on_after(args.wait):
+            digest = (await registry.resolve(args.image)).digest
+            while store.get(digest) is None:
+                await trio.sleep(0.5)
+        result = await profiles.push(registry, store, args.image)
+    print(f"pushed the start profile of {result.image} ({result.ranges} ranges, {pull.human_size(result.bytes)}) "
+          f"as {result.manifest_digest}")
+    return 0
+
+
 def status_command(args: argparse.Namespace) -> int:
     client = StatusClient(args.address)
     try:
@@ -204,13 +237,13 @@ def status_command(args: argparse.Namespace) -> int:
         return 1
     finally:
         client.close()
-    rows = [("LAYER", "MODE", "SIZE", "FETCHED", "RESOLVE", "IMAGE / WHY")]
+    rows = [("LAYER", "MODE", "SIZE", "FETCHED", "RESOLVE", "FETCH STATE", "IMAGE / WHY")]
     for layer in reply.layers:
         rows.append((layer.digest[:19], layer.mode, pull.human_size(layer.size), pull.human_size(layer.fetched_bytes),
-                     f"{layer.resolve_seconds:.2f}s", layer.reason or layer.image_ref))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+                     f"{layer.resolve_seconds:.2f}s", layer.fetch_state or "-", layer.reason or layer.image_ref))
+    widths = [max(len(r[i]) for r in rows) for i in range(6)]
     for row in rows:
-        print("  ".join(c.ljust(widths[i]) for i, c in enumerate(row[:5])) + "  " + row[5])
+        print("  ".join(c.ljust(widths[i]) for i, c in enumerate(row[:6])) + "  " + row[6])
     c = reply.cache
     ratio = c.hits / (c.hits + c.misses) if c.hits + c.misses else 0.0
     print(f"cache: {pull.human_size(c.bytes)} of {pull.human_size(c.max_bytes)}, hit rate {ratio:.0%} "

@@ -43,6 +43,20 @@ class Config:
     """containerd's hosts.toml directory: mirrors, plain-HTTP registries, TLS settings."""
     docker_config: Path | None = None
     """Docker config.json with registry credentials (default $DOCKER_CONFIG or ~/.docker)."""
+    prefetch: bool = True
+    """Prefetch at mount what an image reads first: its start profile, eStargz landmark, SOCI prefetch artifact."""
+    record_profiles: bool = True
+    """Record the start profile of an image that has none, under <root>/profiles."""
+    profile_seconds: float = 30.0
+    """How long after an image's first read its start profile records."""
+    fetch_concurrency: int = 4
+    """Parallel range GETs of one image's prefetch."""
+    background_fetch: bool = True
+    """Fetch the rest of every lazy layer into the cache once reads go quiet."""
+    background_quiet_seconds: float = 10.0
+    """Seconds without a read going to the registry before background fetch starts or resumes."""
+    background_rate_mib: float = 32.0
+    """MiB/s background fetch may take at most; 0 means no limit."""
 
     def validate(self) -> Config:
         if not self.root.is_absolute():
@@ -58,6 +72,13 @@ class Config:
         for name in ("resolve_timeout", "read_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("profile_seconds", "background_quiet_seconds"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.fetch_concurrency < 1:
+            raise ConfigError(f"fetch_concurrency must be at least 1, got {self.fetch_concurrency}")
+        if self.background_rate_mib < 0:
+            raise ConfigError(f"background_rate_mib must not be negative, got {self.background_rate_mib}")
         if self.cache_max_mib < 1:
             raise ConfigError(f"cache_max_mib must be at least 1, got {self.cache_max_mib}")
         return self
@@ -66,7 +87,9 @@ class Config:
 _KINDS: dict[str, type] = {
     "root": Path, "address": Path, "log_level": str, "grpc_workers": int, "lazy": bool,
     "allow_unverified": bool, "resolve_timeout": float, "read_timeout": float, "cache_max_mib": int,
-    "certs_dir": Path, "docker_config": Path,
+    "certs_dir": Path, "docker_config": Path, "prefetch": bool, "record_profiles": bool, "profile_seconds": float,
+    "fetch_concurrency": int, "background_fetch": bool, "background_quiet_seconds": float,
+    "background_rate_mib": float,
 }
 
 

@@ -24,6 +24,7 @@ from .cache import ChunkCache
 from .config import Config
 from .fuse.filesystem import LayerFilesystem
 from .fuse.mount import clear_stale_mount, serve_fuse
+from .layers.background import BackgroundOptions
 from .layers.manager import LayerManager, ManagerOptions, open_manager
 from .mounts import overlay_index_off
 from .registry.client import RegistryClient
@@ -75,8 +76,14 @@ async def _open_lazy_side(config: Config, store: Store, nursery: trio.Nursery) -
     options = RegistryOptions(certs_dir=config.certs_dir, docker_config=config.docker_config)
     async with RegistryClient(options) as registry:
         cache = ChunkCache(config.root / "cache", config.cache_max_mib << 20)
+        background = BackgroundOptions(quiet=config.background_quiet_seconds,
+                                       rate=config.background_rate_mib * (1 << 20))
         manager_options = ManagerOptions(resolve_timeout=config.resolve_timeout,
-                                         allow_unverified=config.allow_unverified)
+                                         allow_unverified=config.allow_unverified, prefetch=config.prefetch,
+                                         record_profiles=config.record_profiles,
+                                         profile_seconds=config.profile_seconds,
+                                         fetch_concurrency=config.fetch_concurrency,
+                                         background=background if config.background_fetch else None)
         async with open_manager(config.root, mountpoint, store, registry, cache, fs, manager_options) as manager:
             yield manager
 

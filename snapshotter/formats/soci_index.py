@@ -21,6 +21,7 @@ INDEX_V2 = "application/vnd.amazon.soci.index.v2+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 ZTOC_MEDIA_TYPE = "application/octet-stream"
 PREFETCH_MEDIA_TYPE = "application/vnd.amazon.soci.prefetch.v1+json"
+PREFETCH_VERSION = "1.0"
 
 LAYER_DIGEST = "com.amazon.soci.image-layer-digest"
 LAYER_MEDIA_TYPE = "com.amazon.soci.image-layer-mediaType"
@@ -62,6 +63,35 @@ class SociIndex:
     ztocs: dict[str, Ref]
     """Image layer digest -> the zTOC that indexes it. Layers not here are pulled whole."""
     subject: Ref | None = None
+    prefetches: dict[str, Ref] = field(default_factory=dict)
+    """Image layer digest -> its prefetch artifact (spans to fetch at mount), where the index has one."""
+
+
+MAX_PREFETCH = 4 << 20
+"""Largest prefetch artifact we read."""
+
+
+def parse_prefetch(raw: bytes) -> list[tuple[int, int]]:
+    """The span id ranges `[(first, last), ...]` (both inclusive) of a prefetch artifact, in its order."""
+    if len(raw) > MAX_PREFETCH:
+        raise FormatError(f"SOCI prefetch artifact is {len(raw)} bytes, more than {MAX_PREFETCH}")
+    try:
+        doc = json.loads(raw)
+    except ValueError as e:
+        raise FormatError(f"SOCI prefetch artifact is not JSON: {e}") from None
+    if not isinstance(doc, dict) or doc.get("version") != PREFETCH_VERSION:
+        raise FormatError(f"SOCI prefetch artifact version must be {PREFETCH_VERSION!r}")
+    spans = doc.get("prefetch_spans")
+    if not isinstance(spans, list):
+        raise FormatError("SOCI prefetch artifact has no prefetch_spans list")
+    out = []
+    for item in spans:
+        first = item.get("start_span") if isinstance(item, dict) else None
+        last = item.get("end_span") if isinstance(item, dict) else None
+        if type(first) is not int or type(last) is not int or not 0 <= first <= last:
+            raise FormatError(f"SOCI prefetch artifact has a bad span range {item!r}")
+        out.append((first, last))
+    return out
 
 
 def parse_index(raw: bytes, digest: str | None = None) -> SociIndex:
@@ -82,16 +112,20 @@ def parse_index(raw: bytes, digest: str | None = None) -> SociIndex:
     if not isinstance(layers, list):
         raise FormatError(f"SOCI index {actual} has no layer list")
     ztocs: dict[str, Ref] = {}
+    prefetches: dict[str, Ref] = {}
     for i, item in enumerate(layers):
         ref = _ref(item, f"layers[{i}]")
+        if ref.media_type == PREFETCH_MEDIA_TYPE and ref.annotations.get(LAYER_DIGEST):
+            prefetches[ref.annotations[LAYER_DIGEST]] = ref
+            continue
         if ref.media_type != ZTOC_MEDIA_TYPE:
-            continue  # prefetch artifacts and future kinds
+            continue  # future kinds
         layer = ref.annotations.get(LAYER_DIGEST)
         if not layer:
             raise FormatError(f"SOCI index {actual}: zTOC {ref.digest} does not say which layer it indexes")
         ztocs[layer] = ref
     subject = _ref(doc["subject"], "subject") if doc.get("subject") is not None else None
-    return SociIndex(actual, raw, config.media_type, ztocs, subject)
+    return SociIndex(actual, raw, config.media_type, ztocs, subject, prefetches)
 
 
 def build_index(ztocs: list[Ref], *, subject: Ref | None, artifact_type: str = INDEX_V1,

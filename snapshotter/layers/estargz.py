@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import trio
@@ -11,6 +12,7 @@ import trio
 from ..cache import ChunkCache, Verify, sha256_verifier
 from ..formats import estargz
 from ..formats.errors import FormatError
+from .fetch import FetchActivity, Recording, Unit
 from .layer import Blob, ReadError
 from .tree import LayerTree, Node, build_tree
 
@@ -58,16 +60,39 @@ def parse_index(member: bytes, toc_offset: int) -> EStargzIndex:
 class EStargzLayer:
     """A `Layer` whose files are chunks of an eStargz blob."""
 
-    def __init__(self, index: EStargzIndex, blob: Blob, cache: ChunkCache) -> None:
+    def __init__(self, index: EStargzIndex, blob: Blob, cache: ChunkCache,
+                 activity: FetchActivity | None = None) -> None:
         self.index = index
         self.blob = blob
         self.cache = cache
+        self.activity = activity or FetchActivity()
+        self.recordings: list[Recording] = []
         entries = estargz.layer_entries(index.toc, index.footer.toc_offset)
         toc_file = estargz.toc_file_entry(index.toc)
         self._tree = build_tree(entries + ([toc_file] if toc_file is not None else []))
         self._in_blob_order = sorted({c for e in entries if isinstance(e.content, tuple) for c in e.content},
                                      key=lambda c: (c.compressed_offset, c.inner_offset))
         self._offsets = [c.compressed_offset for c in self._in_blob_order]
+        self._units = [Unit(c.compressed_offset, c.compressed_end, i, c.size) for i, c in enumerate(self._in_blob_order)]
+
+    @property
+    def units(self) -> Sequence[Unit]:
+        return self._units
+
+    def is_cached(self, unit: Unit) -> bool:
+        return self._key(self._in_blob_order[unit.index]) in self.cache
+
+    async def fetch_batch(self, units: Sequence[Unit]) -> int:
+        by_key = {self._key(c): c for c in (self._in_blob_order[u.index] for u in units)}
+
+        async def fetch(claimed: list[str]) -> dict[str, bytes]:
+            chunks = [by_key[k] for k in claimed]
+            start = min(c.compressed_offset for c in chunks)
+            compressed = await self.blob.read(start, max(c.compressed_end for c in chunks))
+            done = await trio.to_thread.run_sync(_decompress_each, compressed, start, chunks)
+            return {self._key(c): data for c, data in done if isinstance(data, bytes)}
+
+        return await self.cache.fill(list(by_key), fetch)
 
     @property
     def tree(self) -> LayerTree:
@@ -86,6 +111,8 @@ class EStargzLayer:
         for chunk in chunks[first:]:
             if chunk.file_offset >= end:
                 break
+            for recording in self.recordings:
+                recording.touch(self.blob.digest, chunk.compressed_offset, chunk.compressed_end)
             lo, hi = max(0, offset - chunk.file_offset), min(chunk.size, end - chunk.file_offset)
             verify = sha256_verifier(chunk.digest) if chunk.digest else None
             part = await self.cache.get_range(self._key(chunk), lo, hi, verify)
@@ -108,11 +135,12 @@ class EStargzLayer:
         for other in self._in_blob_order[bisect.bisect_left(self._offsets, chunk.compressed_offset):]:
             if other.compressed_end > limit:
                 break
-            if other != chunk and other.digest and self._key(other) not in self.cache:
+            if other != chunk and other.digest and self.cache.wanted(self._key(other)):
                 out.append(other)
         return out
 
     async def _fetch(self, chunk: estargz.Chunk) -> bytes:
+        self.activity.foreground()
         neighbours = self._neighbours(chunk)
         start = chunk.compressed_offset
         end = max([chunk.compressed_end, *(n.compressed_end for n in neighbours)])
@@ -120,23 +148,24 @@ class EStargzLayer:
             compressed = await self.blob.read(start, end)
         except Exception as e:
             raise ReadError(f"fetching {self.blob.digest} [{start}, {end}): {e}") from e
-        wanted, extra = await trio.to_thread.run_sync(_decompress_all, compressed, start, chunk, neighbours)
-        for other, data in extra:
-            await self.cache.put(self._key(other), data)
+        done = await trio.to_thread.run_sync(_decompress_each, compressed, start, [chunk, *neighbours])
+        wanted = done[0][1]
+        if isinstance(wanted, FormatError):
+            raise wanted
+        for other, data in done[1:]:
+            if isinstance(data, bytes):  # a neighbour that fails is fetched again when read
+                await self.cache.put(self._key(other), data)
         return wanted
 
 
-def _decompress_all(compressed: bytes, start: int, chunk: estargz.Chunk, neighbours: list[estargz.Chunk]
-                    ) -> tuple[bytes, list[tuple[estargz.Chunk, bytes]]]:
-    """The wanted chunk (errors raised), and whichever neighbours verify (the others are fetched when read)."""
-    def piece(c: estargz.Chunk) -> bytes:
-        return compressed[c.compressed_offset - start:c.compressed_end - start]
-
-    wanted = estargz.decompress_chunk(piece(chunk), chunk)
-    extra = []
-    for other in neighbours:
+def _decompress_each(compressed: bytes, start: int, chunks: list[estargz.Chunk]
+                     ) -> list[tuple[estargz.Chunk, bytes | FormatError]]:
+    """Each chunk's verified bytes, or why not, from the blob bytes fetched from `start`."""
+    out: list[tuple[estargz.Chunk, bytes | FormatError]] = []
+    for chunk in chunks:
+        piece = compressed[chunk.compressed_offset - start:chunk.compressed_end - start]
         try:
-            extra.append((other, estargz.decompress_chunk(piece(other), other)))
-        except FormatError:
-            continue
-    return wanted, extra
+            out.append((chunk, estargz.decompress_chunk(piece, chunk)))
+        except FormatError as e:
+            out.append((chunk, e))
+    return out

@@ -27,17 +27,22 @@ from pathlib import Path
 import trio
 
 from ..cache import ChunkCache
-from ..formats import estargz, ztoc
+from ..formats import estargz, soci_index, ztoc
 from ..formats.errors import FormatError
+from ..formats.profile import Profile
 from ..fuse.filesystem import LayerFilesystem
 from ..labels import LayerRequest
+from ..profiles import ProfileStore, find_remote
 from ..registry.client import RegistryClient
 from ..registry.errors import RegistryError
 from ..soci.discovery import Discovery, fetch_ztoc, find_index
 from ..soci.local import LocalIndexes
 from ..store import LayerRecord, Store
+from .background import BackgroundFetcher, BackgroundOptions, Target
 from .estargz import EStargzIndex, EStargzLayer, fetch_index, parse_index
+from .fetch import FetchActivity, Progress, Recording, Unit, units_in
 from .layer import Blob
+from .prefetch import prefetch
 from .soci import SociLayer
 
 log = logging.getLogger(__name__)
@@ -64,6 +69,7 @@ class LayerStatus:
     path: str = ""
     layer: EStargzLayer | SociLayer | None = field(default=None, repr=False)
     """Bytes this layer fetched, the index included, count from its blob."""
+    progress: Progress = field(default_factory=Progress)
 
     @property
     def fetched_bytes(self) -> int:
@@ -95,6 +101,15 @@ class RegistryBlob:
 class ManagerOptions:
     resolve_timeout: float = 30.0
     allow_unverified: bool = False
+    prefetch: bool = True
+    """Prefetch at mount what the image says it reads first (profile, landmark, SOCI prefetch artifact)."""
+    record_profiles: bool = True
+    """Record a start profile for an image that has none."""
+    profile_seconds: float = 30.0
+    fetch_concurrency: int = 4
+    """Parallel range GETs of one image's prefetch."""
+    background: BackgroundOptions | None = field(default_factory=BackgroundOptions)
+    """None: no background fetch."""
 
 
 class _Resolution:
@@ -115,12 +130,23 @@ class _Resolution:
         self.seconds = 0.0
 
 
-class _ImageDiscovery:
-    """The SOCI index search for one image, shared by all its layers."""
+class _Image:
+    """What is found once per image and shared by its layers: its SOCI index, its start profile."""
 
-    def __init__(self) -> None:
+    def __init__(self, request: LayerRequest, concurrency: int) -> None:
+        self.ref = request.image_ref
+        self.manifest_digest = request.manifest_digest
+        self.layers = request.image_layers
         self.done = trio.Event()
+        """The SOCI search is over (`result`)."""
         self.result = Discovery()
+        self.ready = trio.Event()
+        """The profile search is over too (`profile`, `recording`, `soci_prefetch`)."""
+        self.profile: Profile | None = None
+        self.recording: Recording | None = None
+        self.soci_prefetch: dict[str, list[tuple[int, int]]] = {}
+        """Layer digest -> span id ranges (inclusive) from the SOCI index's prefetch artifacts."""
+        self.limiter = trio.CapacityLimiter(concurrency)
 
 
 class LayerManager:
@@ -138,8 +164,10 @@ class LayerManager:
         self.options = options
         self.token = trio.lowlevel.current_trio_token()
         self.status: dict[str, LayerStatus] = {}
+        self.profiles = ProfileStore(root / "profiles")
+        self.activity = FetchActivity()
         self._resolutions: dict[str, _Resolution] = {}
-        self._discoveries: dict[str, _ImageDiscovery] = {}
+        self._images: dict[str, _Image] = {}
 
     # -- the blocking face, for the snapshotter on gRPC threads --------------------
 
@@ -157,7 +185,9 @@ class LayerManager:
         wanted = set(digests)
         layers = [
             {"digest": s.digest, "image_ref": s.image_ref, "mode": s.mode, "reason": s.reason, "size": s.size,
-             "resolve_seconds": s.resolve_seconds, "path": s.path, "fetched_bytes": s.fetched_bytes}
+             "resolve_seconds": s.resolve_seconds, "path": s.path, "fetched_bytes": s.fetched_bytes,
+             "fetch_state": s.progress.state if s.layer is not None else "", "prefetched_bytes": s.progress.prefetched_bytes,
+             "background_bytes": s.progress.background_bytes}
             for s in reversed(self.status.values()) if not wanted or s.digest in wanted
         ]
         stats = self.cache.stats
@@ -188,7 +218,7 @@ class LayerManager:
                     raise _Fallback(str(e)) from None
             try:
                 layer, index_digest = _layer(resolution.kind, resolution.saved, resolution.offset, resolution.blob,
-                                             self.cache)
+                                             self.cache, self.activity)
             except FormatError as e:
                 raise _Fallback(f"unusable {resolution.kind} index: {e}") from None
         except _Fallback as e:
@@ -199,6 +229,7 @@ class LayerManager:
         record = self._record(request, resolution, index_digest)
         self._attach(record, layer, status)
         status.resolve_seconds = resolution.seconds
+        self.nursery.start_soon(self._prefetch, self._start_image(request), request.layer_digest, layer, status)
         self._resolutions.pop(request.layer_digest, None)  # the layer holds what it needs now
         return record.id
 
@@ -217,15 +248,15 @@ class LayerManager:
             with trio.fail_after(self.options.resolve_timeout):
                 location = await self.registry.open_blob(image_ref, digest)
                 blob = RegistryBlob(self.registry, image_ref, digest, location.size, location)
-                discovery = self._start_discovery(request)  # in parallel with the footer read
+                image = self._start_image(request)  # its SOCI search runs in parallel with the footer read
                 try:
                     resolution.estargz = await fetch_index(blob)
                     resolution.kind, resolution.saved = ESTARGZ, resolution.estargz.member
                     resolution.offset = resolution.estargz.footer.toc_offset
                 except estargz.NotEStargz as e:
                     log.debug("layer %s of %s: %s", digest, image_ref, e)
-                    await discovery.done.wait()
-                    resolution.saved = await self._ztoc(request, digest, discovery.result)
+                    await image.done.wait()
+                    resolution.saved = await self._ztoc(request, digest, image.result)
                     resolution.kind = SOCI
                 resolution.blob = blob
         except trio.TooSlowError:
@@ -256,29 +287,95 @@ class LayerManager:
                             "(smaller than the index's minimum layer size?)")
         return await fetch_ztoc(self.registry, self.local, request.image_ref, ref)
 
-    def _start_discovery(self, request: LayerRequest) -> _ImageDiscovery:
+    def _start_image(self, request: LayerRequest) -> _Image:
         key = request.manifest_digest or request.image_ref
-        discovery = self._discoveries.get(key)
-        if discovery is None:
-            discovery = self._discoveries[key] = _ImageDiscovery()
-            self.nursery.start_soon(self._discover, request, key, discovery)
-        return discovery
+        image = self._images.get(key)
+        if image is None:
+            image = self._images[key] = _Image(request, self.options.fetch_concurrency)
+            self.nursery.start_soon(self._discover, request, key, image)
+        return image
 
-    async def _discover(self, request: LayerRequest, key: str, discovery: _ImageDiscovery) -> None:
+    async def _discover(self, request: LayerRequest, key: str, image: _Image) -> None:
         try:
-            manifest_digest = request.manifest_digest or (await self.registry.resolve(request.image_ref)).digest
-            discovery.result = await find_index(self.registry, self.local, request.image_ref, manifest_digest,
+            try:
+                image.manifest_digest = image.manifest_digest or (await self.registry.resolve(request.image_ref)).digest
+                image.result = await find_index(self.registry, self.local, request.image_ref, image.manifest_digest,
                                                 request.soci_index_digest)
-        except RegistryError as e:
-            discovery.result = Discovery(misses=[f"cannot resolve the image: {e}"])
+            except RegistryError as e:
+                image.result = Discovery(misses=[f"cannot resolve the image: {e}"])
+            finally:
+                image.done.set()
+            if image.result.index is not None:
+                log.info("SOCI index %s (%s) found for %s", image.result.index.digest, image.result.source,
+                         request.image_ref)
+            if image.manifest_digest:
+                await self._find_profile(image)
         finally:
-            discovery.done.set()
-        if discovery.result.index is not None:
-            log.info("SOCI index %s (%s) found for %s", discovery.result.index.digest, discovery.result.source,
-                     request.image_ref)
+            image.ready.set()
+        if image.recording is not None:
+            await self._record_profile(image.recording)
         await trio.sleep(RESOLUTION_TTL)
-        if self._discoveries.get(key) is discovery:
-            del self._discoveries[key]
+        if self._images.get(key) is image:
+            del self._images[key]
+
+    async def _find_profile(self, image: _Image) -> None:
+        """What the image reads first: a profile (this node's, else its registry's), SOCI prefetch artifacts."""
+        if self.options.prefetch:
+            image.profile = self.profiles.get(image.manifest_digest)
+            source = "this node"
+            if image.profile is None:
+                image.profile = await find_remote(self.registry, image.ref, image.manifest_digest)
+                source = "the registry"
+            if image.profile is not None:
+                log.info("start profile of %s from %s: %d bytes in %d layers", image.ref, source,
+                         image.profile.bytes, len(image.profile.layers))
+            if image.result.index is not None:
+                image.soci_prefetch = await self._soci_prefetch(image, image.result.index)
+        if image.profile is None and self.options.record_profiles:
+            image.recording = Recording(image.manifest_digest, image.layers, self.options.profile_seconds)
+
+    async def _soci_prefetch(self, image: _Image, index: soci_index.SociIndex) -> dict[str, list[tuple[int, int]]]:
+        out: dict[str, list[tuple[int, int]]] = {}
+        for layer, ref in index.prefetches.items():
+            try:
+                raw = await self.registry.fetch_blob(image.ref, ref.digest, max_size=ref.size or soci_index.MAX_PREFETCH)
+                out[layer] = soci_index.parse_prefetch(raw)
+            except (RegistryError, FormatError) as e:
+                log.warning("ignoring SOCI prefetch artifact %s of %s: %s", ref.digest, image.ref, e)
+        return out
+
+    async def _record_profile(self, recording: Recording) -> None:
+        """Let the recording run for its window after the image's first read, then save it."""
+        try:
+            with trio.move_on_after(RESOLUTION_TTL):
+                while recording.started is None:
+                    await trio.sleep(0.2)
+            if recording.started is not None:
+                await trio.sleep(max(0.0, recording.seconds - (time.monotonic() - recording.started)))
+        finally:
+            for status in self.status.values():
+                if status.layer is not None and recording in status.layer.recordings:
+                    status.layer.recordings.remove(recording)
+            if recording.touched:
+                path = self.profiles.put(recording.profile())
+                log.info("saved the start profile of %s (%d units) to %s", recording.image, len(recording.touched),
+                         path)
+
+    async def _prefetch(self, image: _Image, digest: str, layer: EStargzLayer | SociLayer,
+                        status: LayerStatus) -> None:
+        """Start recording this layer's reads, or fetch ahead what the image will read of it."""
+        await image.ready.wait()
+        if image.recording is not None and digest in image.layers:
+            layer.recordings.append(image.recording)
+        if not self.options.prefetch:
+            return
+        units, sources = _prefetch_units(image, digest, layer)
+        if units:
+            log.info("prefetching %d units of %s (%s)", len(units), digest, ", ".join(sources))
+            await prefetch(digest, layer, units, status.progress, image.limiter)
+
+    def background_targets(self) -> list[Target]:
+        return [(s.digest, s.layer, s.progress) for s in self.status.values() if s.layer is not None]
 
     def _forget_old_fallbacks(self) -> None:
         fallbacks = [d for d, s in self.status.items() if s.mode == FALLBACK]
@@ -315,7 +412,7 @@ class LayerManager:
             try:
                 saved = self._index_path(record).read_bytes()
                 layer, digest = _layer(record.format, saved, record.index_offset, _LazyBlob(self.registry, record),
-                                       self.cache)
+                                       self.cache, self.activity)
                 if digest != record.index_digest:
                     raise FormatError(f"saved index digest {digest} is not {record.index_digest}")
             except (OSError, FormatError) as e:
@@ -338,14 +435,35 @@ class LayerManager:
         return self.index_dir / str(record.id) / ("toc.gz" if record.format == ESTARGZ else "ztoc")
 
 
-def _layer(kind: str, saved: bytes, offset: int, blob: Blob, cache: ChunkCache) -> tuple[EStargzLayer | SociLayer, str]:
+def _layer(kind: str, saved: bytes, offset: int, blob: Blob, cache: ChunkCache,
+           activity: FetchActivity) -> tuple[EStargzLayer | SociLayer, str]:
     """The layer served from a saved index, and the index's digest (to check against the record)."""
     if kind == ESTARGZ:
         index = parse_index(saved, offset)
-        return EStargzLayer(index, blob, cache), index.toc.digest
+        return EStargzLayer(index, blob, cache, activity), index.toc.digest
     if kind == SOCI:
-        return SociLayer(ztoc.parse_ztoc(saved), blob, cache), ztoc.ztoc_digest(saved)
+        return SociLayer(ztoc.parse_ztoc(saved), blob, cache, activity), ztoc.ztoc_digest(saved)
     raise FormatError(f"unknown layer format {kind!r}")
+
+
+def _prefetch_units(image: _Image, digest: str, layer: EStargzLayer | SociLayer) -> tuple[list[Unit], list[str]]:
+    """The units to prefetch, most urgent first, and where the list came from."""
+    units: list[Unit] = []
+    sources: list[str] = []
+    recorded = image.profile.for_layer(digest) if image.profile is not None else None
+    if recorded is not None:
+        units += units_in(layer.units, recorded.ranges)
+        sources.append("start profile")
+    if isinstance(layer, EStargzLayer):
+        end = estargz.prefetch_end(layer.index.toc)
+        if end:
+            units += units_in(layer.units, [(0, end)])
+            sources.append("prefetch landmark")
+    spans = image.soci_prefetch.get(digest, [])
+    if spans and isinstance(layer, SociLayer):
+        units += [u for first, last in spans for u in layer.units[first:last + 1]]
+        sources.append("SOCI prefetch artifact")
+    return units, sources
 
 
 class _LazyBlob:
@@ -388,6 +506,10 @@ async def open_manager(root: Path, mountpoint: Path, store: Store, registry: Reg
     async with trio.open_nursery() as nursery:
         manager = LayerManager(root, mountpoint, store, registry, cache, fs, nursery, options)
         await manager.restore()
+        if options.background is not None:
+            fetcher = BackgroundFetcher(manager.background_targets, manager.activity, cache.max_bytes,
+                                        options.background)
+            nursery.start_soon(fetcher.run)
         yield manager
         nursery.cancel_scope.cancel()
 

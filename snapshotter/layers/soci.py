@@ -10,12 +10,14 @@ inflated spans stay in memory, because a run of 128 KiB FUSE reads walks one spa
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 
 import trio
 
 from ..cache import ChunkCache, sha256_verifier
 from ..formats import gzip_index, ztoc
 from ..formats.errors import FormatError
+from .fetch import FetchActivity, Recording, Unit
 from .layer import Blob, ReadError
 from .tree import LayerTree, Node, build_tree
 
@@ -26,7 +28,7 @@ INFLATED_SPANS = 8
 class SociLayer:
     """A `Layer` whose files are read through a zTOC's spans."""
 
-    def __init__(self, z: ztoc.Ztoc, blob: Blob, cache: ChunkCache) -> None:
+    def __init__(self, z: ztoc.Ztoc, blob: Blob, cache: ChunkCache, activity: FetchActivity | None = None) -> None:
         if z.compressed_archive_size != blob.size:
             raise FormatError(f"the zTOC is for a {z.compressed_archive_size}-byte layer, the blob has {blob.size}")
         self.ztoc = z
@@ -36,6 +38,38 @@ class SociLayer:
         self._tree = build_tree(ztoc.layer_entries(z))
         self._inflated: OrderedDict[int, bytes] = OrderedDict()
         self._inflating: dict[int, trio.Event] = {}
+        self.activity = activity or FetchActivity()
+        self.recordings: list[Recording] = []
+        spans = [self.index.span(i) for i in range(self.index.max_span_id + 1)]
+        self._units = [Unit(s.compressed_start, s.compressed_end, s.id, s.compressed_end - s.compressed_start)
+                       for s in spans]
+
+    @property
+    def units(self) -> Sequence[Unit]:
+        return self._units
+
+    def is_cached(self, unit: Unit) -> bool:
+        return self.ztoc.compression.span_digests[unit.index] in self.cache
+
+    async def fetch_batch(self, units: Sequence[Unit]) -> int:
+        digests = self.ztoc.compression.span_digests
+        by_key = {digests[u.index]: self.index.span(u.index) for u in units}
+
+        async def fetch(claimed: list[str]) -> dict[str, bytes]:
+            spans = [(k, by_key[k]) for k in claimed]
+            start = min(s.compressed_start for _, s in spans)
+            compressed = await self.blob.read(start, max(s.compressed_end for _, s in spans))
+            out = {}
+            for key, span in spans:
+                piece = compressed[span.compressed_start - start:span.compressed_end - start]
+                try:
+                    gzip_index.verify_span(piece, key)
+                except FormatError:
+                    continue  # fetched again, and reported, when read
+                out[key] = piece
+            return out
+
+        return await self.cache.fill(list(by_key), fetch)
 
     @property
     def tree(self) -> LayerTree:
@@ -49,6 +83,8 @@ class SociLayer:
         start, stop = extent.uncompressed_offset + offset, extent.uncompressed_offset + end
         parts = []
         for span in self.index.spans_for(start, stop):
+            for recording in self.recordings:
+                recording.touch(self.blob.digest, span.compressed_start, span.compressed_end)
             data = await self._span(span)
             parts.append(data[max(start, span.uncompressed_start) - span.uncompressed_start:
                               min(stop, span.uncompressed_end) - span.uncompressed_start])
@@ -83,6 +119,7 @@ class SociLayer:
             done.set()
 
     async def _fetch(self, span: gzip_index.Span, digest: str) -> bytes:
+        self.activity.foreground()
         try:
             compressed = await self.blob.read(span.compressed_start, span.compressed_end)
         except Exception as e:

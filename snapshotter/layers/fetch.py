@@ -1,0 +1,170 @@
+"""Fetching ahead of reads: the units a layer is fetched in, batching them into range GETs,
+and recording which of them a container's start reads.
+
+A layer (eStargz or SOCI) is cut into *units*: the smallest pieces that can be fetched,
+verified and cached on their own (an eStargz chunk, a SOCI span). Reads fetch one unit
+(and perhaps its small neighbours) at a time. Prefetch and background fetch instead
+fetch many units with few, large range GETs: `batches` groups units that sit close
+together in the blob, and `FetchableLayer.fetch_batch` fetches one group with one GET.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ..formats.profile import LayerProfile, Profile
+
+BATCH_BYTES = 4 << 20
+"""Largest compressed range one prefetch GET asks for: big enough that round trips stop
+mattering at 100 Mbit/s (4 MiB is ~0.3 s on the wire against a 20 ms RTT), small enough
+that several run in parallel and an early unit is not stuck behind a huge body."""
+BATCH_GAP = 64 << 10
+"""Units this close together share a GET; the bytes between them are fetched and thrown away."""
+
+
+@dataclass(frozen=True, order=True)
+class Unit:
+    """A piece of a layer blob that is fetched, verified and cached as a whole."""
+
+    start: int
+    end: int
+    index: int
+    """Its position in the layer's unit list (the layer maps it back to a chunk or span)."""
+    cached_size: int = 0
+    """Bytes it takes in the chunk cache (uncompressed for eStargz, compressed for SOCI)."""
+
+
+class FetchableLayer(Protocol):
+    """What prefetch and background fetch need of a layer."""
+
+    activity: FetchActivity
+    recordings: list[Recording]
+
+    @property
+    def units(self) -> Sequence[Unit]:
+        """Every unit, in blob order."""
+        ...
+
+    def is_cached(self, unit: Unit) -> bool: ...
+
+    async def fetch_batch(self, units: Sequence[Unit]) -> int:
+        """Fetch the uncached ones of `units` with one range GET, verify and cache each; bytes cached.
+
+        Units that fail verification are skipped (a read fetches them again and reports
+        the error); a registry failure raises.
+        """
+        ...
+
+
+@dataclass
+class Progress:
+    """How far ahead of its reads a layer has been fetched (for `lazysnap status`)."""
+
+    state: str = "on demand"
+    """"on demand", "prefetching", "background", "complete", or why background fetch skips it."""
+    prefetched_bytes: int = 0
+    background_bytes: int = 0
+    cursor: int = 0
+    """Background fetch has checked every unit before this index."""
+
+
+@dataclass
+class FetchActivity:
+    """Foreground fetching, shared by all layers, so background work can stay out of its way."""
+
+    last_foreground: float = 0.0
+    """`time.monotonic()` of the latest read that had to go to the registry."""
+    foreground_fetches: int = 0
+
+    def foreground(self) -> None:
+        self.last_foreground = time.monotonic()
+        self.foreground_fetches += 1
+
+    def quiet_for(self) -> float:
+        return time.monotonic() - self.last_foreground
+
+
+def units_in(units: Sequence[Unit], ranges: Iterable[tuple[int, int]]) -> list[Unit]:
+    """The units that overlap any of `ranges`, each once, in the order the ranges first reach them.
+
+    `units` must be in blob order; ranges need not be.
+    """
+    starts = [u.start for u in units]
+    seen: set[int] = set()
+    out: list[Unit] = []
+    for start, end in ranges:
+        i = max(bisect.bisect_right(starts, start) - 1, 0)
+        while i < len(units) and units[i].start < end:
+            unit = units[i]
+            if unit.end > start and unit.index not in seen:
+                seen.add(unit.index)
+                out.append(unit)
+            i += 1
+    return out
+
+
+def batches(units: Iterable[Unit], max_bytes: int = BATCH_BYTES, max_gap: int = BATCH_GAP) -> list[list[Unit]]:
+    """Group units into runs that one range GET each can fetch, in the order of each run's
+    most urgent unit (the position it had in `units`).
+
+    Within a run units are in blob order, at most `max_gap` apart, spanning at most
+    `max_bytes` (a single larger unit is a run by itself).
+    """
+    unique = list({u.index: u for u in units}.values())
+    rank = {u.index: i for i, u in enumerate(unique)}
+    runs: list[list[Unit]] = []
+    for unit in sorted(unique):
+        run = runs[-1] if runs else None
+        if run is not None and unit.start - run[-1].end <= max_gap and unit.end - run[0].start <= max_bytes:
+            run.append(unit)
+        else:
+            runs.append([unit])
+    runs.sort(key=lambda run: min(rank[u.index] for u in run))
+    return runs
+
+
+@dataclass
+class Recording:
+    """The units an image's layers are read in during its first start, in first-read order.
+
+    Layers call `touch` on every read while the recording is attached to them. The
+    window opens at the first read and closes `seconds` later (the manager then
+    detaches it and saves the profile).
+    """
+
+    image: str
+    layers: tuple[str, ...]
+    seconds: float
+    started: float | None = None
+    touched: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)
+    """(layer digest, unit start) -> (start, end), in first-read order."""
+    max_units: int = 1 << 18
+
+    def touch(self, layer: str, start: int, end: int) -> None:
+        if self.started is None:
+            self.started = time.monotonic()
+        key = (layer, start)
+        if key not in self.touched and len(self.touched) < self.max_units:
+            self.touched[key] = (start, end)
+
+    def profile(self) -> Profile:
+        per_layer: dict[str, list[tuple[int, int]]] = {digest: [] for digest in self.layers}
+        for (layer, _), span in self.touched.items():
+            per_layer.setdefault(layer, []).append(span)
+        return Profile(self.image, tuple(LayerProfile(d, tuple(_merge_adjacent(r))) for d, r in per_layer.items() if r),
+                       self.seconds)
+
+
+def _merge_adjacent(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Join a range to the previous one when it starts where that one ends (order kept)."""
+    out: list[tuple[int, int]] = []
+    for start, end in ranges:
+        if out and out[-1][1] == start:
+            out[-1] = (out[-1][0], end)
+        else:
+            out.append((start, end))
+    return out
