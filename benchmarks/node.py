@@ -59,6 +59,8 @@ class Node:
     workdir: Path
     lazy: bool
     certs_dir: Path | None = None
+    config: list[str] = field(default_factory=list)
+    """Extra lazysnap config lines."""
     containerd: Containerd | None = field(default=None, init=False)
     lazysnap: Lazysnap | None = field(default=None, init=False)
     _seq: int = field(default=0, init=False)
@@ -71,7 +73,7 @@ class Node:
         self.workdir.mkdir(parents=True, exist_ok=True)
         if self.lazy:
             config = self.workdir / "lazysnap.toml"
-            lines = [f'certs_dir = "{self.certs_dir}"'] if self.certs_dir else []
+            lines = ([f'certs_dir = "{self.certs_dir}"'] if self.certs_dir else []) + self.config
             config.write_text("\n".join(lines) + "\n")
             self.lazysnap = Lazysnap(root=self.workdir / "ls", address=self.workdir / "ls.sock",
                                      log_path=self.workdir / "lazysnap.log", config=config,

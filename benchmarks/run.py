@@ -35,11 +35,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.harness.procs import run
+
 from . import images as bench_images
 from .netem import ShapedLink, parse_time
 from .node import Node, cpu_busy, drop_caches, page_cache_bytes, read_files, warm_tools
 
 RESULTS = Path(__file__).resolve().parent / "results"
+TEACH_SECONDS = 40.0
+"""The teaching run's recording window: longer than any workload's cold start here."""
 
 
 @dataclass(frozen=True)
@@ -47,12 +51,23 @@ class Mode:
     name: str
     variant: str          # which image tag (benchmarks/images.py VARIANTS)
     lazy: bool            # pulled with lazysnap rpull and run on the lazysnap snapshotter
+    profile: bool = False
+    """The image's start profile is in the registry: recorded by a teaching run on another
+    node and pushed with `lazysnap profile push` before the cold runs."""
+
+    @property
+    def config(self) -> list[str]:
+        """lazysnap settings: background fetch off (the bytes target counts only what the start
+        needs); without `profile`, no prefetch either, as on an image's first start anywhere."""
+        return ["background_fetch = false"] + ([] if self.profile else ["prefetch = false"])
 
 
 MODES = {m.name: m for m in (
     Mode("overlayfs", "gzip", lazy=False),
     Mode("estargz", "estargz", lazy=True),
     Mode("soci", "soci", lazy=True),       # SOCI v2 image from `lazysnap index convert` (benchmarks/images.py)
+    Mode("estargz+profile", "estargz", lazy=True, profile=True),
+    Mode("soci+profile", "soci", lazy=True, profile=True),
 )}
 
 
@@ -75,7 +90,7 @@ def one_run(link: ShapedLink, certs: Path, image: str, mode: Mode, catalog: dict
     entry = catalog[image]
     info = entry["variants"][mode.variant]
     ref = f"{link.host}/bench/{image}:{info['tag']}"
-    node = Node(workdir, lazy=mode.lazy, certs_dir=certs if mode.lazy else None)
+    node = Node(workdir, lazy=mode.lazy, certs_dir=certs if mode.lazy else None, config=mode.config)
     result: dict = {"image": image, "mode": mode.name, "ref": ref}
     try:
         node.start()
@@ -122,6 +137,25 @@ def one_run(link: ShapedLink, certs: Path, image: str, mode: Mode, catalog: dict
             node.timed_start(ref, entry["cmd"])
             result["workload_read_bytes"] = page_cache_bytes(node.overlay_snapshot_files())
         return result
+    finally:
+        node.close()
+
+
+def teach(link: ShapedLink, certs: Path, image: str, mode: Mode, catalog: dict, workdir: Path) -> float:
+    """Record the image's start profile on a node of its own and push it; seconds taken."""
+    entry = catalog[image]
+    ref = f"{link.host}/bench/{image}:{entry['variants'][mode.variant]['tag']}"
+    node = Node(workdir, lazy=True, certs_dir=certs, config=["background_fetch = false", "prefetch = false",
+                                                             f"profile_seconds = {TEACH_SECONDS}"])
+    started = time.monotonic()
+    try:
+        node.start()
+        node.pull(ref)
+        node.timed_start(ref, entry["cmd"])
+        assert node.lazysnap is not None
+        run([sys.executable, "-m", "snapshotter", "profile", "push", ref, "--root", str(node.lazysnap.root),
+             "--plain-http", "--certs-dir", str(certs), "--wait", str(TEACH_SECONDS + 60)], timeout=300)
+        return time.monotonic() - started
     finally:
         node.close()
 
@@ -237,6 +271,12 @@ def main(argv: list[str] | None = None) -> int:
         with link:
             certs = write_certs(tmp / "certs.d", link.host)
             print(f"link: {link.describe()}; registry at {link.host}", flush=True)
+            for image in names:
+                for mode in modes:
+                    if mode.profile:
+                        seconds = teach(link, certs, image, mode, catalog, tmp / f"teach-{image}-{mode.variant}")
+                        print(f"[{time.monotonic() - started:6.0f}s] taught {image} {mode.variant}: start profile "
+                              f"recorded and pushed in {seconds:.1f} s", flush=True)
             for i in range(args.runs):
                 for image in names:
                     for mode in modes:

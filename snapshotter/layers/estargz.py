@@ -48,7 +48,7 @@ async def fetch_index(blob: Blob) -> EStargzIndex:
         member = tail[start - tail_start:end - tail_start]
     else:
         member = await blob.read(start, tail_start) + tail[:end - tail_start]
-    return EStargzIndex(footer, estargz.parse_toc(member), member)
+    return EStargzIndex(footer, await trio.to_thread.run_sync(estargz.parse_toc, member), member)
 
 
 def parse_index(member: bytes, toc_offset: int) -> EStargzIndex:

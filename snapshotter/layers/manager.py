@@ -217,8 +217,16 @@ class LayerManager:
                 except FormatError as e:
                     raise _Fallback(str(e)) from None
             try:
-                layer, index_digest = _layer(resolution.kind, resolution.saved, resolution.offset, resolution.blob,
-                                             self.cache, self.activity)
+                # In a worker thread: building a 30,000-entry tree takes a while, and reads of
+                # mounted layers must not wait for it. An eStargz TOC is already parsed.
+                if resolution.estargz is not None:
+                    layer = await trio.to_thread.run_sync(EStargzLayer, resolution.estargz, resolution.blob,
+                                                          self.cache, self.activity)
+                    index_digest = resolution.estargz.toc.digest
+                else:
+                    layer, index_digest = await trio.to_thread.run_sync(
+                        _layer, resolution.kind, resolution.saved, resolution.offset, resolution.blob, self.cache,
+                        self.activity)
             except FormatError as e:
                 raise _Fallback(f"unusable {resolution.kind} index: {e}") from None
         except _Fallback as e:
