@@ -51,6 +51,8 @@ class Config:
     """How long after an image's first read its start profile records."""
     fetch_concurrency: int = 4
     """Parallel range GETs of one image's prefetch."""
+    readahead_max_mib: int = 8
+    """Largest readahead when reads walk forward through a layer blob; 0 turns it off."""
     background_fetch: bool = True
     """Fetch the rest of every lazy layer into the cache once reads go quiet."""
     background_quiet_seconds: float = 10.0
@@ -77,6 +79,8 @@ class Config:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.fetch_concurrency < 1:
             raise ConfigError(f"fetch_concurrency must be at least 1, got {self.fetch_concurrency}")
+        if self.readahead_max_mib < 0:
+            raise ConfigError(f"readahead_max_mib must not be negative, got {self.readahead_max_mib}")
         if self.background_rate_mib < 0:
             raise ConfigError(f"background_rate_mib must not be negative, got {self.background_rate_mib}")
         if self.cache_max_mib < 1:
@@ -88,7 +92,8 @@ _KINDS: dict[str, type] = {
     "root": Path, "address": Path, "log_level": str, "grpc_workers": int, "lazy": bool,
     "allow_unverified": bool, "resolve_timeout": float, "read_timeout": float, "cache_max_mib": int,
     "certs_dir": Path, "docker_config": Path, "prefetch": bool, "record_profiles": bool, "profile_seconds": float,
-    "fetch_concurrency": int, "background_fetch": bool, "background_quiet_seconds": float,
+    "fetch_concurrency": int, "readahead_max_mib": int, "background_fetch": bool,
+    "background_quiet_seconds": float,
     "background_rate_mib": float,
 }
 

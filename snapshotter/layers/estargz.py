@@ -140,10 +140,10 @@ class EStargzLayer:
         return out
 
     async def _fetch(self, chunk: estargz.Chunk) -> bytes:
-        self.activity.foreground()
         neighbours = self._neighbours(chunk)
         start = chunk.compressed_offset
         end = max([chunk.compressed_end, *(n.compressed_end for n in neighbours)])
+        self.activity.foreground(self, start, end)
         try:
             compressed = await self.blob.read(start, end)
         except Exception as e:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -74,15 +74,20 @@ class Progress:
 
 @dataclass
 class FetchActivity:
-    """Foreground fetching, shared by all layers, so background work can stay out of its way."""
+    """Foreground fetching, shared by all layers: background work stays out of its way, and
+    readahead (`on_miss`) learns where reads are heading."""
 
     last_foreground: float = 0.0
     """`time.monotonic()` of the latest read that had to go to the registry."""
     foreground_fetches: int = 0
+    on_miss: Callable[[FetchableLayer, int, int], None] | None = None
 
-    def foreground(self) -> None:
+    def foreground(self, layer: FetchableLayer, start: int, end: int) -> None:
+        """A read of `layer` had to fetch blob bytes [start, end) itself."""
         self.last_foreground = time.monotonic()
         self.foreground_fetches += 1
+        if self.on_miss is not None:
+            self.on_miss(layer, start, end)
 
     def quiet_for(self) -> float:
         return time.monotonic() - self.last_foreground

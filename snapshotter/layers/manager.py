@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import time
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -40,9 +41,10 @@ from ..soci.local import LocalIndexes
 from ..store import LayerRecord, Store
 from .background import BackgroundFetcher, BackgroundOptions, Target
 from .estargz import EStargzIndex, EStargzLayer, fetch_index, parse_index
-from .fetch import FetchActivity, Progress, Recording, Unit, units_in
+from .fetch import FetchableLayer, FetchActivity, Progress, Recording, Unit, batches, units_in
 from .layer import Blob
 from .prefetch import prefetch
+from .readahead import Readahead
 from .soci import SociLayer
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,8 @@ SOCI = "soci"
 FALLBACK = "fallback"
 RESOLUTION_TTL = 300.0
 """Seconds a fetched index waits for its layer's Prepare before it is dropped from memory."""
+READAHEAD_GETS = 2
+"""Readahead GETs in flight at once, across all layers."""
 MAX_FALLBACK_STATUS = 1000
 """Fallback reasons kept for `lazysnap status`, newest first (served layers are always kept)."""
 
@@ -110,6 +114,8 @@ class ManagerOptions:
     """Parallel range GETs of one image's prefetch."""
     background: BackgroundOptions | None = field(default_factory=BackgroundOptions)
     """None: no background fetch."""
+    readahead_max: int = 8 << 20
+    """Largest blob readahead of a streak of forward misses; 0 turns readahead off."""
 
 
 class _Resolution:
@@ -166,6 +172,10 @@ class LayerManager:
         self.status: dict[str, LayerStatus] = {}
         self.profiles = ProfileStore(root / "profiles")
         self.activity = FetchActivity()
+        if options.readahead_max > 0:
+            self.activity.on_miss = Readahead(self._spawn_readahead, maximum=options.readahead_max).miss
+        self._readahead_limiter = trio.CapacityLimiter(READAHEAD_GETS)
+        self._progress: weakref.WeakKeyDictionary[FetchableLayer, Progress] = weakref.WeakKeyDictionary()
         self._resolutions: dict[str, _Resolution] = {}
         self._images: dict[str, _Image] = {}
 
@@ -382,6 +392,21 @@ class LayerManager:
             log.info("prefetching %d units of %s (%s)", len(units), digest, ", ".join(sources))
             await prefetch(digest, layer, units, status.progress, image.limiter)
 
+    def _spawn_readahead(self, layer: FetchableLayer, units: list[Unit]) -> None:
+        self.nursery.start_soon(self._readahead, layer, units)
+
+    async def _readahead(self, layer: FetchableLayer, units: list[Unit]) -> None:
+        async with self._readahead_limiter:
+            for batch in batches([u for u in units if not layer.is_cached(u)]):
+                try:
+                    fetched = await layer.fetch_batch(batch)
+                except Exception as e:  # the reads fetch for themselves, and report
+                    log.debug("readahead stopped: %s", e)
+                    return
+                progress = self._progress.get(layer)
+                if progress is not None:
+                    progress.prefetched_bytes += fetched
+
     def background_targets(self) -> list[Target]:
         return [(s.digest, s.layer, s.progress) for s in self.status.values() if s.layer is not None]
 
@@ -409,6 +434,7 @@ class LayerManager:
         if name not in self.fs.layers():
             self.fs.attach(name, layer)
         status.mode, status.reason, status.size, status.layer = record.format, "", record.blob_size, layer
+        self._progress[layer] = status.progress
         status.path = str(self.mountpoint / name)
 
     async def restore(self) -> None:

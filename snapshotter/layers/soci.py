@@ -119,7 +119,7 @@ class SociLayer:
             done.set()
 
     async def _fetch(self, span: gzip_index.Span, digest: str) -> bytes:
-        self.activity.foreground()
+        self.activity.foreground(self, span.compressed_start, span.compressed_end)
         try:
             compressed = await self.blob.read(span.compressed_start, span.compressed_end)
         except Exception as e:

@@ -16,8 +16,16 @@ from snapshotter.formats import soci_index, ztoc
 from snapshotter.formats.errors import FormatError
 from snapshotter.layers.background import BackgroundFetcher, BackgroundOptions
 from snapshotter.layers.estargz import EStargzLayer, fetch_index
-from snapshotter.layers.fetch import FetchActivity, Progress, Recording, Unit, batches, units_in
+from snapshotter.layers.fetch import (
+    FetchActivity,
+    Progress,
+    Recording,
+    Unit,
+    batches,
+    units_in,
+)
 from snapshotter.layers.prefetch import prefetch
+from snapshotter.layers.readahead import Readahead
 from snapshotter.layers.soci import SociLayer
 from snapshotter.profiles import ProfileStore
 from tests.harness.estargz import build_estargz
@@ -283,7 +291,7 @@ async def test_background_fetch_waits_for_reads_to_go_quiet(tmp_path: Path) -> N
     activity = FetchActivity()
     fetcher = BackgroundFetcher(lambda: [(LAYER, layer, Progress())], activity, 1 << 30,
                                 BackgroundOptions(quiet=30.0, rate=0))
-    activity.foreground()
+    activity.foreground(layer, 0, 1)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(fetcher.run)
         await trio.sleep(0.3)
@@ -312,3 +320,33 @@ async def test_background_fetch_keeps_to_its_rate(tmp_path: Path) -> None:
         await trio.sleep(0.5)
         nursery.cancel_scope.cancel()
     assert 0 < blob.fetched_bytes <= (8 << 20) * 0.5 + (4 << 20) + (64 << 10), blob.fetched_bytes
+
+
+# ---------------------------------------------------------------- readahead
+
+class _Units:
+    """A stand-in layer: 1 KiB units over 64 MiB, nothing cached."""
+
+    def __init__(self) -> None:
+        self.units = [Unit(i << 10, (i + 1) << 10, i) for i in range(1 << 16)]
+
+
+def test_readahead_grows_along_a_forward_streak_and_ignores_random_reads() -> None:
+    spawned: list[tuple[int, int]] = []
+    ra = Readahead(lambda layer, units: spawned.append((units[0].start, units[-1].end)), first=1 << 20,
+                   maximum=4 << 20)
+    layer = _Units()
+    ra.miss(layer, 0, 512 << 10)  # type: ignore[arg-type]
+    assert spawned == [], "one miss is not a streak"
+    ra.miss(layer, 600 << 10, 1 << 20)  # type: ignore[arg-type]
+    assert spawned == [(1 << 20, 2 << 20)]
+    ra.miss(layer, 2 << 20, (2 << 20) + 1024)  # type: ignore[arg-type]
+    assert spawned[-1] == ((2 << 20) + 1024, (4 << 20) + 1024), "the readahead doubles"
+    for _ in range(4):
+        ra.miss(layer, spawned[-1][1], spawned[-1][1] + 1024)  # type: ignore[arg-type]
+    assert spawned[-1][1] - spawned[-1][0] == 4 << 20, "and stops growing at the maximum"
+    count = len(spawned)
+    other = _Units()
+    for offset in (10 << 20, 40 << 20, 20 << 20, 60 << 20):
+        ra.miss(other, offset, offset + (1 << 20))  # type: ignore[arg-type]
+    assert len(spawned) == count, "reads far apart start no readahead"
