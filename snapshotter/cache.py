@@ -140,12 +140,11 @@ class ChunkCache:
         stored = 0
         try:
             self.stats.fetches += 1
-            for key, data in (await fetch(claimed)).items():
-                flight = flights.get(key)
-                if flight is not None and flight.data is None:
-                    flight.data = data
-                    await self.put(key, data)
-                    stored += len(data)
+            got = [(key, data) for key, data in (await fetch(claimed)).items() if key in flights]
+            for key, data in got:
+                flights[key].data = data
+                stored += len(data)
+            await self.put_many(got)
             return stored
         finally:
             for key, flight in flights.items():
@@ -203,22 +202,43 @@ class ChunkCache:
 
     async def put(self, key: str, data: bytes) -> None:
         """Store verified data; a disk error is logged and costs only the caching."""
-        self._remember(key, data)
-        name = _name(key)
-        if name in self._index:
+        await self.put_many([(key, data)])
+
+    async def put_many(self, items: list[tuple[str, bytes]]) -> None:
+        """Store several verified chunks with one trip to a worker thread (a fetch brings dozens).
+
+        They are in the memory LRU at once, so readers need not wait for the disk.
+        """
+        todo = []
+        for key, data in items:
+            self._remember(key, data)
+            name = _name(key)
+            if name not in self._index:
+                todo.append((key, name, data))
+        if not todo:
             return
-        try:
-            await trio.to_thread.run_sync(self._write, name, data)
-        except OSError as e:
-            self.stats.write_errors += 1
-            level = logging.WARNING if e.errno in (errno.ENOSPC, errno.EDQUOT) else logging.ERROR
-            log.log(level, "could not cache %s (%d bytes): %s", key, len(data), e)
-            return
-        self._index[name] = _Entry(len(data), time.time())
-        self._verified.add(name)
-        self._bytes += len(data)
+        written = await trio.to_thread.run_sync(self._write_all, todo)
+        for name, size in written:
+            if name not in self._index:
+                self._index[name] = _Entry(size, time.time())
+                self._verified.add(name)
+                self._bytes += size
         if self._bytes > self.max_bytes:
             self._evict(int(self.max_bytes * 0.9))
+
+    def _write_all(self, todo: list[tuple[str, str, bytes]]) -> list[tuple[str, int]]:
+        """Write each chunk; a disk error is logged and costs only that chunk's caching."""
+        written = []
+        for key, name, data in todo:
+            try:
+                self._write(name, data)
+            except OSError as e:
+                self.stats.write_errors += 1
+                level = logging.WARNING if e.errno in (errno.ENOSPC, errno.EDQUOT) else logging.ERROR
+                log.log(level, "could not cache %s (%d bytes): %s", key, len(data), e)
+                continue
+            written.append((name, len(data)))
+        return written
 
     def _write(self, name: str, data: bytes) -> None:
         final = self._path(name)

@@ -152,9 +152,8 @@ class EStargzLayer:
         wanted = done[0][1]
         if isinstance(wanted, FormatError):
             raise wanted
-        for other, data in done[1:]:
-            if isinstance(data, bytes):  # a neighbour that fails is fetched again when read
-                await self.cache.put(self._key(other), data)
+        # A neighbour that fails to verify is fetched again when read.
+        await self.cache.put_many([(self._key(other), data) for other, data in done[1:] if isinstance(data, bytes)])
         return wanted
 
 
