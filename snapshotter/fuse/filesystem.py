@@ -29,6 +29,7 @@ import trio
 
 from ..layers.layer import Layer, ReadError
 from ..layers.tree import ROOT_INO, LayerTree, Node
+from .counters import FuseStats
 from .inodes import FUSE_ROOT_INO, NAME_MAX, Attachment, InodeTable, UnknownInode
 
 log = logging.getLogger(__name__)
@@ -47,20 +48,6 @@ BLOCK_SIZE = 4096
 
 P = ParamSpec("P")
 T = TypeVar("T")
-
-
-@dataclass
-class FuseStats:
-    """Requests served, by kind: cheap counters for status output and tests."""
-
-    lookups: int = 0
-    getattrs: int = 0
-    readdirs: int = 0
-    opens: int = 0
-    reads: int = 0
-    read_bytes: int = 0
-    read_errors: int = 0
-    forgets: int = 0
 
 
 @dataclass(eq=False)
@@ -82,20 +69,25 @@ class _OpenDir:
 def _guarded(
     op: Callable[Concatenate[LayerFilesystem, P], Coroutine[Any, Any, T]],
 ) -> Callable[Concatenate[LayerFilesystem, P], Coroutine[Any, Any, T]]:
-    """Turn any unexpected exception into EIO (and a log line) instead of ending the session."""
+    """Count and time the request, and turn any unexpected exception into EIO (and a log
+    line) instead of ending the session."""
+    name = op.__name__
 
     @functools.wraps(op)
     async def handler(self: LayerFilesystem, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        start = time.perf_counter()
         try:
             return await op(self, *args, **kwargs)
         except pyfuse3.FUSEError:
             raise
         except UnknownInode as e:
-            log.warning("FUSE %s: inode %s is not known (stale kernel reference?)", op.__name__, e)
+            log.warning("FUSE %s: inode %s is not known (stale kernel reference?)", name, e)
             raise pyfuse3.FUSEError(errno.ESTALE) from None
         except Exception:
-            log.exception("FUSE %s%r failed", op.__name__, args)
+            log.exception("FUSE %s%r failed", name, args)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            self.stats.record(name, time.perf_counter() - start)
 
     return handler
 
@@ -197,7 +189,6 @@ class LayerFilesystem(pyfuse3.Operations):
 
     @_guarded
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        self.stats.lookups += 1
         if parent_inode == FUSE_ROOT_INO:
             if name in (b".", b".."):
                 return self._root_attrs()
@@ -224,17 +215,17 @@ class LayerFilesystem(pyfuse3.Operations):
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         """Must not raise at all: there is no request to answer, and pyfuse3 would end the session."""
-        self.stats.forgets += 1
+        start = time.perf_counter()
         try:
             for ino, nlookup in inode_list:
                 if ino != FUSE_ROOT_INO:
                     self._inodes.forget(ino, nlookup)
         except Exception:
             log.exception("FUSE forget%r failed", inode_list)
+        self.stats.record("forget", time.perf_counter() - start)
 
     @_guarded
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        self.stats.getattrs += 1
         if inode == FUSE_ROOT_INO:
             return self._root_attrs()
         att, node = self._inodes.resolve(inode)  # still answered after detach: the kernel holds it
@@ -292,7 +283,6 @@ class LayerFilesystem(pyfuse3.Operations):
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         """Entries with attributes (readdirplus): a later stat needs no lookup. No `.`/`..`,
         as the kernel takes no reference for those and would leak our lookup counts."""
-        self.stats.readdirs += 1
         d = self._dirs[fh]
         for i in range(start_id, len(d.entries)):
             name, att, node = d.entries[i]
@@ -317,7 +307,6 @@ class LayerFilesystem(pyfuse3.Operations):
 
     @_guarded
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        self.stats.opens += 1
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             raise pyfuse3.FUSEError(errno.EROFS)
         att, node = self._attached(inode)
@@ -331,7 +320,6 @@ class LayerFilesystem(pyfuse3.Operations):
 
     @_guarded
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        self.stats.reads += 1
         f = self._files[fh]
         att, node = f.att, f.node
         if not att.attached:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18lazysnap/v1/status.proto\x12\x0blazysnap.v1\" \n\rLayersRequest\x12\x0f\n\x07\x64igests\x18\x01 \x03(\t\"\x94\x01\n\x05Layer\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x11\n\timage_ref\x18\x02 \x01(\t\x12\x0c\n\x04mode\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0c\n\x04size\x18\x05 \x01(\x03\x12\x17\n\x0fresolve_seconds\x18\x06 \x01(\x01\x12\x0c\n\x04path\x18\x07 \x01(\t\x12\x15\n\rfetched_bytes\x18\x08 \x01(\x03\"Z\n\x05\x43\x61\x63he\x12\r\n\x05\x62ytes\x18\x01 \x01(\x03\x12\x11\n\tmax_bytes\x18\x02 \x01(\x03\x12\x0c\n\x04hits\x18\x03 \x01(\x03\x12\x0e\n\x06misses\x18\x04 \x01(\x03\x12\x11\n\tevictions\x18\x05 \x01(\x03\"W\n\x0eLayersResponse\x12\"\n\x06layers\x18\x01 \x03(\x0b\x32\x12.lazysnap.v1.Layer\x12!\n\x05\x63\x61\x63he\x18\x02 \x01(\x0b\x32\x12.lazysnap.v1.Cache2K\n\x06Status\x12\x41\n\x06Layers\x12\x1a.lazysnap.v1.LayersRequest\x1a\x1b.lazysnap.v1.LayersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18lazysnap/v1/status.proto\x12\x0blazysnap.v1\" \n\rLayersRequest\x12\x0f\n\x07\x64igests\x18\x01 \x03(\t\"\x94\x01\n\x05Layer\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x11\n\timage_ref\x18\x02 \x01(\t\x12\x0c\n\x04mode\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0c\n\x04size\x18\x05 \x01(\x03\x12\x17\n\x0fresolve_seconds\x18\x06 \x01(\x01\x12\x0c\n\x04path\x18\x07 \x01(\t\x12\x15\n\rfetched_bytes\x18\x08 \x01(\x03\"Z\n\x05\x43\x61\x63he\x12\r\n\x05\x62ytes\x18\x01 \x01(\x03\x12\x11\n\tmax_bytes\x18\x02 \x01(\x03\x12\x0c\n\x04hits\x18\x03 \x01(\x03\x12\x0e\n\x06misses\x18\x04 \x01(\x03\x12\x11\n\tevictions\x18\x05 \x01(\x03\"6\n\x06\x46useOp\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\"Q\n\x04\x46use\x12 \n\x03ops\x18\x01 \x03(\x0b\x32\x13.lazysnap.v1.FuseOp\x12\x12\n\nread_bytes\x18\x02 \x01(\x03\x12\x13\n\x0bread_errors\x18\x03 \x01(\x03\"x\n\x0eLayersResponse\x12\"\n\x06layers\x18\x01 \x03(\x0b\x32\x12.lazysnap.v1.Layer\x12!\n\x05\x63\x61\x63he\x18\x02 \x01(\x0b\x32\x12.lazysnap.v1.Cache\x12\x1f\n\x04\x66use\x18\x03 \x01(\x0b\x32\x11.lazysnap.v1.Fuse2K\n\x06Status\x12\x41\n\x06Layers\x12\x1a.lazysnap.v1.LayersRequest\x1a\x1b.lazysnap.v1.LayersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,8 +37,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LAYER']._serialized_end=224
   _globals['_CACHE']._serialized_start=226
   _globals['_CACHE']._serialized_end=316
-  _globals['_LAYERSRESPONSE']._serialized_start=318
-  _globals['_LAYERSRESPONSE']._serialized_end=405
-  _globals['_STATUS']._serialized_start=407
-  _globals['_STATUS']._serialized_end=482
+  _globals['_FUSEOP']._serialized_start=318
+  _globals['_FUSEOP']._serialized_end=372
+  _globals['_FUSE']._serialized_start=374
+  _globals['_FUSE']._serialized_end=455
+  _globals['_LAYERSRESPONSE']._serialized_start=457
+  _globals['_LAYERSRESPONSE']._serialized_end=577
+  _globals['_STATUS']._serialized_start=579
+  _globals['_STATUS']._serialized_end=654
 # @@protoc_insertion_point(module_scope)
