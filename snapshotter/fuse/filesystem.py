@@ -277,7 +277,7 @@ class LayerFilesystem(pyfuse3.Operations):
         if not node.is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         att.handles += 1
-        return self._new_dir(_OpenDir(att, [(name, att, child) for name, child in att.tree.entries(node.ino)]))
+        return self._new_dir(_OpenDir(att, att.listing(node)))
 
     @_guarded
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
