@@ -50,6 +50,10 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
+class XattrsUnsupported(ValueError):
+    """A layer with extended attributes, offered to a mount that serves none (`xattrs=False`)."""
+
+
 @dataclass(eq=False)
 class _OpenFile:
     att: Attachment
@@ -102,9 +106,21 @@ class LayerFilesystem(pyfuse3.Operations):
     supports_dot_lookup = True
 
     def __init__(self, *, timeout: float = DEFAULT_TIMEOUT, root_timeout: float = DEFAULT_ROOT_TIMEOUT,
-                 read_timeout: float = DEFAULT_READ_TIMEOUT, fail_fast: float = DEFAULT_FAIL_FAST) -> None:
+                 read_timeout: float = DEFAULT_READ_TIMEOUT, fail_fast: float = DEFAULT_FAIL_FAST,
+                 xattrs: bool = True) -> None:
+        """`xattrs=False` trades extended attributes for metadata speed under overlayfs.
+
+        overlayfs asks every lower file it looks up for `trusted.overlay.metacopy`, and every
+        lower directory for `trusted.overlay.opaque` and more, and the kernel caches no
+        xattr answer of a FUSE filesystem: a `du` of 30,000 files through a container's
+        overlay sends 37,000 getxattr requests (~100 us each through pyfuse3), 4.5 s instead
+        of 1.8 s. Answering ENOSYS once makes the kernel stop asking for the whole mount;
+        the price is that no served layer may have xattrs or opaque directories, so
+        `attach` refuses such a layer (`XattrsUnsupported`) and its owner pulls it whole.
+        """
         super().__init__()
         self.timeout = timeout
+        self.xattrs = xattrs
         self.root_timeout = root_timeout
         self.read_timeout = read_timeout
         self.fail_fast = fail_fast
@@ -119,8 +135,15 @@ class LayerFilesystem(pyfuse3.Operations):
 
     def attach(self, name: str, layer: Layer) -> None:
         """Serve `layer` at `<mount>/<name>`; visible at once (the root never caches a miss)."""
+        if not self.accepts(layer):
+            raise XattrsUnsupported(f"layer {name} has extended attributes or opaque directories, "
+                                    "and this mount serves none")
         self._inodes.attach(os.fsencode(name), layer)
         self._root_mtime_ns = time.time_ns()
+
+    def accepts(self, layer: Layer) -> bool:
+        """Whether `attach` would take the layer (only a layer with xattrs, when they are off, is refused)."""
+        return self.xattrs or not layer.tree.has_xattrs
 
     async def detach(self, name: str) -> None:
         """Remove `<mount>/<name>`, and return once no read of that layer is in flight.
@@ -240,6 +263,8 @@ class LayerFilesystem(pyfuse3.Operations):
 
     @_guarded
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if not self.xattrs:
+            raise pyfuse3.FUSEError(errno.ENOSYS)  # the kernel answers EOPNOTSUPP itself from now on
         if inode == FUSE_ROOT_INO:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         _, node = self._inodes.resolve(inode)
@@ -250,6 +275,8 @@ class LayerFilesystem(pyfuse3.Operations):
 
     @_guarded
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
+        if not self.xattrs:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         if inode == FUSE_ROOT_INO:
             return []
         _, node = self._inodes.resolve(inode)

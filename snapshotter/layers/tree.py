@@ -139,6 +139,11 @@ class LayerTree:
     def max_ino(self) -> int:
         return max(self.nodes)
 
+    @property
+    def has_xattrs(self) -> bool:
+        """Whether any inode has an extended attribute (an opaque directory's marker included)."""
+        return any(node.xattrs for node in self.nodes.values())
+
 
 def build_tree(entries: Iterable[LayerEntry]) -> LayerTree:
     """Apply tar members in order, as `tar -x` followed by containerd's overlay conversion would."""
