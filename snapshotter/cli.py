@@ -11,6 +11,7 @@ import grpc
 import trio
 
 from . import __version__, config, daemon, profiles
+from .api.lazysnap.v1 import status_pb2
 from .containerd import pull
 from .containerd.client import ContainerdClient
 from .errors import SnapshotterError
@@ -248,7 +249,20 @@ def status_command(args: argparse.Namespace) -> int:
     ratio = c.hits / (c.hits + c.misses) if c.hits + c.misses else 0.0
     print(f"cache: {pull.human_size(c.bytes)} of {pull.human_size(c.max_bytes)}, hit rate {ratio:.0%} "
           f"({c.hits} hits, {c.misses} misses, {c.evictions} evictions)")
+    if reply.fuse.ops:
+        print(format_fuse(reply.fuse))
     return 0
+
+
+def format_fuse(fuse: status_pb2.Fuse) -> str:
+    """FUSE requests per operation, busiest first: what a workload cost the daemon."""
+    rows = [("FUSE OP", "REQUESTS", "SECONDS", "US/REQ")]
+    for op in fuse.ops:
+        rows.append((op.name, str(op.count), f"{op.seconds:.3f}", f"{op.seconds / op.count * 1e6:.0f}" if op.count else "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(widths[0]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(row)) for row in rows]
+    lines.append(f"fuse: {pull.human_size(fuse.read_bytes)} read, {fuse.read_errors} read errors")
+    return "\n".join(lines)
 
 
 def setup_logging(level: str) -> None:

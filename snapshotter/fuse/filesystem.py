@@ -29,6 +29,7 @@ import trio
 
 from ..layers.layer import Layer, ReadError
 from ..layers.tree import ROOT_INO, LayerTree, Node
+from .counters import FuseStats
 from .inodes import FUSE_ROOT_INO, NAME_MAX, Attachment, InodeTable, UnknownInode
 
 log = logging.getLogger(__name__)
@@ -49,18 +50,8 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
-@dataclass
-class FuseStats:
-    """Requests served, by kind: cheap counters for status output and tests."""
-
-    lookups: int = 0
-    getattrs: int = 0
-    readdirs: int = 0
-    opens: int = 0
-    reads: int = 0
-    read_bytes: int = 0
-    read_errors: int = 0
-    forgets: int = 0
+class XattrsUnsupported(ValueError):
+    """A layer with extended attributes, offered to a mount that serves none (`xattrs=False`)."""
 
 
 @dataclass(eq=False)
@@ -82,20 +73,25 @@ class _OpenDir:
 def _guarded(
     op: Callable[Concatenate[LayerFilesystem, P], Coroutine[Any, Any, T]],
 ) -> Callable[Concatenate[LayerFilesystem, P], Coroutine[Any, Any, T]]:
-    """Turn any unexpected exception into EIO (and a log line) instead of ending the session."""
+    """Count and time the request, and turn any unexpected exception into EIO (and a log
+    line) instead of ending the session."""
+    name = op.__name__
 
     @functools.wraps(op)
     async def handler(self: LayerFilesystem, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        start = time.perf_counter()
         try:
             return await op(self, *args, **kwargs)
         except pyfuse3.FUSEError:
             raise
         except UnknownInode as e:
-            log.warning("FUSE %s: inode %s is not known (stale kernel reference?)", op.__name__, e)
+            log.warning("FUSE %s: inode %s is not known (stale kernel reference?)", name, e)
             raise pyfuse3.FUSEError(errno.ESTALE) from None
         except Exception:
-            log.exception("FUSE %s%r failed", op.__name__, args)
+            log.exception("FUSE %s%r failed", name, args)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            self.stats.record(name, time.perf_counter() - start)
 
     return handler
 
@@ -110,9 +106,21 @@ class LayerFilesystem(pyfuse3.Operations):
     supports_dot_lookup = True
 
     def __init__(self, *, timeout: float = DEFAULT_TIMEOUT, root_timeout: float = DEFAULT_ROOT_TIMEOUT,
-                 read_timeout: float = DEFAULT_READ_TIMEOUT, fail_fast: float = DEFAULT_FAIL_FAST) -> None:
+                 read_timeout: float = DEFAULT_READ_TIMEOUT, fail_fast: float = DEFAULT_FAIL_FAST,
+                 xattrs: bool = True) -> None:
+        """`xattrs=False` trades extended attributes for metadata speed under overlayfs.
+
+        overlayfs asks every lower file it looks up for `trusted.overlay.metacopy`, and every
+        lower directory for `trusted.overlay.opaque` and more, and the kernel caches no
+        xattr answer of a FUSE filesystem: a `du` of 30,000 files through a container's
+        overlay sends 37,000 getxattr requests (~100 us each through pyfuse3), 4.5 s instead
+        of 1.8 s. Answering ENOSYS once makes the kernel stop asking for the whole mount;
+        the price is that no served layer may have xattrs or opaque directories, so
+        `attach` refuses such a layer (`XattrsUnsupported`) and its owner pulls it whole.
+        """
         super().__init__()
         self.timeout = timeout
+        self.xattrs = xattrs
         self.root_timeout = root_timeout
         self.read_timeout = read_timeout
         self.fail_fast = fail_fast
@@ -127,8 +135,15 @@ class LayerFilesystem(pyfuse3.Operations):
 
     def attach(self, name: str, layer: Layer) -> None:
         """Serve `layer` at `<mount>/<name>`; visible at once (the root never caches a miss)."""
+        if not self.accepts(layer):
+            raise XattrsUnsupported(f"layer {name} has extended attributes or opaque directories, "
+                                    "and this mount serves none")
         self._inodes.attach(os.fsencode(name), layer)
         self._root_mtime_ns = time.time_ns()
+
+    def accepts(self, layer: Layer) -> bool:
+        """Whether `attach` would take the layer (only a layer with xattrs, when they are off, is refused)."""
+        return self.xattrs or not layer.tree.has_xattrs
 
     async def detach(self, name: str) -> None:
         """Remove `<mount>/<name>`, and return once no read of that layer is in flight.
@@ -197,7 +212,6 @@ class LayerFilesystem(pyfuse3.Operations):
 
     @_guarded
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        self.stats.lookups += 1
         if parent_inode == FUSE_ROOT_INO:
             if name in (b".", b".."):
                 return self._root_attrs()
@@ -224,17 +238,17 @@ class LayerFilesystem(pyfuse3.Operations):
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         """Must not raise at all: there is no request to answer, and pyfuse3 would end the session."""
-        self.stats.forgets += 1
+        start = time.perf_counter()
         try:
             for ino, nlookup in inode_list:
                 if ino != FUSE_ROOT_INO:
                     self._inodes.forget(ino, nlookup)
         except Exception:
             log.exception("FUSE forget%r failed", inode_list)
+        self.stats.record("forget", time.perf_counter() - start)
 
     @_guarded
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        self.stats.getattrs += 1
         if inode == FUSE_ROOT_INO:
             return self._root_attrs()
         att, node = self._inodes.resolve(inode)  # still answered after detach: the kernel holds it
@@ -249,6 +263,8 @@ class LayerFilesystem(pyfuse3.Operations):
 
     @_guarded
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if not self.xattrs:
+            raise pyfuse3.FUSEError(errno.ENOSYS)  # the kernel answers EOPNOTSUPP itself from now on
         if inode == FUSE_ROOT_INO:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         _, node = self._inodes.resolve(inode)
@@ -259,6 +275,8 @@ class LayerFilesystem(pyfuse3.Operations):
 
     @_guarded
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
+        if not self.xattrs:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         if inode == FUSE_ROOT_INO:
             return []
         _, node = self._inodes.resolve(inode)
@@ -286,13 +304,12 @@ class LayerFilesystem(pyfuse3.Operations):
         if not node.is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         att.handles += 1
-        return self._new_dir(_OpenDir(att, [(name, att, child) for name, child in att.tree.entries(node.ino)]))
+        return self._new_dir(_OpenDir(att, att.listing(node)))
 
     @_guarded
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         """Entries with attributes (readdirplus): a later stat needs no lookup. No `.`/`..`,
         as the kernel takes no reference for those and would leak our lookup counts."""
-        self.stats.readdirs += 1
         d = self._dirs[fh]
         for i in range(start_id, len(d.entries)):
             name, att, node = d.entries[i]
@@ -317,7 +334,6 @@ class LayerFilesystem(pyfuse3.Operations):
 
     @_guarded
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        self.stats.opens += 1
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             raise pyfuse3.FUSEError(errno.EROFS)
         att, node = self._attached(inode)
@@ -331,7 +347,6 @@ class LayerFilesystem(pyfuse3.Operations):
 
     @_guarded
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        self.stats.reads += 1
         f = self._files[fh]
         att, node = f.att, f.node
         if not att.attached:

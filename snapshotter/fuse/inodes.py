@@ -53,6 +53,9 @@ class Attachment:
     """Set whenever no read is in flight (replaced when one starts)."""
     data_bytes: int = 0
     """Total size of the layer's regular files (for statfs, counted once at attach)."""
+    listings: dict[int, list[tuple[bytes, Attachment, Node]]] = field(default_factory=dict)
+    """Directory listings by local inode, made on the first opendir: the layer never changes,
+    and every walk opens every directory again (the kernel caches no listing for us)."""
 
     def __post_init__(self) -> None:
         self.idle.set()
@@ -63,6 +66,13 @@ class Attachment:
 
     def global_ino(self, node: Node) -> int:
         return self.base + node.ino
+
+    def listing(self, node: Node) -> list[tuple[bytes, Attachment, Node]]:
+        """The directory's entries in name order (stable readdir offsets)."""
+        found = self.listings.get(node.ino)
+        if found is None:
+            found = self.listings[node.ino] = [(name, self, child) for name, child in self.tree.entries(node.ino)]
+        return found
 
     @property
     def referenced(self) -> bool:

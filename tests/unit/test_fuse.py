@@ -377,9 +377,9 @@ async def test_find_and_stat_need_few_lookups(mnt: Path) -> None:
         listing = await trio.run_process(["find", str(mnt / "tree"), "-type", "f"], capture_stdout=True)
         files = listing.stdout.split()
         assert len(files) == 5000
-        before = (fs.stats.lookups, fs.stats.getattrs)
+        before = (fs.stats.count("lookup"), fs.stats.count("getattr"))
         await trio.run_process(["xargs", "stat", "--format=%i %s"], stdin=b"\n".join(files), capture_stdout=True)
-        lookups, getattrs = fs.stats.lookups - before[0], fs.stats.getattrs - before[1]
+        lookups, getattrs = fs.stats.count("lookup") - before[0], fs.stats.count("getattr") - before[1]
     assert lookups < 20 and getattrs < 20, (lookups, getattrs)
 
 

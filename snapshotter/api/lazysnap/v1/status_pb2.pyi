@@ -52,10 +52,32 @@ class Cache(_message.Message):
     evictions: int
     def __init__(self, bytes: _Optional[int] = ..., max_bytes: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ...) -> None: ...
 
+class FuseOp(_message.Message):
+    __slots__ = ("name", "count", "seconds")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    count: int
+    seconds: float
+    def __init__(self, name: _Optional[str] = ..., count: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class Fuse(_message.Message):
+    __slots__ = ("ops", "read_bytes", "read_errors")
+    OPS_FIELD_NUMBER: _ClassVar[int]
+    READ_BYTES_FIELD_NUMBER: _ClassVar[int]
+    READ_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    ops: _containers.RepeatedCompositeFieldContainer[FuseOp]
+    read_bytes: int
+    read_errors: int
+    def __init__(self, ops: _Optional[_Iterable[_Union[FuseOp, _Mapping]]] = ..., read_bytes: _Optional[int] = ..., read_errors: _Optional[int] = ...) -> None: ...
+
 class LayersResponse(_message.Message):
-    __slots__ = ("layers", "cache")
+    __slots__ = ("layers", "cache", "fuse")
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     CACHE_FIELD_NUMBER: _ClassVar[int]
+    FUSE_FIELD_NUMBER: _ClassVar[int]
     layers: _containers.RepeatedCompositeFieldContainer[Layer]
     cache: Cache
-    def __init__(self, layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., cache: _Optional[_Union[Cache, _Mapping]] = ...) -> None: ...
+    fuse: Fuse
+    def __init__(self, layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., cache: _Optional[_Union[Cache, _Mapping]] = ..., fuse: _Optional[_Union[Fuse, _Mapping]] = ...) -> None: ...
