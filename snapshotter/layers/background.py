@@ -51,8 +51,9 @@ class BackgroundFetcher:
         """Forever: complete one layer after another while the foreground is quiet."""
         while True:
             target = self._next()
-            if target is None or self.activity.quiet_for() < self.options.quiet:
-                await trio.sleep(POLL)
+            wait = self.options.quiet - self.activity.quiet_for()
+            if target is None or wait > 0:
+                await trio.sleep(POLL if target is None else min(POLL, wait))
                 continue
             name, layer, progress = target
             try:

@@ -77,10 +77,14 @@ class FetchActivity:
     """Foreground fetching, shared by all layers: background work stays out of its way, and
     readahead (`on_miss`) learns where reads are heading."""
 
-    last_foreground: float = 0.0
-    """`time.monotonic()` of the latest read that had to go to the registry."""
+    last_foreground: float = field(default_factory=time.monotonic)
+    """`time.monotonic()` of the latest read that had to go to the registry, or of the
+    latest mount (its container is about to start reading)."""
     foreground_fetches: int = 0
     on_miss: Callable[[FetchableLayer, int, int], None] | None = None
+
+    def mounted(self) -> None:
+        self.last_foreground = time.monotonic()
 
     def foreground(self, layer: FetchableLayer, start: int, end: int) -> None:
         """A read of `layer` had to fetch blob bytes [start, end) itself."""

@@ -435,6 +435,7 @@ class LayerManager:
             self.fs.attach(name, layer)
         status.mode, status.reason, status.size, status.layer = record.format, "", record.blob_size, layer
         self._progress[layer] = status.progress
+        self.activity.mounted()
         status.path = str(self.mountpoint / name)
 
     async def restore(self) -> None:

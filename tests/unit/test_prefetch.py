@@ -350,3 +350,17 @@ def test_readahead_grows_along_a_forward_streak_and_ignores_random_reads() -> No
     for offset in (10 << 20, 40 << 20, 20 << 20, 60 << 20):
         ra.miss(other, offset, offset + (1 << 20))  # type: ignore[arg-type]
     assert len(spawned) == count, "reads far apart start no readahead"
+
+
+async def test_background_fetch_waits_after_a_mount_too(tmp_path: Path) -> None:
+    built = build_estargz([File(n, d) for n, d in _estargz_files().items()], chunk_size=64 << 10).blob
+    layer, blob = await _estargz_layer(built, tmp_path / "c")
+    activity = FetchActivity()
+    activity.mounted()
+    fetcher = BackgroundFetcher(lambda: [(LAYER, layer, Progress())], activity, 1 << 30,
+                                BackgroundOptions(quiet=30.0, rate=0))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fetcher.run)
+        await trio.sleep(0.3)
+        nursery.cancel_scope.cancel()
+    assert blob.reads == 0, "a layer just mounted is about to be read: background fetch must wait"
