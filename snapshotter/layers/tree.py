@@ -214,17 +214,20 @@ class _Builder:
                 self._set_attrs(existing, entry)  # a repeated directory entry updates, keeps children
                 return
             self._unlink(parent, name)
-        node = Node(self.next_ino, 0, parent=parent.ino)
+        ino = self.next_ino
         self.next_ino += 1
-        if entry.type is _DIR:
-            node.children = {}
-            node.nlink = 2
-            assert parent.children is not None
-            parent.nlink += 1
-        self._set_attrs(node, entry)
-        self.tree.nodes[node.ino] = node
-        assert parent.children is not None
-        parent.children[name] = node.ino
+        if entry.type is _REG and not entry.xattrs:  # most entries: one constructor call
+            node = Node(ino, stat.S_IFREG | (entry.mode & 0o7777), entry.uid, entry.gid, entry.size, entry.mtime_ns,
+                        parent=parent.ino, content=entry.content)
+        else:
+            node = Node(ino, 0, parent=parent.ino)
+            if entry.type is _DIR:
+                node.children = {}
+                node.nlink = 2
+                parent.nlink += 1
+            self._set_attrs(node, entry)
+        self.tree.nodes[ino] = node
+        parent.children[name] = ino
 
     def _set_attrs(self, node: Node, entry: LayerEntry) -> None:
         etype = entry.type
