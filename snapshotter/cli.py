@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="how each layer is served, and the cache")
     status.add_argument("--address", type=Path, default=config.Config.address, help="lazysnap's socket")
+    status.add_argument("--fuse", action="store_true",
+                        help="also print the FUSE requests served, per operation, and the time they took")
 
     index = commands.add_parser("index", help="SOCI indexes: build, push, convert, inspect").add_subparsers(
         dest="index_command", required=True)
@@ -249,7 +251,7 @@ def status_command(args: argparse.Namespace) -> int:
     ratio = c.hits / (c.hits + c.misses) if c.hits + c.misses else 0.0
     print(f"cache: {pull.human_size(c.bytes)} of {pull.human_size(c.max_bytes)}, hit rate {ratio:.0%} "
           f"({c.hits} hits, {c.misses} misses, {c.evictions} evictions)")
-    if reply.fuse.ops:
+    if args.fuse:
         print(format_fuse(reply.fuse))
     return 0
 

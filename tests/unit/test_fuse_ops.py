@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from snapshotter.api.lazysnap.v1 import status_pb2
+from snapshotter import cli
 from snapshotter.cli import format_fuse
 import trio
 
@@ -71,6 +72,27 @@ def test_format_fuse() -> None:
     assert header.split() == ["FUSE", "OP", "REQUESTS", "SECONDS", "US/REQ"]
     assert row.split() == ["readdir", "4", "0.002", "500"]
     assert "1 read errors" in total
+
+
+@pytest.mark.parametrize("flag", [[], ["--fuse"]])
+def test_status_prints_fuse_requests_when_asked(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                                                flag: list[str]) -> None:
+    class Client:
+        def __init__(self, address: Path) -> None: ...
+        def close(self) -> None: ...
+
+        def layers(self) -> status_pb2.LayersResponse:
+            return status_pb2.LayersResponse(fuse=status_pb2.Fuse(ops=[status_pb2.FuseOp(name="getxattr", count=7)]))
+
+    monkeypatch.setattr(cli, "StatusClient", Client)
+    with pytest.raises(SystemExit) as done:
+        cli.main(["status", "--address", "/nonexistent.sock", *flag])
+    out = capsys.readouterr().out.splitlines()
+    assert done.value.code == 0 and out[0].startswith("LAYER")
+    if flag:
+        assert out[1].startswith("cache: ") and out[2].startswith("FUSE OP") and out[3].split()[:2] == ["getxattr", "7"]
+    else:
+        assert len(out) == 2 and out[1].startswith("cache: ")  # the default output stays as scripts parse it
 
 
 @pytest.mark.usefixtures("needs_fuse")
