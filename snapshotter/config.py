@@ -37,6 +37,11 @@ class Config:
     """Seconds a Prepare waits for a layer's index before falling back to a full pull."""
     read_timeout: float = 30.0
     """Seconds a FUSE read may wait for the registry before it fails with EIO."""
+    fuse_xattrs: bool = True
+    """Serve extended attributes from lazy layers. False makes metadata walks through a
+    container's overlay ~4x faster (overlayfs asks every lower entry for trusted.overlay.*
+    and the kernel caches no FUSE xattr answer), and layers with xattrs or opaque
+    directories are then pulled whole."""
     cache_max_mib: int = 10240
     """Upper bound of the on-disk chunk cache; least recently used chunks go first."""
     certs_dir: Path = Path("/etc/containerd/certs.d")
@@ -90,7 +95,8 @@ class Config:
 
 _KINDS: dict[str, type] = {
     "root": Path, "address": Path, "log_level": str, "grpc_workers": int, "lazy": bool,
-    "allow_unverified": bool, "resolve_timeout": float, "read_timeout": float, "cache_max_mib": int,
+    "allow_unverified": bool, "resolve_timeout": float, "read_timeout": float, "fuse_xattrs": bool,
+    "cache_max_mib": int,
     "certs_dir": Path, "docker_config": Path, "prefetch": bool, "record_profiles": bool, "profile_seconds": float,
     "fetch_concurrency": int, "readahead_max_mib": int, "background_fetch": bool,
     "background_quiet_seconds": float,

@@ -71,7 +71,7 @@ async def _open_lazy_side(config: Config, store: Store, nursery: trio.Nursery) -
     if await clear_stale_mount(mountpoint):
         log.warning("cleared a stale FUSE mount at %s (left by a crashed lazysnap)", mountpoint)
     mountpoint.mkdir(exist_ok=True)
-    fs = LayerFilesystem(read_timeout=config.read_timeout)
+    fs = LayerFilesystem(read_timeout=config.read_timeout, xattrs=config.fuse_xattrs)
     await nursery.start(serve_fuse, mountpoint, fs)
     options = RegistryOptions(certs_dir=config.certs_dir, docker_config=config.docker_config)
     async with RegistryClient(options) as registry:

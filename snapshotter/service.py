@@ -136,7 +136,7 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
 class LayerReport(Protocol):
     """What the Status API reports from (the layer manager, when lazy pulling is on)."""
 
-    def report(self, digests: list[str]) -> tuple[list[dict[str, object]], dict[str, int]]: ...
+    def report(self, digests: list[str]) -> tuple[list[dict[str, object]], dict[str, int], dict[str, object]]: ...
 
 
 class StatusService(status_pb2_grpc.StatusServicer):
@@ -147,10 +147,11 @@ class StatusService(status_pb2_grpc.StatusServicer):
     def Layers(self, request: status_pb2.LayersRequest, context: grpc.ServicerContext) -> status_pb2.LayersResponse:
         if self.source is None:
             return status_pb2.LayersResponse()
-        layers, cache = self.source.report(list(request.digests))
+        layers, cache, fuse = self.source.report(list(request.digests))
         return status_pb2.LayersResponse(
             layers=[status_pb2.Layer(**layer) for layer in layers],  # type: ignore[arg-type]
             cache=status_pb2.Cache(**cache),
+            fuse=status_pb2.Fuse(**fuse),  # type: ignore[arg-type]
         )
 
 

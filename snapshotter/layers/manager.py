@@ -187,11 +187,11 @@ class LayerManager:
     def release(self, layers: list[LayerRecord]) -> None:
         trio.from_thread.run(self._release, layers, trio_token=self.token)
 
-    def report(self, digests: list[str]) -> tuple[list[dict[str, object]], dict[str, int]]:
-        """Layer and cache state for the Status API (read on the trio thread, so consistent)."""
+    def report(self, digests: list[str]) -> tuple[list[dict[str, object]], dict[str, int], dict[str, object]]:
+        """Layer, cache and FUSE request state for the Status API (read on the trio thread, so consistent)."""
         return trio.from_thread.run_sync(self._report, digests, trio_token=self.token)
 
-    def _report(self, digests: list[str]) -> tuple[list[dict[str, object]], dict[str, int]]:
+    def _report(self, digests: list[str]) -> tuple[list[dict[str, object]], dict[str, int], dict[str, object]]:
         wanted = set(digests)
         layers = [
             {"digest": s.digest, "image_ref": s.image_ref, "mode": s.mode, "reason": s.reason, "size": s.size,
@@ -203,7 +203,7 @@ class LayerManager:
         stats = self.cache.stats
         cache = {"bytes": self.cache.size, "max_bytes": self.cache.max_bytes, "hits": stats.hits,
                  "misses": stats.misses, "evictions": stats.evictions}
-        return layers, cache
+        return layers, cache, self.fs.stats.report()
 
     # -- the trio side ---------------------------------------------------------------
 
@@ -239,6 +239,8 @@ class LayerManager:
                         self.activity)
             except FormatError as e:
                 raise _Fallback(f"unusable {resolution.kind} index: {e}") from None
+            if not self.fs.accepts(layer):
+                raise _Fallback("the layer has extended attributes or opaque directories, and fuse_xattrs is off")
         except _Fallback as e:
             status.mode, status.reason, status.resolve_seconds = FALLBACK, str(e), resolution.seconds
             log.warning("layer %s of %s is pulled whole: %s", request.layer_digest, request.image_ref, e)
