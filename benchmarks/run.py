@@ -85,12 +85,12 @@ def write_certs(certs: Path, host: str) -> Path:
     return certs
 
 
-def one_run(link: ShapedLink, certs: Path, image: str, mode: Mode, catalog: dict, workdir: Path,
+def one_run(link: ShapedLink, certs: Path, image: str, mode: Mode, catalog: dict, workdir: Path, extra: list[str],
             measure_workload: bool) -> dict:
     entry = catalog[image]
     info = entry["variants"][mode.variant]
     ref = f"{link.host}/bench/{image}:{info['tag']}"
-    node = Node(workdir, lazy=mode.lazy, certs_dir=certs if mode.lazy else None, config=mode.config)
+    node = Node(workdir, lazy=mode.lazy, certs_dir=certs if mode.lazy else None, config=mode.config + extra)
     result: dict = {"image": image, "mode": mode.name, "ref": ref}
     try:
         node.start()
@@ -256,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rtt", default="20ms", help="round-trip time added by the delay proxy (default 20ms)")
     p.add_argument("--loopback", action="store_true", help="registry on 127.0.0.1, no shaping")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--lazysnap-config", action="append", default=[], metavar="LINE",
+                   help='an extra line for every lazysnap node\'s config, e.g. "fuse_xattrs = false"')
     args = p.parse_args(argv)
     names = args.images.split(",")
     modes = [MODES[m] for m in args.modes.split(",")]
@@ -280,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
             for i in range(args.runs):
                 for image in names:
                     for mode in modes:
-                        r = one_run(link, certs, image, mode, catalog, tmp / f"n{len(runs)}",
+                        r = one_run(link, certs, image, mode, catalog, tmp / f"n{len(runs)}", args.lazysnap_config,
                                     measure_workload=(i == args.runs - 1))
                         r["run"] = i
                         runs.append(r)
@@ -302,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     if proxy_total and (proxy_total["bytes_down"] + proxy_total["bytes_up"]):
         proxy_cost = proxy_total["cpu_seconds"] / ((proxy_total["bytes_down"] + proxy_total["bytes_up"]) / 1e9)
     report = {
-        "link": link.describe(), "runs": args.runs, "images": names, "modes": [m.name for m in modes],
+        "link": link.describe(), "lazysnap_config": args.lazysnap_config, "runs": args.runs, "images": names, "modes": [m.name for m in modes],
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "machine": machine(),
         "command": " ".join(["python -m benchmarks.run", *(argv if argv is not None else sys.argv[1:])]),
         "catalog": {n: {v: {"compressed_bytes": i["compressed_bytes"], "layers": len(i["layers"])}
