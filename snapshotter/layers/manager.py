@@ -43,7 +43,7 @@ from .background import BackgroundFetcher, BackgroundOptions, Target
 from .estargz import EStargzIndex, EStargzLayer, fetch_index, parse_index
 from .fetch import FetchableLayer, FetchActivity, Progress, Recording, Unit, batches, units_in
 from .layer import Blob
-from .prefetch import prefetch
+from .prefetch import fetch_batches, prefetch
 from .readahead import Readahead
 from .soci import SociLayer
 
@@ -398,16 +398,10 @@ class LayerManager:
         self.nursery.start_soon(self._readahead, layer, units)
 
     async def _readahead(self, layer: FetchableLayer, units: list[Unit]) -> None:
-        async with self._readahead_limiter:
-            for batch in batches([u for u in units if not layer.is_cached(u)]):
-                try:
-                    fetched = await layer.fetch_batch(batch)
-                except Exception as e:  # the reads fetch for themselves, and report
-                    log.debug("readahead stopped: %s", e)
-                    return
-                progress = self._progress.get(layer)
-                if progress is not None:
-                    progress.prefetched_bytes += fetched
+        todo = batches([u for u in units if not layer.is_cached(u)])
+        failure = await fetch_batches(layer, todo, self._progress.get(layer, Progress()), self._readahead_limiter)
+        if failure:
+            log.debug("readahead stopped: %s", failure)
 
     def background_targets(self) -> list[Target]:
         return [(s.digest, s.layer, s.progress) for s in self.status.values() if s.layer is not None]

@@ -26,11 +26,23 @@ async def prefetch(name: str, layer: FetchableLayer, units: Sequence[Unit], prog
         return
     progress.state = "prefetching"
     started = trio.current_time()
+    failure = await fetch_batches(layer, todo, progress, limiter)
+    if progress.state == "prefetching":
+        progress.state = "on demand"
+    if failure:
+        log.warning("prefetch of %s stopped: %s", name, failure)
+    log.info("prefetched %d bytes of %s in %.2f s", progress.prefetched_bytes, name, trio.current_time() - started)
+
+
+async def fetch_batches(layer: FetchableLayer, todo: list[list[Unit]], progress: Progress,
+                        limiter: trio.CapacityLimiter) -> str:
+    """Fetch `todo` in order, at most `limiter` batches at a time, counting the bytes cached
+    into `progress`; stops at the first failure and says what it was ("" if none)."""
     failures: list[str] = []
 
-    async def worker(queue: list[list[Unit]]) -> None:
-        while queue and not failures:
-            batch = queue.pop(0)
+    async def worker() -> None:
+        while todo and not failures:
+            batch = todo.pop(0)
             async with limiter:
                 try:
                     progress.prefetched_bytes += await layer.fetch_batch(batch)
@@ -39,9 +51,5 @@ async def prefetch(name: str, layer: FetchableLayer, units: Sequence[Unit], prog
 
     async with trio.open_nursery() as nursery:
         for _ in range(min(len(todo), limiter.total_tokens)):
-            nursery.start_soon(worker, todo)
-    if progress.state == "prefetching":
-        progress.state = "on demand"
-    if failures:
-        log.warning("prefetch of %s stopped: %s", name, failures[0])
-    log.info("prefetched %d bytes of %s in %.2f s", progress.prefetched_bytes, name, trio.current_time() - started)
+            nursery.start_soon(worker)
+    return failures[0] if failures else ""
