@@ -9,10 +9,10 @@ registry's newest one is used.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import write_atomically
 from .formats import profile as fmt
 from .formats.errors import FormatError
 from .registry.client import RegistryClient
@@ -44,10 +44,7 @@ class ProfileStore:
 
     def put(self, profile: fmt.Profile) -> Path:
         path = self._path(profile.image)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(fmt.encode(profile))
-        os.replace(tmp, path)
+        write_atomically(path, fmt.encode(profile))
         return path
 
     def all(self) -> list[fmt.Profile]:

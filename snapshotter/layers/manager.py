@@ -16,7 +16,6 @@ What makes it different from its peers:
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 import weakref
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import trio
 
+from ..atomic import write_atomically
 from ..cache import ChunkCache
 from ..formats import estargz, soci_index, ztoc
 from ..formats.errors import FormatError
@@ -419,10 +419,7 @@ class LayerManager:
                                   index_digest, resolution.offset)
         path = self._index_path(record)
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_bytes(resolution.saved)
-            os.replace(tmp, path)
+            write_atomically(path, resolution.saved)
         return record
 
     def _attach(self, record: LayerRecord, layer: EStargzLayer | SociLayer, status: LayerStatus) -> None:

@@ -9,8 +9,9 @@ before (or without) it is pushed.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
+
+from ..atomic import write_atomically
 
 DEFAULT_DIR = Path("/var/lib/lazysnap/soci")
 
@@ -23,7 +24,7 @@ class LocalIndexes:
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         path = self._blob_path(digest)
         if not path.exists():
-            _write_atomically(path, data)
+            write_atomically(path, data)
         return digest
 
     def get_blob(self, digest: str) -> bytes | None:
@@ -39,7 +40,7 @@ class LocalIndexes:
         return data
 
     def set_index(self, image_manifest_digest: str, index_digest: str) -> None:
-        _write_atomically(self._image_path(image_manifest_digest), index_digest.encode())
+        write_atomically(self._image_path(image_manifest_digest), index_digest.encode())
 
     def index_for(self, image_manifest_digest: str) -> str | None:
         try:
@@ -49,7 +50,7 @@ class LocalIndexes:
 
     def set_name(self, image_manifest_digest: str, name: str) -> None:
         """Remember the reference the index was built for, so `index list` can show it."""
-        _write_atomically(self.dir / "names" / self._blob_path(image_manifest_digest).name, name.encode())
+        write_atomically(self.dir / "names" / self._blob_path(image_manifest_digest).name, name.encode())
 
     def name_for(self, image_manifest_digest: str) -> str:
         try:
@@ -73,9 +74,3 @@ class LocalIndexes:
     def _image_path(self, digest: str) -> Path:
         return self.dir / "images" / self._blob_path(digest).name
 
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
