@@ -61,6 +61,8 @@ class Node:
     certs_dir: Path | None = None
     config: list[str] = field(default_factory=list)
     """Extra lazysnap config lines."""
+    keep_log: Path | None = None
+    """Where to copy lazysnap's log before the node's work dir goes."""
     containerd: Containerd | None = field(default=None, init=False)
     lazysnap: Lazysnap | None = field(default=None, init=False)
     _seq: int = field(default=0, init=False)
@@ -77,7 +79,8 @@ class Node:
             config.write_text("\n".join(lines) + "\n")
             self.lazysnap = Lazysnap(root=self.workdir / "ls", address=self.workdir / "ls.sock",
                                      log_path=self.workdir / "lazysnap.log", config=config,
-                                     extra_args=["--log-level", "info"]).start()
+                                     extra_args=[] if any(line.startswith("log_level") for line in self.config)
+                                     else ["--log-level", "info"]).start()
         self.containerd = Containerd(snapshotter_address=self.lazysnap.address if self.lazysnap else None,
                                      workdir=self.workdir / "ctd").start()
         return self
@@ -164,6 +167,10 @@ class Node:
                 if self.lazysnap is not None:
                     self.lazysnap.close()
             finally:
+                log = self.workdir / "lazysnap.log"
+                if self.keep_log is not None and log.exists():
+                    self.keep_log.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(log, self.keep_log)
                 unmount_below(self.workdir)
                 remove_namespace_leftovers()
                 # A node is cold only once: its lazysnap root (chunk cache, indexes) goes too.

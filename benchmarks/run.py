@@ -86,11 +86,12 @@ def write_certs(certs: Path, host: str) -> Path:
 
 
 def one_run(link: ShapedLink, certs: Path, image: str, mode: Mode, catalog: dict, workdir: Path, extra: list[str],
-            measure_workload: bool) -> dict:
+            measure_workload: bool, keep_log: Path | None = None) -> dict:
     entry = catalog[image]
     info = entry["variants"][mode.variant]
     ref = f"{link.host}/bench/{image}:{info['tag']}"
-    node = Node(workdir, lazy=mode.lazy, certs_dir=certs if mode.lazy else None, config=mode.config + extra)
+    node = Node(workdir, lazy=mode.lazy, certs_dir=certs if mode.lazy else None, config=mode.config + extra,
+                keep_log=keep_log)
     result: dict = {"image": image, "mode": mode.name, "ref": ref}
     try:
         node.start()
@@ -258,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--lazysnap-config", action="append", default=[], metavar="LINE",
                    help='an extra line for every lazysnap node\'s config, e.g. "fuse_xattrs = false"')
+    p.add_argument("--keep-logs", type=Path, metavar="DIR",
+                   help="copy each lazysnap node's log to DIR/<image>-<mode>-<run>.log")
     args = p.parse_args(argv)
     names = args.images.split(",")
     modes = [MODES[m] for m in args.modes.split(",")]
@@ -283,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
                 for image in names:
                     for mode in modes:
                         r = one_run(link, certs, image, mode, catalog, tmp / f"n{len(runs)}", args.lazysnap_config,
-                                    measure_workload=(i == args.runs - 1))
+                                    measure_workload=(i == args.runs - 1),
+                                    keep_log=args.keep_logs / f"{image}-{mode.name}-{i}.log" if args.keep_logs else None)
                         r["run"] = i
                         runs.append(r)
                         print(f"[{time.monotonic() - started:6.0f}s] run {i} {image:10} {mode.name:9} "

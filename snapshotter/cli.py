@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 import trio
 
-from . import __version__, config, daemon, profiles
+from . import __version__, config, profiles
 from .api.lazysnap.v1 import status_pb2
 from .containerd import pull
 from .containerd.client import ContainerdClient
@@ -130,6 +130,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.command == "serve":
             cfg = config.load(args.config, {"root": args.root, "address": args.address, "log_level": args.log_level})
             setup_logging(cfg.log_level)
+            # Imported here: the daemon (FUSE, the layer manager) costs ~0.35 s to import,
+            # which `lazysnap rpull` and the other clients should not pay on every call.
+            from . import daemon
             daemon.run(cfg)
         elif args.command == "rpull":
             setup_logging("warning")
@@ -273,3 +276,6 @@ def setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # Their debug lines come per socket event; lazysnap's own debug line per request says enough.
+    for noisy in ("httpx", "httpcore", "hpack"):
+        logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLogger().level))

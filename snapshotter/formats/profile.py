@@ -5,7 +5,9 @@ parallel, on the next cold mount of that image, on any node that can find it (a
 local file, or an OCI artifact beside the image whose `subject` is the image manifest).
 A profile names compressed byte ranges of layer blobs, not files or chunk ids, so it
 means the same to an eStargz and a SOCI layer, and needs nothing but the blob to
-replay. Ranges are listed in the order they were first read; replay keeps that order.
+replay. Ranges are listed in the order they were first read, each with the time of
+that first read (milliseconds into the recording), so that replay can follow the
+image's order across all its layers, not just within each.
 
 Pure: JSON bytes in, records out, and back. Hostile input is capped and checked.
 """
@@ -39,6 +41,13 @@ class LayerProfile:
     digest: str
     ranges: tuple[tuple[int, int], ...]
     """[start, end) compressed blob ranges, first-read order."""
+    at: tuple[int, ...] = ()
+    """Milliseconds into the recording at which each range was first read; empty when the
+    profile does not say (replay then keeps the order within the layer only)."""
+
+    def __post_init__(self) -> None:
+        if self.at and len(self.at) != len(self.ranges):
+            raise ValueError(f"{len(self.at)} read times for {len(self.ranges)} ranges")
 
     @property
     def bytes(self) -> int:
@@ -67,7 +76,8 @@ def encode(profile: Profile) -> bytes:
         "version": VERSION,
         "image": profile.image,
         "seconds": round(profile.seconds, 3),
-        "layers": [{"digest": layer.digest, "ranges": [list(r) for r in layer.ranges]} for layer in profile.layers],
+        "layers": [{"digest": layer.digest, "ranges": [list(r) for r in layer.ranges]}
+                   | ({"at": list(layer.at)} if layer.at else {}) for layer in profile.layers],
     }
     return json.dumps(doc, separators=(",", ":")).encode()
 
@@ -110,7 +120,12 @@ def parse(raw: bytes) -> Profile:
                     or not 0 <= r[0] < r[1]):
                 raise FormatError(f"profile layer {item['digest']} has a bad range {r!r}")
             ranges.append((r[0], r[1]))
-        layers.append(LayerProfile(item["digest"], tuple(ranges)))
+        at = item.get("at", [])
+        if (not isinstance(at, list) or (at and len(at) != len(ranges))
+                or not all(type(t) is int and t >= 0 for t in at)):
+            raise FormatError(f"profile layer {item['digest']} has bad read times (\"at\" must list one "
+                              "non-negative integer per range)")
+        layers.append(LayerProfile(item["digest"], tuple(ranges), tuple(at)))
     return Profile(image, tuple(layers), float(seconds))
 
 

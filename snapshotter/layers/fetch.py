@@ -102,16 +102,21 @@ def units_in(units: Sequence[Unit], ranges: Iterable[tuple[int, int]]) -> list[U
 
     `units` must be in blob order; ranges need not be.
     """
+    return [unit for unit, _ in first_reached(units, ranges)]
+
+
+def first_reached(units: Sequence[Unit], ranges: Iterable[tuple[int, int]]) -> list[tuple[Unit, int]]:
+    """`units_in`, each unit paired with the index of the first range that reaches it."""
     starts = [u.start for u in units]
     seen: set[int] = set()
-    out: list[Unit] = []
-    for start, end in ranges:
+    out: list[tuple[Unit, int]] = []
+    for k, (start, end) in enumerate(ranges):
         i = max(bisect.bisect_right(starts, start) - 1, 0)
         while i < len(units) and units[i].start < end:
             unit = units[i]
             if unit.end > start and unit.index not in seen:
                 seen.add(unit.index)
-                out.append(unit)
+                out.append((unit, k))
             i += 1
     return out
 
@@ -149,31 +154,37 @@ class Recording:
     layers: tuple[str, ...]
     seconds: float
     started: float | None = None
-    touched: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)
-    """(layer digest, unit start) -> (start, end), in first-read order."""
+    touched: dict[tuple[str, int], tuple[int, int, int]] = field(default_factory=dict)
+    """(layer digest, unit start) -> (start, end, milliseconds after the first read), in first-read order."""
     max_units: int = 1 << 18
 
     def touch(self, layer: str, start: int, end: int) -> None:
+        now = time.monotonic()
         if self.started is None:
-            self.started = time.monotonic()
+            self.started = now
         key = (layer, start)
         if key not in self.touched and len(self.touched) < self.max_units:
-            self.touched[key] = (start, end)
+            self.touched[key] = (start, end, int(1000 * (now - self.started)))
 
     def profile(self) -> Profile:
-        per_layer: dict[str, list[tuple[int, int]]] = {digest: [] for digest in self.layers}
-        for (layer, _), span in self.touched.items():
-            per_layer.setdefault(layer, []).append(span)
-        return Profile(self.image, tuple(LayerProfile(d, tuple(_merge_adjacent(r))) for d, r in per_layer.items() if r),
-                       self.seconds)
+        per_layer: dict[str, list[tuple[int, int, int]]] = {digest: [] for digest in self.layers}
+        for (layer, _), read in self.touched.items():
+            per_layer.setdefault(layer, []).append(read)
+        out = []
+        for digest, reads in per_layer.items():
+            if reads:
+                merged = _merge_adjacent(reads)
+                out.append(LayerProfile(digest, tuple((s, e) for s, e, _ in merged), tuple(t for _, _, t in merged)))
+        return Profile(self.image, tuple(out), self.seconds)
 
 
-def _merge_adjacent(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Join a range to the previous one when it starts where that one ends (order kept)."""
-    out: list[tuple[int, int]] = []
-    for start, end in ranges:
+def _merge_adjacent(reads: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """Join a read to the previous one when it starts where that one ends (order and the
+    earlier time kept)."""
+    out: list[tuple[int, int, int]] = []
+    for start, end, at in reads:
         if out and out[-1][1] == start:
-            out[-1] = (out[-1][0], end)
+            out[-1] = (out[-1][0], end, out[-1][2])
         else:
-            out.append((start, end))
+            out.append((start, end, at))
     return out

@@ -41,9 +41,9 @@ from ..soci.local import LocalIndexes
 from ..store import LayerRecord, Store
 from .background import BackgroundFetcher, BackgroundOptions, Target
 from .estargz import EStargzIndex, EStargzLayer, fetch_index, parse_index
-from .fetch import FetchableLayer, FetchActivity, Progress, Recording, Unit, batches, units_in
+from .fetch import FetchableLayer, FetchActivity, Progress, Recording, Unit, batches, first_reached
 from .layer import Blob
-from .prefetch import fetch_batches, prefetch
+from .prefetch import FetchQueue, prefetch
 from .readahead import Readahead
 from .soci import SociLayer
 
@@ -152,7 +152,8 @@ class _Image:
         self.recording: Recording | None = None
         self.soci_prefetch: dict[str, list[tuple[int, int]]] = {}
         """Layer digest -> span id ranges (inclusive) from the SOCI index's prefetch artifacts."""
-        self.limiter = trio.CapacityLimiter(concurrency)
+        self.queue = FetchQueue(trio.CapacityLimiter(concurrency))
+        """The prefetch GETs of all the image's layers, most urgent first."""
 
 
 class LayerManager:
@@ -174,7 +175,7 @@ class LayerManager:
         self.activity = FetchActivity()
         if options.readahead_max > 0:
             self.activity.on_miss = Readahead(self._spawn_readahead, maximum=options.readahead_max).miss
-        self._readahead_limiter = trio.CapacityLimiter(READAHEAD_GETS)
+        self._readahead = FetchQueue(trio.CapacityLimiter(READAHEAD_GETS))
         self._progress: weakref.WeakKeyDictionary[FetchableLayer, Progress] = weakref.WeakKeyDictionary()
         self._resolutions: dict[str, _Resolution] = {}
         self._images: dict[str, _Image] = {}
@@ -392,14 +393,15 @@ class LayerManager:
         units, sources = _prefetch_units(image, digest, layer)
         if units:
             log.info("prefetching %d units of %s (%s)", len(units), digest, ", ".join(sources))
-            await prefetch(digest, layer, units, status.progress, image.limiter)
+            await prefetch(digest, layer, units, status.progress, image.queue)
 
     def _spawn_readahead(self, layer: FetchableLayer, units: list[Unit]) -> None:
-        self.nursery.start_soon(self._readahead, layer, units)
+        self.nursery.start_soon(self._read_ahead, layer, units)
 
-    async def _readahead(self, layer: FetchableLayer, units: list[Unit]) -> None:
+    async def _read_ahead(self, layer: FetchableLayer, units: list[Unit]) -> None:
         todo = batches([u for u in units if not layer.is_cached(u)])
-        failure = await fetch_batches(layer, todo, self._progress.get(layer, Progress()), self._readahead_limiter)
+        failure = await self._readahead.fetch(layer, [(0.0, run) for run in todo],  # ties: first come, first fetched
+                                             self._progress.get(layer, Progress()))
         if failure:
             log.debug("readahead stopped: %s", failure)
 
@@ -474,22 +476,28 @@ def _layer(kind: str, saved: bytes, offset: int, blob: Blob, cache: ChunkCache,
     raise FormatError(f"unknown layer format {kind!r}")
 
 
-def _prefetch_units(image: _Image, digest: str, layer: EStargzLayer | SociLayer) -> tuple[list[Unit], list[str]]:
-    """The units to prefetch, most urgent first, and where the list came from."""
-    units: list[Unit] = []
+def _prefetch_units(image: _Image, digest: str,
+                    layer: EStargzLayer | SociLayer) -> tuple[list[tuple[float, Unit]], list[str]]:
+    """The units to prefetch with their priorities (lower is sooner), and where the list came from.
+
+    A profile's units come when the image first read them (milliseconds into its start;
+    their rank when the profile has no times). What the image declares itself (landmark,
+    SOCI prefetch artifact) comes first.
+    """
+    units: list[tuple[float, Unit]] = []
     sources: list[str] = []
     recorded = image.profile.for_layer(digest) if image.profile is not None else None
     if recorded is not None:
-        units += units_in(layer.units, recorded.ranges)
+        units += [(float(recorded.at[k] if recorded.at else k), u) for u, k in first_reached(layer.units, recorded.ranges)]
         sources.append("start profile")
     if isinstance(layer, EStargzLayer):
         end = estargz.prefetch_end(layer.index.toc)
         if end:
-            units += units_in(layer.units, [(0, end)])
+            units += [(0.0, u) for u, _ in first_reached(layer.units, [(0, end)])]
             sources.append("prefetch landmark")
     spans = image.soci_prefetch.get(digest, [])
     if spans and isinstance(layer, SociLayer):
-        units += [u for first, last in spans for u in layer.units[first:last + 1]]
+        units += [(0.0, u) for first, last in spans for u in layer.units[first:last + 1]]
         sources.append("SOCI prefetch artifact")
     return units, sources
 

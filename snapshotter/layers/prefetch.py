@@ -4,12 +4,21 @@ What to fetch comes from the image (a start profile, eStargz landmarks, a SOCI p
 artifact); this module only turns units into parallel range GETs. It never blocks a
 read: a read of a unit being prefetched waits for that GET like for its own fetch, and
 a prefetch that fails only logs (the reads then fetch for themselves).
+
+The GETs of all of an image's layers share one `FetchQueue`, most urgent first: a
+container reads its layers interleaved (the interpreter from the base layer, then a
+library from the next, then more of the base), and a profile says when each range was
+first read, so replay follows that order across layers instead of splitting the link
+evenly between them.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import trio
 
@@ -18,38 +27,87 @@ from .fetch import FetchableLayer, Progress, Unit, batches
 log = logging.getLogger(__name__)
 
 
-async def prefetch(name: str, layer: FetchableLayer, units: Sequence[Unit], progress: Progress,
-                   limiter: trio.CapacityLimiter) -> None:
-    """Fetch the uncached ones of `units` (most urgent first), at most `limiter` GETs at a time."""
-    todo = batches([u for u in units if not layer.is_cached(u)])
+@dataclass(eq=False)
+class _Owner:
+    """One layer's share of a queue: its jobs still to finish, and its first failure."""
+
+    layer: FetchableLayer
+    progress: Progress
+    pending: int
+    done: trio.Event = field(default_factory=trio.Event)
+    failure: str = ""
+
+    def finished_one(self) -> None:
+        self.pending -= 1
+        if self.pending == 0:
+            self.done.set()
+
+
+@dataclass(order=True)
+class _Job:
+    priority: float
+    seq: int
+    batch: list[Unit] = field(compare=False)
+    owner: _Owner = field(compare=False)
+
+
+class FetchQueue:
+    """Batches of any number of layers, fetched most urgent first, at most `limiter` GETs at a time.
+
+    There is no long-lived worker: every caller of `fetch` works the queue (taking
+    whichever job is most urgent, its own or another layer's) until it is empty, then
+    waits for its own jobs that others are still fetching.
+    """
+
+    def __init__(self, limiter: trio.CapacityLimiter) -> None:
+        self.limiter = limiter
+        self._heap: list[_Job] = []
+        self._seq = itertools.count()
+
+    async def fetch(self, layer: FetchableLayer, jobs: Sequence[tuple[float, list[Unit]]], progress: Progress) -> str:
+        """Fetch `jobs` ((priority, batch); lower is sooner), counting the bytes cached into
+        `progress`; stops this layer's jobs at its first failure and says what it was ("" if none)."""
+        if not jobs:
+            return ""
+        owner = _Owner(layer, progress, len(jobs))
+        for priority, batch in jobs:
+            heapq.heappush(self._heap, _Job(priority, next(self._seq), batch, owner))
+        async with trio.open_nursery() as nursery:
+            for _ in range(min(len(jobs), self.limiter.total_tokens)):
+                nursery.start_soon(self._work)
+        await owner.done.wait()
+        return owner.failure
+
+    async def _work(self) -> None:
+        while self._heap:
+            async with self.limiter:
+                if not self._heap:
+                    return
+                job = heapq.heappop(self._heap)
+                owner = job.owner
+                try:
+                    if not owner.failure:
+                        owner.progress.prefetched_bytes += await owner.layer.fetch_batch(job.batch)
+                except Exception as e:  # the reads will fetch for themselves and report
+                    owner.failure = f"{type(e).__name__}: {e}"
+                finally:
+                    owner.finished_one()
+
+
+async def prefetch(name: str, layer: FetchableLayer, units: Sequence[tuple[float, Unit]], progress: Progress,
+                   queue: FetchQueue) -> None:
+    """Fetch the uncached ones of `units` ((priority, unit); lower is sooner) through `queue`."""
+    priority: dict[int, float] = {}
+    for p, unit in units:
+        priority[unit.index] = min(p, priority.get(unit.index, p))
+    todo = batches(unit for _, unit in units if not layer.is_cached(unit))
     if not todo:
         return
     progress.state = "prefetching"
     started = trio.current_time()
-    failure = await fetch_batches(layer, todo, progress, limiter)
+    failure = await queue.fetch(layer, [(min(priority[u.index] for u in run), run) for run in todo], progress)
     if progress.state == "prefetching":
         progress.state = "on demand"
     if failure:
         log.warning("prefetch of %s stopped: %s", name, failure)
     log.info("prefetched %d bytes of %s in %.2f s", progress.prefetched_bytes, name, trio.current_time() - started)
-
-
-async def fetch_batches(layer: FetchableLayer, todo: list[list[Unit]], progress: Progress,
-                        limiter: trio.CapacityLimiter) -> str:
-    """Fetch `todo` in order, at most `limiter` batches at a time, counting the bytes cached
-    into `progress`; stops at the first failure and says what it was ("" if none)."""
-    failures: list[str] = []
-
-    async def worker() -> None:
-        while todo and not failures:
-            batch = todo.pop(0)
-            async with limiter:
-                try:
-                    progress.prefetched_bytes += await layer.fetch_batch(batch)
-                except Exception as e:  # the reads will fetch for themselves and report
-                    failures.append(f"{type(e).__name__}: {e}")
-
-    async with trio.open_nursery() as nursery:
-        for _ in range(min(len(todo), limiter.total_tokens)):
-            nursery.start_soon(worker)
-    return failures[0] if failures else ""

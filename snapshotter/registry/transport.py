@@ -108,7 +108,10 @@ class Transport:
             with trio.move_on_after(budget) as scope:
                 try:
                     async with self._open(req) as response:
-                        return await consume(response)
+                        result = await consume(response)
+                        log.debug("%s %s %s: %d in %.0f ms", req.method, req.what, req.headers.get("Range", ""),
+                                  response.status_code, 1000 * (trio.current_time() - start))
+                        return result
                 except _Retry as e:
                     failures.append(e.reason)
                     retry_after = e.retry_after

@@ -22,9 +22,10 @@ from snapshotter.layers.fetch import (
     Recording,
     Unit,
     batches,
+    first_reached,
     units_in,
 )
-from snapshotter.layers.prefetch import prefetch
+from snapshotter.layers.prefetch import FetchQueue, prefetch
 from snapshotter.layers.readahead import Readahead
 from snapshotter.layers.soci import SociLayer
 from snapshotter.profiles import ProfileStore
@@ -44,6 +45,37 @@ def test_a_profile_round_trips_in_order() -> None:
     back = fmt.parse(fmt.encode(p))
     assert back == p
     assert back.bytes == 500 and back.for_layer(LAYER) is not None and back.for_layer(IMAGE) is None
+
+
+def test_read_times_round_trip_and_may_be_absent() -> None:
+    timed = fmt.Profile(IMAGE, (fmt.LayerProfile(LAYER, ((500, 900), (0, 100)), (0, 250)),), 30.0)
+    assert fmt.parse(fmt.encode(timed)) == timed
+    untimed = json.dumps({"mediaType": fmt.ARTIFACT_TYPE, "version": 1, "image": IMAGE,
+                          "layers": [{"digest": LAYER, "ranges": [[0, 10]]}]}).encode()
+    assert fmt.parse(untimed).layers[0].at == ()
+    with pytest.raises(ValueError, match="1 read times for 2 ranges"):
+        fmt.LayerProfile(LAYER, ((0, 1), (2, 3)), (5,))
+
+
+@pytest.mark.parametrize("at", [[1, 2], [-1], [1.5], "0", [True]])
+def test_bad_read_times_are_a_clear_error(at: object) -> None:
+    doc = json.dumps({"mediaType": fmt.ARTIFACT_TYPE, "version": 1, "image": IMAGE,
+                      "layers": [{"digest": LAYER, "ranges": [[0, 10]], "at": at}]}).encode()
+    with pytest.raises(FormatError, match="bad read times"):
+        fmt.parse(doc)
+
+
+def test_a_recording_keeps_when_each_range_was_first_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = iter([100.0, 100.2, 100.25, 101.0])
+    monkeypatch.setattr("snapshotter.layers.fetch.time.monotonic", lambda: next(clock))
+    other = "sha256:" + "3" * 64
+    rec = Recording(IMAGE, (LAYER, other), 30.0)
+    rec.touch(LAYER, 0, 10)
+    rec.touch(other, 50, 60)
+    rec.touch(LAYER, 10, 20)   # adjacent to the first: merged, keeping the earlier time
+    rec.touch(LAYER, 90, 95)
+    assert rec.profile().layers == (fmt.LayerProfile(LAYER, ((0, 20), (90, 95)), (0, 1000)),
+                                    fmt.LayerProfile(other, ((50, 60),), (200,)))
 
 
 @pytest.mark.parametrize("doc, why", [
@@ -116,6 +148,7 @@ def _units(*ranges: tuple[int, int]) -> list[Unit]:
 def test_units_in_finds_overlaps_in_the_order_ranges_reach_them() -> None:
     units = _units((0, 10), (10, 20), (20, 30), (30, 40))
     assert [u.index for u in units_in(units, [(25, 35), (0, 5), (21, 22)])] == [2, 3, 0]
+    assert [(u.index, k) for u, k in first_reached(units, [(25, 35), (0, 5), (21, 22)])] == [(2, 0), (3, 0), (0, 1)]
     assert units_in(units, [(40, 50)]) == []
 
 
@@ -132,7 +165,8 @@ def test_a_recording_keeps_first_reads_in_order_and_joins_neighbours() -> None:
     for start, end in [(100, 200), (200, 300), (0, 100), (100, 200)]:
         rec.touch(LAYER, start, end)
     assert rec.started is not None
-    assert rec.profile() == fmt.Profile(IMAGE, (fmt.LayerProfile(LAYER, ((100, 300), (0, 100))),), 30.0)
+    profile = rec.profile()
+    assert profile.seconds == 30.0 and profile.layers[0].ranges == ((100, 300), (0, 100))
 
 
 # ---------------------------------------------------------------- the cache's batch fill
@@ -231,7 +265,8 @@ async def test_a_recorded_start_replays_in_few_gets_and_then_reads_need_none(tmp
     recorded = profile.for_layer(LAYER)
     assert recorded is not None
     progress = Progress()
-    await prefetch(LAYER, second, units_in(second.units, recorded.ranges), progress, trio.CapacityLimiter(4))
+    await prefetch(LAYER, second, [(0.0, u) for u in units_in(second.units, recorded.ranges)], progress,
+                   FetchQueue(trio.CapacityLimiter(4)))
     assert 0 < blob.reads <= 3, f"replay took {blob.reads} GETs"
     assert blob.fetched_bytes < 2 * recorded.bytes + (64 << 10) * 20, "replay fetches what was read, not the layer"
     assert progress.prefetched_bytes > 0 and progress.state == "on demand"
@@ -255,6 +290,57 @@ async def test_soci_spans_fetch_in_batches_and_a_corrupt_span_is_skipped(tmp_pat
     stored = sum([await layer.fetch_batch(run) for run in batches(layer.units)])
     assert blob.reads == len(batches(layer.units)) and stored > 0
     assert not layer.is_cached(victim) and all(layer.is_cached(u) for u in layer.units if u != victim)
+
+
+class _Logged:
+    """A stand-in layer whose batches only log that they were fetched (or fail, if told to)."""
+
+    def __init__(self, name: str, log: list[tuple[str, int]], fail_at: int | None = None) -> None:
+        self.name, self.log, self.fail_at = name, log, fail_at
+
+    def is_cached(self, unit: Unit) -> bool:
+        return False
+
+    async def fetch_batch(self, batch: list[Unit]) -> int:
+        await trio.sleep(0.001)
+        if batch[0].start == self.fail_at:
+            raise OSError("registry said no")
+        self.log.append((self.name, batch[0].start))
+        return 1
+
+
+async def test_one_queue_fetches_several_layers_in_the_order_the_image_read_them() -> None:
+    log: list[tuple[str, int]] = []
+    queue = FetchQueue(trio.CapacityLimiter(1))
+    base, lib = _Logged("base", log), _Logged("lib", log)
+    progress = {name: Progress() for name in ("base", "lib")}
+
+    async def replay(layer: _Logged, reads: list[tuple[float, int]]) -> None:
+        units = [(t, Unit(start, start + 1, i)) for i, (t, start) in enumerate(reads)]
+        await prefetch(layer.name, layer, units, progress[layer.name], queue)  # type: ignore[arg-type]
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(replay, base, [(0.0, 0), (300.0, 1 << 20), (40.0, 2 << 20)])
+        nursery.start_soon(replay, lib, [(20.0, 0), (200.0, 1 << 20)])
+    assert log == [("base", 0), ("lib", 0), ("base", 2 << 20), ("lib", 1 << 20), ("base", 1 << 20)]
+    assert progress["base"].prefetched_bytes == 3 and progress["lib"].state == "on demand"
+
+
+async def test_a_failing_layer_stops_only_its_own_jobs() -> None:
+    log: list[tuple[str, int]] = []
+    queue = FetchQueue(trio.CapacityLimiter(1))
+    bad, good = _Logged("bad", log, fail_at=0), _Logged("good", log)
+    jobs = [(float(i), [Unit(i << 20, (i << 20) + 1, i)]) for i in range(3)]
+    failures: dict[str, str] = {}
+
+    async def run(layer: _Logged) -> None:
+        failures[layer.name] = await queue.fetch(layer, jobs, Progress())  # type: ignore[arg-type]
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run, bad)
+        nursery.start_soon(run, good)
+    assert failures == {"bad": "OSError: registry said no", "good": ""}
+    assert log == [("good", 0), ("good", 1 << 20), ("good", 2 << 20)]
 
 
 # ---------------------------------------------------------------- background fetch
