@@ -54,6 +54,10 @@ SOCI = "soci"
 FALLBACK = "fallback"
 RESOLUTION_TTL = 300.0
 """Seconds a fetched index waits for its layer's Prepare before it is dropped from memory."""
+RETRY_FAILED_AFTER = 30.0
+"""A failed resolution is tried again by its own layer's Prepare at once, but by the
+Prepares of the image's other layers (which look ahead) only after this long: without
+it, each Prepare of a pull would fetch again an index that one layer does not have."""
 READAHEAD_GETS = 2
 """Readahead GETs in flight at once, across all layers."""
 MAX_FALLBACK_STATUS = 1000
@@ -134,6 +138,8 @@ class _Resolution:
         self.blob: RegistryBlob | None = None
         self.error: str = ""
         self.seconds = 0.0
+        self.finished = 0.0
+        """`time.monotonic()` when it ended."""
 
 
 class _Image:
@@ -211,8 +217,9 @@ class LayerManager:
     async def _mount(self, request: LayerRequest) -> int | None:
         status = self.status.setdefault(request.layer_digest, LayerStatus(request.layer_digest, request.image_ref))
         for other in request.image_layers:
-            self._start_resolving(request, other)
-        resolution = self._start_resolving(request, request.layer_digest)
+            if other != request.layer_digest:
+                self._start_resolving(request, other, retry_after=RETRY_FAILED_AFTER)
+        resolution = self._start_resolving(request, request.layer_digest, retry_after=0.0)
         with trio.move_on_after(self.options.resolve_timeout):
             await resolution.done.wait()
         try:
@@ -254,9 +261,11 @@ class LayerManager:
         self._resolutions.pop(request.layer_digest, None)  # the layer holds what it needs now
         return record.id
 
-    def _start_resolving(self, request: LayerRequest, digest: str) -> _Resolution:
+    def _start_resolving(self, request: LayerRequest, digest: str, *, retry_after: float) -> _Resolution:
+        """The layer's resolution, started if there is none, or if it failed over `retry_after` s ago."""
         resolution = self._resolutions.get(digest)
-        if resolution is None or (resolution.done.is_set() and resolution.error):
+        if resolution is None or (resolution.done.is_set() and resolution.error
+                                  and time.monotonic() - resolution.finished >= retry_after):
             resolution = self._resolutions[digest] = _Resolution()
             self.nursery.start_soon(self._resolve, request, digest, resolution)
         return resolution
@@ -292,7 +301,8 @@ class LayerManager:
             log.exception("resolving layer %s of %s failed", digest, image_ref)
             resolution.error = f"internal error: {e!r}"
         finally:
-            resolution.seconds = time.monotonic() - start
+            resolution.finished = time.monotonic()
+            resolution.seconds = resolution.finished - start
             resolution.done.set()
         await trio.sleep(RESOLUTION_TTL)
         if self._resolutions.get(digest) is resolution:

@@ -83,13 +83,18 @@ def test_soci_image_runs_lazily_and_small_layers_are_pulled_whole(
     host, _, rest = soci_image.ref.partition("/")
     repo, _, tag = rest.rpartition(":")
     assert fetch_manifest(host, repo, tag)[0] == soci_image.manifest_digest, "indexing must not touch the image"
+    pulled = registry.mark()
     out = rpull(containerd, lazysnap, soci_image.ref)
+    probes = [r for r in registry.requests(settle=0.3)[pulled:] if r.method == "GET" and r.status == 206]
     for layer in soci_image.layers:
         row = next(line for line in out.splitlines() if line.startswith(layer.digest[:19]))
         if layer.digest in soci_image.indexed:
             assert "lazy soci" in row, out
         else:
             assert "pulled whole" in row and "no zTOC for this layer" in row, out
+            # Once as the first Prepare looks ahead, at most once more at its own Prepare;
+            # not again at every other layer's Prepare.
+            assert sum(1 for r in probes if r.blob and r.blob[1] == layer.digest) <= 2, probes
 
     mark = registry.mark()
     done = containerd.run_container(
