@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -46,6 +47,8 @@ class BackgroundFetcher:
         self.activity = activity
         self.cache_max_bytes = cache_max_bytes
         self.options = options
+        self._sizes: weakref.WeakKeyDictionary[FetchableLayer, int] = weakref.WeakKeyDictionary()
+        """Each layer's size in the cache, once complete (summed once: a layer has up to ~10^5 units)."""
 
     async def run(self) -> None:
         """Forever: complete one layer after another while the foreground is quiet."""
@@ -71,7 +74,9 @@ class BackgroundFetcher:
             if progress.state in ("complete", "prefetching") or progress.state.startswith(("background skipped",
                                                                                             "background stopped")):
                 continue
-            size = sum(u.cached_size for u in layer.units)
+            size = self._sizes.get(layer)
+            if size is None:
+                size = self._sizes[layer] = sum(u.cached_size for u in layer.units)
             if size > self.cache_max_bytes * self.options.max_share:
                 progress.state = (f"background skipped: {size >> 20} MiB would take over "
                                   f"{self.options.max_share:.0%} of the {self.cache_max_bytes >> 20} MiB cache")
