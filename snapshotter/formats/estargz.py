@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 from snapshotter.layers.tree import EntryType, LayerEntry
 
 from . import inflate
+from .digest import content_digest
 from .errors import FormatError
 from .tar import ENTRY_TYPES, clean_path, parse_time
 
@@ -239,7 +240,7 @@ def parse_toc(member: bytes, *, max_size: int = DEFAULT_MAX_TOC_SIZE) -> Toc:
     if not isinstance(items, list):
         raise FormatError(f"TOC entries is a JSON {type(items).__name__}, want an array")
     entries = [_toc_entry(i, item) for i, item in enumerate(items)]
-    return Toc(raw=raw, digest="sha256:" + hashlib.sha256(raw).hexdigest(), version=version, entries=entries,
+    return Toc(raw=raw, digest=content_digest(raw), version=version, entries=entries,
                header=header)
 
 

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import inflate
+from .digest import content_digest
 from .errors import FormatError
-
 
 WINDOW_SIZE = 32768
 BLOB_HEADER_SIZE = 12
@@ -226,7 +226,7 @@ Bytes = bytes | bytearray | memoryview
 
 
 def span_digest(compressed: Bytes) -> str:
-    return "sha256:" + hashlib.sha256(compressed).hexdigest()
+    return content_digest(compressed)
 
 
 def verify_span(compressed: Bytes, digest: str) -> None:

@@ -14,11 +14,11 @@ Pure: JSON bytes in, records out, and back. Hostile input is capped and checked.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass, field
 
+from .digest import content_digest
 from .errors import FormatError
 
 ARTIFACT_TYPE = "application/vnd.lazysnap.profile.v1+json"
@@ -129,17 +129,13 @@ def parse(raw: bytes) -> Profile:
     return Profile(image, tuple(layers), float(seconds))
 
 
-def digest_of(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
 def build_manifest(profile_json: bytes, subject_media_type: str, subject_digest: str, subject_size: int) -> bytes:
     """The OCI manifest that publishes `profile_json` as a referrer of the image manifest."""
     doc = {
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": ARTIFACT_TYPE, "digest": digest_of(EMPTY_CONFIG), "size": len(EMPTY_CONFIG)},
-        "layers": [{"mediaType": ARTIFACT_TYPE, "digest": digest_of(profile_json), "size": len(profile_json)}],
+        "config": {"mediaType": ARTIFACT_TYPE, "digest": content_digest(EMPTY_CONFIG), "size": len(EMPTY_CONFIG)},
+        "layers": [{"mediaType": ARTIFACT_TYPE, "digest": content_digest(profile_json), "size": len(profile_json)}],
         "subject": {"mediaType": subject_media_type, "digest": subject_digest, "size": subject_size},
     }
     return json.dumps(doc, separators=(",", ":")).encode()

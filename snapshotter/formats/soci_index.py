@@ -9,11 +9,11 @@ shared/research/soci.md §2. Pure: JSON bytes in, records out, and back.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from .digest import content_digest
 from .errors import FormatError
 
 INDEX_V1 = "application/vnd.amazon.soci.index.v1+json"
@@ -33,7 +33,7 @@ IMAGE_MANIFEST_DIGEST = "com.amazon.soci.image-manifest-digest"
 """On a v2 index's descriptor inside an image index: the image manifest it indexes."""
 
 EMPTY_CONFIG = b"{}"
-EMPTY_CONFIG_DIGEST = "sha256:" + hashlib.sha256(EMPTY_CONFIG).hexdigest()
+EMPTY_CONFIG_DIGEST = content_digest(EMPTY_CONFIG)
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ def parse_prefetch(raw: bytes) -> list[tuple[int, int]]:
 
 def parse_index(raw: bytes, digest: str | None = None) -> SociIndex:
     """Read an index manifest; a malformed one is a FormatError naming what is wrong."""
-    actual = "sha256:" + hashlib.sha256(raw).hexdigest()
+    actual = content_digest(raw)
     if digest is not None and digest != actual:
         raise FormatError(f"SOCI index digest mismatch: want {digest}, the bytes are {actual}")
     try:

@@ -32,8 +32,8 @@ import flatbuffers  # type: ignore[import-untyped]
 from snapshotter.layers.tree import EntryType, LayerEntry
 
 from . import gzip_index
+from .digest import content_digest
 from .errors import FormatError
-from .tar import ENTRY_TYPES, clean_path, format_time, parse_time
 from .gzip_index import (
     DEFAULT_SPAN_SIZE,
     CheckpointTable,
@@ -41,6 +41,7 @@ from .gzip_index import (
     GzipSpanIndex,
     Span,
 )
+from .tar import ENTRY_TYPES, clean_path, format_time, parse_time
 from .ztoc_fbs.zinfo import TarZinfo as fb_tar_zinfo
 from .ztoc_fbs.ztoc import TOC as fb_toc
 from .ztoc_fbs.ztoc import CompressionInfo as fb_compression_info
@@ -394,7 +395,7 @@ def _align(n: int) -> int:
 
 def ztoc_digest(data: bytes) -> str:
     """The zTOC's content digest: sha256 of the blob exactly as stored."""
-    return "sha256:" + hashlib.sha256(data).hexdigest()
+    return content_digest(data)
 
 
 # --------------------------------------------------------------------------- serialize

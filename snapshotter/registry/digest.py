@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import re
 
+from ..formats.digest import content_digest
 from .errors import BadResponse, InvalidReference
 
 _ALGORITHMS: dict[str, int] = {"sha256": 64, "sha512": 128}
@@ -33,9 +34,8 @@ def hasher(digest: str) -> hashlib._Hash:
     return hashlib.new(validate(digest).partition(":")[0])
 
 
-def of(data: bytes, algorithm: str = "sha256") -> str:
-    """The digest of `data`."""
-    return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
+of = content_digest
+"""The digest of `data` (computed in `formats.digest`, shared with the formats)."""
 
 
 def verify(data: bytes, digest: str, what: str) -> None:

@@ -8,10 +8,10 @@ before (or without) it is pushed.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from ..atomic import write_atomically
+from ..formats.digest import content_digest
 
 DEFAULT_DIR = Path("/var/lib/lazysnap/soci")
 
@@ -21,7 +21,7 @@ class LocalIndexes:
         self.dir = directory
 
     def put_blob(self, data: bytes) -> str:
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        digest = content_digest(data)
         path = self._blob_path(digest)
         if not path.exists():
             write_atomically(path, data)
@@ -34,7 +34,7 @@ class LocalIndexes:
             data = path.read_bytes()
         except FileNotFoundError:
             return None
-        if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+        if content_digest(data) != digest:
             path.unlink(missing_ok=True)
             return None
         return data

@@ -12,6 +12,7 @@ import trio
 
 from snapshotter.cache import ChunkCache
 from snapshotter.formats import profile as fmt
+from snapshotter.formats.digest import content_digest
 from snapshotter.formats import soci_index, ztoc
 from snapshotter.formats.errors import FormatError
 from snapshotter.layers.background import BackgroundFetcher, BackgroundOptions
@@ -106,7 +107,7 @@ def test_the_pushed_manifest_names_the_profile_and_its_image() -> None:
     manifest = fmt.build_manifest(raw, "application/vnd.oci.image.manifest.v1+json", IMAGE, 1234)
     doc = json.loads(manifest)
     assert doc["subject"]["digest"] == IMAGE and doc["config"]["mediaType"] == fmt.ARTIFACT_TYPE
-    assert fmt.profile_blob(manifest) == (fmt.digest_of(raw), len(raw))
+    assert fmt.profile_blob(manifest) == (content_digest(raw), len(raw))
     with pytest.raises(FormatError, match="carries no profile"):
         fmt.profile_blob(json.dumps({"layers": []}).encode())
 
