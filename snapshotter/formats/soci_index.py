@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from .descriptor import Descriptor
 from .digest import content_digest
 from .errors import FormatError
 
@@ -37,33 +38,14 @@ EMPTY_CONFIG_DIGEST = content_digest(EMPTY_CONFIG)
 
 
 @dataclass(frozen=True)
-class Ref:
-    """A descriptor: what the index says about a zTOC, or about the image it belongs to."""
-
-    media_type: str
-    digest: str
-    size: int
-    annotations: dict[str, str] = field(default_factory=dict)
-    artifact_type: str = ""
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
-        if self.artifact_type:
-            out["artifactType"] = self.artifact_type
-        if self.annotations:
-            out["annotations"] = dict(self.annotations)
-        return out
-
-
-@dataclass(frozen=True)
 class SociIndex:
     digest: str
     raw: bytes
     artifact_type: str
-    ztocs: dict[str, Ref]
+    ztocs: dict[str, Descriptor]
     """Image layer digest -> the zTOC that indexes it. Layers not here are pulled whole."""
-    subject: Ref | None = None
-    prefetches: dict[str, Ref] = field(default_factory=dict)
+    subject: Descriptor | None = None
+    prefetches: dict[str, Descriptor] = field(default_factory=dict)
     """Image layer digest -> its prefetch artifact (spans to fetch at mount), where the index has one."""
 
 
@@ -111,8 +93,8 @@ def parse_index(raw: bytes, digest: str | None = None) -> SociIndex:
     layers = doc.get("layers")
     if not isinstance(layers, list):
         raise FormatError(f"SOCI index {actual} has no layer list")
-    ztocs: dict[str, Ref] = {}
-    prefetches: dict[str, Ref] = {}
+    ztocs: dict[str, Descriptor] = {}
+    prefetches: dict[str, Descriptor] = {}
     for i, item in enumerate(layers):
         ref = _ref(item, f"layers[{i}]")
         if ref.media_type == PREFETCH_MEDIA_TYPE and ref.annotations.get(LAYER_DIGEST):
@@ -128,7 +110,7 @@ def parse_index(raw: bytes, digest: str | None = None) -> SociIndex:
     return SociIndex(actual, raw, config.media_type, ztocs, subject, prefetches)
 
 
-def build_index(ztocs: list[Ref], *, subject: Ref | None, artifact_type: str = INDEX_V1,
+def build_index(ztocs: list[Descriptor], *, subject: Descriptor | None, artifact_type: str = INDEX_V1,
                 build_tool: str = "lazysnap") -> bytes:
     """Serialise an index manifest; v1 carries `subject`, v2 must not (the image points at it)."""
     if artifact_type == INDEX_V2 and subject is not None:
@@ -145,22 +127,19 @@ def build_index(ztocs: list[Ref], *, subject: Ref | None, artifact_type: str = I
     return json.dumps(doc, separators=(",", ":"), sort_keys=False).encode()
 
 
-def ztoc_ref(digest: str, size: int, layer_digest: str, layer_media_type: str, span_size: int) -> Ref:
+def ztoc_ref(digest: str, size: int, layer_digest: str, layer_media_type: str, span_size: int) -> Descriptor:
     """The descriptor an index holds for one zTOC."""
-    return Ref(ZTOC_MEDIA_TYPE, digest, size, {
+    return Descriptor(ZTOC_MEDIA_TYPE, digest, size, {
         LAYER_DIGEST: layer_digest, LAYER_MEDIA_TYPE: layer_media_type, SPAN_SIZE: str(span_size),
     })
 
 
-def _ref(item: Any, where: str) -> Ref:
-    if not isinstance(item, dict):
-        raise FormatError(f"SOCI index {where} is not an object")
-    media_type, digest, size = item.get("mediaType"), item.get("digest"), item.get("size")
-    annotations = item.get("annotations") or {}
-    if not isinstance(media_type, str) or not isinstance(digest, str) or not digest.startswith("sha256:"):
-        raise FormatError(f"SOCI index {where}: bad media type or digest")
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise FormatError(f"SOCI index {where}: bad size {size!r}")
-    if not isinstance(annotations, dict) or not all(isinstance(v, str) for v in annotations.values()):
-        raise FormatError(f"SOCI index {where}: bad annotations")
-    return Ref(media_type, digest, size, dict(annotations), str(item.get("artifactType") or ""))
+def _ref(item: Any, where: str) -> Descriptor:
+    """One of the index's descriptors: SOCI's always name their media type and are sha256."""
+    where = f"SOCI index {where}"
+    if isinstance(item, dict) and not isinstance(item.get("mediaType"), str):
+        raise FormatError(f"{where}: bad media type or digest")
+    ref = Descriptor.parse(item, where)
+    if not ref.digest.startswith("sha256:"):
+        raise FormatError(f"{where}: bad media type or digest")
+    return ref

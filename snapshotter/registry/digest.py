@@ -7,26 +7,18 @@ boundary is checked against its digest before anyone uses it.
 from __future__ import annotations
 
 import hashlib
-import re
 
-from ..formats.digest import content_digest
+from ..formats.digest import check_syntax, content_digest
+from ..formats.errors import FormatError
 from .errors import BadResponse, InvalidReference
-
-_ALGORITHMS: dict[str, int] = {"sha256": 64, "sha512": 128}
-_DIGEST = re.compile(r"^[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]+$")
 
 
 def validate(digest: str) -> str:
     """`digest` unchanged if it is a well-formed, verifiable digest; else `InvalidReference`."""
-    if not _DIGEST.match(digest):
-        raise InvalidReference(f"invalid digest {digest!r}: want algorithm:hex")
-    algorithm, _, hex_part = digest.partition(":")
-    length = _ALGORITHMS.get(algorithm)
-    if length is None:
-        raise InvalidReference(f"unsupported digest algorithm in {digest!r} (supported: sha256, sha512)")
-    if len(hex_part) != length or not all(c in "0123456789abcdef" for c in hex_part):
-        raise InvalidReference(f"invalid digest {digest!r}: want {length} lowercase hex digits")
-    return digest
+    try:
+        return check_syntax(digest)
+    except FormatError as e:
+        raise InvalidReference(str(e)) from None
 
 
 def hasher(digest: str) -> hashlib._Hash:

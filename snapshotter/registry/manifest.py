@@ -7,11 +7,12 @@ reads what was verified.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from . import digest as digests
-from .errors import BadResponse, InvalidReference, NotFoundError
+from ..formats import descriptor
+from ..formats.errors import FormatError
+from .errors import BadResponse, NotFoundError
 from .options import Platform
 from .reference import Reference
 
@@ -25,58 +26,17 @@ ACCEPT = ", ".join([OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LI
 """The `Accept` header for manifest requests; schema 1 is deliberately absent."""
 
 
-@dataclass(frozen=True)
-class Descriptor:
-    """A content descriptor: what a manifest says about a config, layer or child manifest."""
-
-    media_type: str
-    digest: str
-    size: int
-    annotations: dict[str, str] = field(default_factory=dict)
-    urls: tuple[str, ...] = ()
-    platform: dict[str, Any] | None = None
-    artifact_type: str = ""
-    """`artifactType`: set on the entries of a referrers list (and of SOCI v2 indexes), else ""."""
+class Descriptor(descriptor.Descriptor):
+    """A descriptor as the registry layer reads it: malformed is the registry's `BadResponse`."""
 
     @classmethod
     def parse(cls, obj: Any, where: str) -> Descriptor:
-        if not isinstance(obj, dict):
-            raise BadResponse(f"{where}: descriptor is not an object")
-        media_type, digest, size = obj.get("mediaType", ""), obj.get("digest"), obj.get("size")
-        if not isinstance(media_type, str) or not isinstance(digest, str):
-            raise BadResponse(f"{where}: descriptor without a digest")
         try:
-            digests.validate(digest)
-        except InvalidReference as e:
-            raise BadResponse(f"{where}: {e}") from None
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise BadResponse(f"{where}: descriptor {digest} has an invalid size {size!r}")
-        annotations = obj.get("annotations") or {}
-        urls = obj.get("urls") or []
-        platform = obj.get("platform")
-        if not isinstance(annotations, dict) or not all(isinstance(v, str) for v in annotations.values()):
-            raise BadResponse(f"{where}: descriptor {digest} has invalid annotations")
-        if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
-            raise BadResponse(f"{where}: descriptor {digest} has invalid urls")
-        if platform is not None and not isinstance(platform, dict):
-            raise BadResponse(f"{where}: descriptor {digest} has an invalid platform")
-        artifact_type = obj.get("artifactType") or ""
-        if not isinstance(artifact_type, str):
-            raise BadResponse(f"{where}: descriptor {digest} has an invalid artifactType")
-        return cls(media_type, digest, size, dict(annotations), tuple(urls), platform, artifact_type)
-
-    def to_json(self) -> dict[str, Any]:
-        """The descriptor as OCI JSON; empty optional fields are left out."""
-        out: dict[str, Any] = {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
-        if self.artifact_type:
-            out["artifactType"] = self.artifact_type
-        if self.annotations:
-            out["annotations"] = dict(self.annotations)
-        if self.urls:
-            out["urls"] = list(self.urls)
-        if self.platform is not None:
-            out["platform"] = dict(self.platform)
-        return out
+            parsed = super().parse(obj, where)
+        except FormatError as e:
+            raise BadResponse(str(e)) from None
+        assert isinstance(parsed, Descriptor)
+        return parsed
 
 
 @dataclass(frozen=True)

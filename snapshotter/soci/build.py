@@ -114,7 +114,7 @@ class LayerResult:
     digest: str
     media_type: str
     size: int
-    ztoc: soci_index.Ref | None = None
+    ztoc: soci_index.Descriptor | None = None
     ztoc_size: int = 0
     spans: int = 0
     files: int = 0
@@ -196,9 +196,9 @@ def _why_not(layer: Descriptor, min_layer_size: int) -> str:
     return ""
 
 
-def known_ztocs(local: LocalIndexes, span_size: int) -> dict[str, soci_index.Ref]:
+def known_ztocs(local: LocalIndexes, span_size: int) -> dict[str, soci_index.Descriptor]:
     """Layer digest -> a zTOC of that span size already in the store (from any local index)."""
-    found: dict[str, soci_index.Ref] = {}
+    found: dict[str, soci_index.Descriptor] = {}
     for _, index_digest in local.images():
         raw = local.get_blob(index_digest)
         if raw is None:
@@ -269,7 +269,7 @@ async def _all(calls: Iterable[Awaitable[None]]) -> None:
         raise errors[0]
 
 
-def _reuse(result: LayerResult, ref: soci_index.Ref, data: bytes) -> bool:
+def _reuse(result: LayerResult, ref: soci_index.Descriptor, data: bytes) -> bool:
     try:
         z = ztoc.parse_ztoc(data)
     except FormatError:
@@ -344,7 +344,7 @@ async def create_index(registry: RegistryClient, local: LocalIndexes, image: str
     layers = await build_ztocs(registry, local, manifest, span_size=span_size, min_layer_size=min_layer_size,
                                force=force, jobs=jobs, progress=progress)
     refs = indexed_refs(image, layers)
-    subject = soci_index.Ref(manifest.media_type, manifest.digest, len(manifest.raw))
+    subject = soci_index.Descriptor(manifest.media_type, manifest.digest, len(manifest.raw))
     raw = soci_index.build_index(refs, subject=subject, artifact_type=soci_index.INDEX_V1, build_tool=BUILD_TOOL)
     local.put_blob(soci_index.EMPTY_CONFIG)
     digest = local.put_blob(raw)
@@ -354,7 +354,7 @@ async def create_index(registry: RegistryClient, local: LocalIndexes, image: str
                        time.monotonic() - start, str(local.dir))
 
 
-def indexed_refs(image: str, layers: list[LayerResult]) -> list[soci_index.Ref]:
+def indexed_refs(image: str, layers: list[LayerResult]) -> list[soci_index.Descriptor]:
     """The zTOC descriptors of the indexed layers, in layer order; none at all is `EmptyIndex`."""
     refs = [r.ztoc for r in layers if r.ztoc is not None]
     if not refs:

@@ -90,7 +90,7 @@ async def convert(registry: RegistryClient, local: LocalIndexes, image: str, new
                         f"{manifest.annotations[soci_index.INDEX_DIGEST]})")
     layers = await build_ztocs(registry, local, manifest, span_size=span_size, min_layer_size=min_layer_size,
                                force=force, jobs=jobs, progress=progress)
-    refs = [soci_index.Ref(r.media_type, r.digest, r.size, {
+    refs = [soci_index.Descriptor(r.media_type, r.digest, r.size, {
         **r.annotations, soci_index.LAYER_MEDIA_TYPE: DOCKER_TO_OCI.get(r.annotations[soci_index.LAYER_MEDIA_TYPE],
                                                                          r.annotations[soci_index.LAYER_MEDIA_TYPE]),
     }) for r in indexed_refs(image, layers)]

@@ -89,7 +89,7 @@ async def registry_indexes(registry: RegistryClient, image: str) -> RegistryView
 
 @dataclass
 class ZtocSummary:
-    ref: soci_index.Ref
+    ref: soci_index.Descriptor
     layer: str
     ztoc: ztoc.Ztoc | None = None
     problem: str = ""
@@ -183,7 +183,7 @@ async def ztoc_info(registry: RegistryClient, local: LocalIndexes, digest: str, 
     if data is None:
         if not image:
             raise SociError(f"zTOC {digest} is not in {local.dir} (give --image to fetch it from the registry)")
-        data = await fetch_ztoc(registry, None, image, soci_index.Ref(soci_index.ZTOC_MEDIA_TYPE, digest, 0))
+        data = await fetch_ztoc(registry, None, image, soci_index.Descriptor(soci_index.ZTOC_MEDIA_TYPE, digest, 0))
         source = image
     try:
         return ZtocInfo(digest, len(data), ztoc.parse_ztoc(data), source)

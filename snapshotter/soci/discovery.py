@@ -74,7 +74,7 @@ async def find_index(registry: RegistryClient, local: LocalIndexes | None, image
     return found
 
 
-async def fetch_ztoc(registry: RegistryClient, local: LocalIndexes | None, image_ref: str, ref: soci_index.Ref) -> bytes:
+async def fetch_ztoc(registry: RegistryClient, local: LocalIndexes | None, image_ref: str, ref: soci_index.Descriptor) -> bytes:
     """A zTOC's bytes, from this node's store or the image's repository, digest-verified."""
     if ref.size > MAX_ZTOC_SIZE:
         raise FormatError(f"zTOC {ref.digest} claims {ref.size} bytes, more than the {MAX_ZTOC_SIZE} allowed")

@@ -43,7 +43,7 @@ def _push_garbage_index(ref: str, manifest_digest: str, layers: list[Layer], spa
                 refs.append(soci_index.ztoc_ref(desc.digest, len(data), layer.digest, layer.media_type, span))
             await client.push_blob(ref, soci_index.EMPTY_CONFIG)
             _, raw, _ = await client.fetch_manifest(ref, manifest_digest)
-            subject = soci_index.Ref(soci_index.OCI_MANIFEST, manifest_digest, len(raw))
+            subject = soci_index.Descriptor(soci_index.OCI_MANIFEST, manifest_digest, len(raw))
             await client.push_referrer(ref, soci_index.build_index(refs, subject=subject), soci_index.OCI_MANIFEST)
     trio.run(main)
 

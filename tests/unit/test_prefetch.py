@@ -133,7 +133,7 @@ def test_soci_prefetch_artifacts_are_read_per_layer() -> None:
     with pytest.raises(FormatError, match="version"):
         soci_index.parse_prefetch(b'{"version":"2","prefetch_spans":[]}')
     ztoc_ref = soci_index.ztoc_ref("sha256:" + "4" * 64, 10, LAYER, "application/vnd.oci.image.layer.v1.tar+gzip", 1)
-    prefetch_ref = soci_index.Ref(soci_index.PREFETCH_MEDIA_TYPE, "sha256:" + "5" * 64, 20,
+    prefetch_ref = soci_index.Descriptor(soci_index.PREFETCH_MEDIA_TYPE, "sha256:" + "5" * 64, 20,
                                   {soci_index.LAYER_DIGEST: LAYER})
     raw = soci_index.build_index([ztoc_ref, prefetch_ref], subject=None, artifact_type=soci_index.INDEX_V2)
     index = soci_index.parse_index(raw)
