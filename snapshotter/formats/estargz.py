@@ -20,7 +20,6 @@ import binascii
 import bisect
 import hashlib
 import io
-import json
 import re
 import tarfile
 import zlib
@@ -34,6 +33,7 @@ from snapshotter.layers.tree import EntryType, LayerEntry
 from . import inflate
 from .digest import content_digest
 from .errors import FormatError
+from .jsondoc import load_object
 from .tar import ENTRY_TYPES, clean_path, parse_time
 
 FOOTER_SIZE = 51
@@ -225,12 +225,7 @@ def parse_toc(member: bytes, *, max_size: int = DEFAULT_MAX_TOC_SIZE) -> Toc:
     """
     tar_bytes = _gunzip_all(member, max_size)
     raw, header = _tar_member(tar_bytes, TOC_TAR_NAME)
-    try:
-        doc = json.loads(raw)
-    except (ValueError, RecursionError) as e:
-        raise FormatError(f"TOC is not valid JSON: {e}") from None
-    if not isinstance(doc, dict):
-        raise FormatError(f"TOC is a JSON {type(doc).__name__}, want an object")
+    doc = load_object(raw, "TOC")
     version = doc.get("version")
     if type(version) is not int:
         raise FormatError(f"TOC version is {version!r}, want an integer")

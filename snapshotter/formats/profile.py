@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from .digest import content_digest
 from .errors import FormatError
+from .jsondoc import load_object
 
 ARTIFACT_TYPE = "application/vnd.lazysnap.profile.v1+json"
 """The artifact type of a pushed profile (its manifest's config media type) and of the JSON itself."""
@@ -84,13 +85,8 @@ def encode(profile: Profile) -> bytes:
 
 def parse(raw: bytes) -> Profile:
     """Read a profile; anything malformed is a FormatError saying what."""
-    if len(raw) > MAX_SIZE:
-        raise FormatError(f"profile is {len(raw)} bytes, more than the {MAX_SIZE} allowed")
-    try:
-        doc = json.loads(raw)
-    except ValueError as e:
-        raise FormatError(f"profile is not JSON: {e}") from None
-    if not isinstance(doc, dict) or doc.get("mediaType") != ARTIFACT_TYPE:
+    doc = load_object(raw, "profile", MAX_SIZE)
+    if doc.get("mediaType") != ARTIFACT_TYPE:
         raise FormatError(f"not a lazysnap profile (mediaType must be {ARTIFACT_TYPE})")
     if doc.get("version") != VERSION:
         raise FormatError(f"unsupported profile version {doc.get('version')!r} (this lazysnap reads {VERSION})")
@@ -143,11 +139,7 @@ def build_manifest(profile_json: bytes, subject_media_type: str, subject_digest:
 
 def profile_blob(manifest: bytes) -> tuple[str, int]:
     """Digest and size of the profile a pushed profile manifest carries."""
-    try:
-        doc = json.loads(manifest)
-    except ValueError as e:
-        raise FormatError(f"profile manifest is not JSON: {e}") from None
-    layers = doc.get("layers") if isinstance(doc, dict) else None
+    layers = load_object(manifest, "profile manifest").get("layers")
     for item in layers if isinstance(layers, list) else []:
         if isinstance(item, dict) and item.get("mediaType") == ARTIFACT_TYPE:
             digest, size = item.get("digest"), item.get("size")

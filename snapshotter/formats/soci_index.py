@@ -16,6 +16,7 @@ from typing import Any
 from .descriptor import Descriptor
 from .digest import content_digest
 from .errors import FormatError
+from .jsondoc import load_object
 
 INDEX_V1 = "application/vnd.amazon.soci.index.v1+json"
 INDEX_V2 = "application/vnd.amazon.soci.index.v2+json"
@@ -55,13 +56,8 @@ MAX_PREFETCH = 4 << 20
 
 def parse_prefetch(raw: bytes) -> list[tuple[int, int]]:
     """The span id ranges `[(first, last), ...]` (both inclusive) of a prefetch artifact, in its order."""
-    if len(raw) > MAX_PREFETCH:
-        raise FormatError(f"SOCI prefetch artifact is {len(raw)} bytes, more than {MAX_PREFETCH}")
-    try:
-        doc = json.loads(raw)
-    except ValueError as e:
-        raise FormatError(f"SOCI prefetch artifact is not JSON: {e}") from None
-    if not isinstance(doc, dict) or doc.get("version") != PREFETCH_VERSION:
+    doc = load_object(raw, "SOCI prefetch artifact", MAX_PREFETCH)
+    if doc.get("version") != PREFETCH_VERSION:
         raise FormatError(f"SOCI prefetch artifact version must be {PREFETCH_VERSION!r}")
     spans = doc.get("prefetch_spans")
     if not isinstance(spans, list):
@@ -81,12 +77,7 @@ def parse_index(raw: bytes, digest: str | None = None) -> SociIndex:
     actual = content_digest(raw)
     if digest is not None and digest != actual:
         raise FormatError(f"SOCI index digest mismatch: want {digest}, the bytes are {actual}")
-    try:
-        doc = json.loads(raw)
-    except ValueError as e:
-        raise FormatError(f"SOCI index {actual} is not JSON: {e}") from None
-    if not isinstance(doc, dict):
-        raise FormatError(f"SOCI index {actual} is not a JSON object")
+    doc = load_object(raw, f"SOCI index {actual}")
     config = _ref(doc.get("config"), "config")
     if config.media_type not in (INDEX_V1, INDEX_V2):
         raise FormatError(f"{actual} is not a SOCI index (config media type {config.media_type!r})")

@@ -80,7 +80,9 @@ def test_a_recording_keeps_when_each_range_was_first_read(monkeypatch: pytest.Mo
 
 
 @pytest.mark.parametrize("doc, why", [
-    (b"not json", "not JSON"),
+    (b"not json", "not valid JSON"),
+    (b"[" * 100_000 + b"]" * 100_000, "not valid JSON"),  # too deep for json: RecursionError
+    (b"[]", "want an object"),
     (json.dumps({"mediaType": "x", "version": 1}).encode(), "not a lazysnap profile"),
     (json.dumps({"mediaType": fmt.ARTIFACT_TYPE, "version": 9}).encode(), "unsupported profile version"),
     (json.dumps({"mediaType": fmt.ARTIFACT_TYPE, "version": 1, "image": "latest", "layers": []}).encode(),
@@ -132,6 +134,8 @@ def test_soci_prefetch_artifacts_are_read_per_layer() -> None:
         soci_index.parse_prefetch(b'{"version":"1.0","prefetch_spans":[{"start_span":3,"end_span":1}]}')
     with pytest.raises(FormatError, match="version"):
         soci_index.parse_prefetch(b'{"version":"2","prefetch_spans":[]}')
+    with pytest.raises(FormatError, match="not valid JSON"):
+        soci_index.parse_prefetch(b"[" * 100_000 + b"]" * 100_000)
     ztoc_ref = soci_index.ztoc_ref("sha256:" + "4" * 64, 10, LAYER, "application/vnd.oci.image.layer.v1.tar+gzip", 1)
     prefetch_ref = soci_index.Descriptor(soci_index.PREFETCH_MEDIA_TYPE, "sha256:" + "5" * 64, 20,
                                   {soci_index.LAYER_DIGEST: LAYER})
