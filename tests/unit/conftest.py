@@ -11,7 +11,9 @@ import pytest
 from snapshotter.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc
 from snapshotter.soci.local import LocalIndexes
 from tests.harness.lazysnap import Lazysnap
+from tests.harness.procs import unmount_below
 from tests.harness.registry import Registry
+from tests.unit.fuse_layers import force_unmount
 from tests.unit.soci_images import Sample, make_sample
 
 
@@ -20,6 +22,18 @@ def needs_fuse() -> None:
     """FUSE tests need root and /dev/fuse; without them they fail, saying so (CI has both)."""
     if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
         pytest.fail("FUSE tests need root and /dev/fuse", pytrace=False)
+
+
+@pytest.fixture
+def mnt(tmp_path: Path) -> Iterator[Path]:
+    """An empty mount point, left unmounted whatever the test did (an overlay on it first)."""
+    path = tmp_path / "mnt"
+    path.mkdir()
+    try:
+        yield path
+    finally:
+        unmount_below(tmp_path)
+        force_unmount(path)
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import trio
 from snapshotter.fuse import LayerFilesystem
 from snapshotter.layers.tree import OPAQUE_XATTR, EntryType, LayerEntry, LayerTree, Node
 from tests.unit.fuse_layers import (
-    HANG, Gated, MemoryLayer, blocking, drop_kernel_caches, failing, force_unmount, memory_layer, mounted,
+    HANG, Gated, MemoryLayer, blocking, drop_kernel_caches, failing, memory_layer, mounted,
     reg, serving,
 )
 
@@ -78,16 +78,6 @@ def walk(tree: LayerTree) -> Iterator[tuple[str, Node]]:
         if node.is_dir:
             for name, child in tree.entries(node.ino):
                 stack.append((f"{path}/{os.fsdecode(name)}" if path else os.fsdecode(name), child))
-
-
-@pytest.fixture
-def mnt(tmp_path: Path) -> Iterator[Path]:
-    path = tmp_path / "mnt"
-    path.mkdir()
-    try:
-        yield path
-    finally:
-        force_unmount(path)
 
 
 @pytest.fixture

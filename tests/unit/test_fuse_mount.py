@@ -7,14 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
 
 from snapshotter.fuse import LayerFilesystem, clear_stale_mount, serve_fuse
-from tests.unit.fuse_layers import blocking, force_unmount, memory_layer, mounted, reg, serving
+from tests.unit.fuse_layers import blocking, memory_layer, mounted, reg, serving
 
 pytestmark = [
     pytest.mark.usefixtures("needs_fuse"),
@@ -31,16 +30,6 @@ async def main():
         print("ready", flush=True)
 trio.run(main)
 """
-
-
-@pytest.fixture
-def mnt(tmp_path: Path) -> Iterator[Path]:
-    path = tmp_path / "mnt"
-    path.mkdir()
-    try:
-        yield path
-    finally:
-        force_unmount(path)
 
 
 def crash_a_daemon(mountpoint: Path) -> None:

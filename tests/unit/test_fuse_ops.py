@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,21 +16,9 @@ import trio
 from snapshotter.fuse import FuseStats, LayerFilesystem, XattrsUnsupported
 from snapshotter.layers.tree import EntryType, LayerEntry
 from snapshotter.mounts import Kind, compose, overlay_index_off
-from tests.harness.procs import unmount_below
-from tests.unit.fuse_layers import blocking, failing, force_unmount, memory_layer, reg, serving
+from tests.unit.fuse_layers import blocking, failing, memory_layer, reg, serving
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-def mnt(tmp_path: Path) -> Iterator[Path]:
-    path = tmp_path / "mnt"
-    path.mkdir()
-    try:
-        yield path
-    finally:
-        unmount_below(tmp_path)  # an overlay on top first, if a test made one
-        force_unmount(path)
 
 
 def package_tree(packages: int = 20, files: int = 10) -> list[LayerEntry]:
