@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.harness.containerd import Containerd
+from tests.harness.containerd import Containerd, remove_empty_cgroups
 from tests.harness.lazysnap import Lazysnap
 from tests.harness.procs import HarnessError, run, unmount_below
 
@@ -180,15 +180,7 @@ class Node:
 def remove_namespace_leftovers() -> None:
     """`ctr containers create` puts containers in cgroup /lzsbench/<id> and runc state in
     /run/containerd/runc/lzsbench; remove what is left of both (empty dirs only)."""
-    base = Path("/sys/fs/cgroup")
-    for parent in [base / NAMESPACE, *[h / NAMESPACE for h in base.iterdir() if h.is_dir() and not h.is_symlink()]]:
-        if parent.is_dir():
-            for child in parent.iterdir():
-                if child.is_dir():
-                    with contextlib.suppress(OSError):
-                        child.rmdir()
-            with contextlib.suppress(OSError):
-                parent.rmdir()
+    remove_empty_cgroups(NAMESPACE)
     with contextlib.suppress(OSError):
         Path(f"/run/containerd/runc/{NAMESPACE}").rmdir()
 

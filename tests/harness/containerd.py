@@ -247,19 +247,7 @@ class Containerd:
                                capture_output=True, timeout=30)
 
     def _remove_cgroups(self) -> None:
-        base = Path("/sys/fs/cgroup")
-        parents = [base / self.cgroup_parent]
-        if base.is_dir():
-            parents += [h / self.cgroup_parent for h in base.iterdir() if h.is_dir() and not h.is_symlink()]
-        for parent in parents:
-            if not parent.is_dir():
-                continue
-            for child in parent.iterdir():
-                if child.is_dir():
-                    with contextlib.suppress(OSError):
-                        child.rmdir()
-            with contextlib.suppress(OSError):
-                parent.rmdir()
+        remove_empty_cgroups(self.cgroup_parent)
 
     # ------------------------------------------------------------------ clients
 
@@ -309,3 +297,21 @@ class Containerd:
 
     def log_tail(self, lines: int = 40) -> str:
         return self.proc.log_tail(lines) if self.proc is not None else ""
+
+
+def remove_empty_cgroups(name: str) -> None:
+    """Remove cgroup `name` and its children, in the unified hierarchy and in each v1
+    hierarchy, where they are empty (containers that exited leave them behind)."""
+    base = Path("/sys/fs/cgroup")
+    parents = [base / name]
+    if base.is_dir():
+        parents += [h / name for h in base.iterdir() if h.is_dir() and not h.is_symlink()]
+    for parent in parents:
+        if not parent.is_dir():
+            continue
+        for child in parent.iterdir():
+            if child.is_dir():
+                with contextlib.suppress(OSError):
+                    child.rmdir()
+        with contextlib.suppress(OSError):
+            parent.rmdir()
