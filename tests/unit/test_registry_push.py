@@ -7,14 +7,12 @@ subject; FaultProxy's `serve_referrers` stands in for a registry that has the AP
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
@@ -25,7 +23,6 @@ from snapshotter.registry import (
     NotFoundError,
     PushRejected,
     RegistryClient,
-    RegistryOptions,
     RegistryUnavailable,
     Timeouts,
 )
@@ -33,26 +30,12 @@ from snapshotter.registry.manifest import OCI_INDEX, OCI_MANIFEST
 from snapshotter.registry.referrers import EMPTY_JSON_DIGEST, referrers_tag
 from tests.harness.faultproxy import FaultProxy
 from tests.harness.registry import Registry
+from tests.unit.test_registry_client import fast, sha256
 
 LIMIT = 20  # seconds any one test may take before it is a hang
 SOCI_V1 = "application/vnd.amazon.soci.index.v1+json"
 SOCI_V2 = "application/vnd.amazon.soci.index.v2+json"
 OCTET = "application/octet-stream"
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def fast(tmp_path: Path, **overrides: Any) -> RegistryOptions:
-    """Short timeouts and backoff, and no host configuration or credentials of this machine."""
-    values: dict[str, Any] = {
-        "timeouts": Timeouts(connect=1.0, read=2.0, request=4.0, operation=8.0),
-        "retries": 3, "backoff_base": 0.01, "backoff_max": 0.05,
-        "certs_dir": tmp_path / "certs.d", "docker_config": tmp_path / "docker" / "config.json",
-    }
-    values.update(overrides)
-    return RegistryOptions(**values)
 
 
 @pytest.fixture
