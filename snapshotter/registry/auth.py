@@ -290,7 +290,7 @@ class Authenticator:
 def _parse_token(body: bytes, realm: str, scope: str) -> _Token:
     try:
         doc = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise BadResponse(f"token server {realm} sent invalid JSON for {scope}") from None
     if not isinstance(doc, dict):
         raise BadResponse(f"token server {realm} sent a non-object for {scope}")

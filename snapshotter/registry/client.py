@@ -801,7 +801,7 @@ def _media_type(raw: bytes, content_type: str) -> str:
     """The body's `mediaType` (covered by the digest), else the Content-Type without parameters."""
     try:
         doc = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         doc = None
     if isinstance(doc, dict) and isinstance(doc.get("mediaType"), str) and doc["mediaType"]:
         return str(doc["mediaType"])

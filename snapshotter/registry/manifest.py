@@ -75,7 +75,7 @@ def decode(raw: bytes, content_type: str, what: str) -> tuple[str, dict[str, Any
     """
     try:
         parsed = json.loads(raw)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise BadResponse(f"{what}: not valid JSON ({e})") from None
     if not isinstance(parsed, dict):
         raise BadResponse(f"{what}: not a JSON object")

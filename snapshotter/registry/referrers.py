@@ -37,7 +37,7 @@ def referrers_tag(digest: str) -> str:
 def _document(raw: bytes, what: str) -> dict[str, Any]:
     try:
         doc = json.loads(raw)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise ValueError(f"{what}: not valid JSON ({e})") from None
     if not isinstance(doc, dict):
         raise ValueError(f"{what}: not a JSON object")

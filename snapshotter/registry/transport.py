@@ -336,7 +336,7 @@ async def error_detail(response: httpx.Response) -> str:
         errors = json.loads(body).get("errors")
         first = errors[0]
         return f": {first.get('code', '?')}: {first.get('message', '')}".rstrip()
-    except (ValueError, AttributeError, IndexError, KeyError, TypeError):
+    except (ValueError, RecursionError, AttributeError, IndexError, KeyError, TypeError):
         text = body[:200].decode("utf-8", "replace").strip()
         return f": {text}" if text and text.isprintable() else ""
 

@@ -131,7 +131,7 @@ async def _platform(registry: RegistryClient, manifest: Manifest) -> dict[str, A
     try:
         config = json.loads(raw)
         platform = {"architecture": str(config["architecture"]), "os": str(config["os"])}
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, RecursionError, KeyError, TypeError):
         raise BadResponse(f"config {manifest.config.digest} of {manifest.ref} does not name its os and "
                           "architecture") from None
     for key in ("variant", "os.version", "os.features"):

@@ -115,7 +115,7 @@ async def _load(registry: RegistryClient, local: LocalIndexes | None, image_ref:
 def _annotation(raw: bytes, key: str) -> str:
     try:
         doc = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return ""
     annotations = doc.get("annotations") if isinstance(doc, dict) else None
     value = annotations.get(key, "") if isinstance(annotations, dict) else ""

@@ -92,6 +92,7 @@ def test_adding_to_a_list_keeps_what_is_there_and_never_duplicates() -> None:
     (json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": {}}).encode(), "not a list"),
     (json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [{"digest": "x"}]}).encode(), "digest"),
     (b"<html>login</html>", "not valid JSON"),
+    (b"[" * 100_000 + b"]" * 100_000, "not valid JSON"),
 ])
 def test_bad_lists(body: bytes, why: str) -> None:
     with pytest.raises(BadResponse, match=why):
