@@ -37,6 +37,11 @@ class Config:
     """Seconds a Prepare waits for a layer's index before falling back to a full pull."""
     read_timeout: float = 30.0
     """Seconds a FUSE read may wait for the registry before it fails with EIO."""
+    kernel_metadata: bool = True
+    """Mount each lazy layer's metadata as an EROFS image, so the kernel answers lookups,
+    stats and xattrs itself and only file bytes go through FUSE (path walks run at native
+    speed). Needs Linux 6.12+ (file-backed EROFS); lazysnap probes at start and otherwise
+    serves metadata through FUSE."""
     fuse_xattrs: bool = True
     """Serve extended attributes from lazy layers. False makes metadata walks through a
     container's overlay ~4x faster (overlayfs asks every lower entry for trusted.overlay.*
@@ -96,6 +101,7 @@ class Config:
 _KINDS: dict[str, type] = {
     "root": Path, "address": Path, "log_level": str, "grpc_workers": int, "lazy": bool,
     "allow_unverified": bool, "resolve_timeout": float, "read_timeout": float, "fuse_xattrs": bool,
+    "kernel_metadata": bool,
     "cache_max_mib": int,
     "certs_dir": Path, "docker_config": Path, "prefetch": bool, "record_profiles": bool, "profile_seconds": float,
     "fetch_concurrency": int, "readahead_max_mib": int, "background_fetch": bool,

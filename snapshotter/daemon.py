@@ -84,6 +84,7 @@ async def _open_lazy_side(config: Config, store: Store, nursery: trio.Nursery) -
                                          profile_seconds=config.profile_seconds,
                                          fetch_concurrency=config.fetch_concurrency,
                                          readahead_max=config.readahead_max_mib << 20,
+                                         kernel_metadata=config.kernel_metadata,
                                          background=background if config.background_fetch else None)
         async with open_manager(config.root, mountpoint, store, registry, cache, fs, manager_options) as manager:
             yield manager

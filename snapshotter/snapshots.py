@@ -42,11 +42,15 @@ class RemoteLayers(Protocol):
     """Lazily served layers (`layers/manager.py`). Without one, every layer is pulled whole."""
 
     def mount(self, request: L.LayerRequest) -> int | None:
-        """Blocking: the id of a layer record serving `request` at `<root>/fuse/<id>`, or None to fall back."""
+        """Blocking: the id of a layer record serving `request`, or None to fall back."""
         ...
 
     def release(self, layers: list[LayerRecord]) -> None:
         """Stop serving layers that no snapshot uses any more."""
+        ...
+
+    def layer_path(self, layer_id: int) -> Path:
+        """Where the layer's tree is mounted (its FUSE directory, or its own EROFS mount)."""
         ...
 
 
@@ -198,8 +202,8 @@ class Snapshotter:
         return self.dir / str(snapshot_id) / "fs"
 
     def layer_path(self, layer_id: int) -> Path:
-        """Where a lazily served layer appears: one directory per layer under the FUSE mount."""
-        return self.fuse_dir / str(layer_id)
+        """Where a lazily served layer appears: as its server says, else its FUSE directory."""
+        return self.remote.layer_path(layer_id) if self.remote is not None else self.fuse_dir / str(layer_id)
 
     def lower_path(self, parent: Parent) -> Path:
         return self.layer_path(parent.layer_id) if parent.layer_id is not None else self.fs_path(parent.id)

@@ -40,10 +40,12 @@ DEFAULT_ROOT_TIMEOUT = 1.0
 """Cache time for the mount root's names and attributes: bounds how long a detached layer stays visible."""
 DEFAULT_READ_TIMEOUT = 30.0
 """The longest a FUSE read waits on a layer before the reader gets EIO."""
-DEFAULT_FAIL_FAST = 2.0
-"""Seconds an open file whose read failed keeps failing at once: the kernel retries a failed
-readahead page by page, and each retry must not wait the whole read timeout again. A new
-open (another reader) tries the layer afresh."""
+DEFAULT_FAIL_FAST = 0.1
+"""Seconds after a failed read during which reads through the same open file fail at once,
+each such failure extending it. The kernel follows a failed readahead with a page-sized
+retry within a millisecond, which must not wait the whole read timeout again; a reader
+that comes later must try the layer afresh, even through the same open file: the kernel
+keeps an EROFS data device open for every reader of its layer."""
 BLOCK_SIZE = 4096
 
 P = ParamSpec("P")
@@ -343,7 +345,9 @@ class LayerFilesystem(pyfuse3.Operations):
         fh = self._new_fh()
         self._files[fh] = _OpenFile(att, node)
         # Inode numbers are never reused, so cached pages can never belong to another file.
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        # A layer that asks for direct I/O is cached above us (an EROFS data device).
+        direct = getattr(att.layer, "direct_io", False)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=not direct, direct_io=direct)
 
     @_guarded
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -355,6 +359,7 @@ class LayerFilesystem(pyfuse3.Operations):
             return b""
         want = min(size, node.size - off)
         if f.failed_until > trio.current_time():
+            f.failed_until = trio.current_time() + self.fail_fast
             self.stats.read_errors += 1
             log.debug("EIO: layer %s inode %d offset %d: failed moments ago, not retried yet",
                       os.fsdecode(att.name), node.ino, off)

@@ -12,7 +12,10 @@ class ReadError(Exception):
 
 
 class Layer(Protocol):
-    """A layer whose tree is known and whose file contents are read on demand."""
+    """A layer whose tree is known and whose file contents are read on demand.
+
+    A layer may also set `direct_io = True`: FUSE then bypasses its own page cache for it.
+    """
 
     @property
     def tree(self) -> LayerTree: ...

@@ -39,6 +39,7 @@ from ..registry.errors import RegistryError
 from ..soci.discovery import Discovery, fetch_ztoc, find_index
 from ..soci.local import LocalIndexes
 from ..store import LayerRecord, Store
+from . import erofs
 from .background import BackgroundFetcher, BackgroundOptions, Target
 from .estargz import EStargzIndex, EStargzLayer, fetch_index, parse_index
 from .fetch import FetchableLayer, FetchActivity, Progress, Recording, Unit, batches, first_reached
@@ -52,6 +53,8 @@ log = logging.getLogger(__name__)
 ESTARGZ = "estargz"
 SOCI = "soci"
 FALLBACK = "fallback"
+EROFS_DIR = "erofs"
+"""Under the root: `<id>`, the EROFS mount of each layer whose metadata the kernel serves."""
 RESOLUTION_TTL = 300.0
 """Seconds a fetched index waits for its layer's Prepare before it is dropped from memory."""
 RETRY_FAILED_AFTER = 30.0
@@ -120,6 +123,8 @@ class ManagerOptions:
     """None: no background fetch."""
     readahead_max: int = 8 << 20
     """Largest blob readahead of a streak of forward misses; 0 turns readahead off."""
+    kernel_metadata: bool = True
+    """Mount each layer's metadata as an EROFS image (`erofs.py`) when the kernel can."""
 
 
 class _Resolution:
@@ -166,6 +171,7 @@ class LayerManager:
     def __init__(self, root: Path, mountpoint: Path, store: Store, registry: RegistryClient, cache: ChunkCache,
                  fs: LayerFilesystem, nursery: trio.Nursery, options: ManagerOptions) -> None:
         self.mountpoint = mountpoint
+        self.erofs_dir = root / EROFS_DIR
         self.local = LocalIndexes(root / "soci")
         self.index_dir = root / "layers"
         self.index_dir.mkdir(parents=True, exist_ok=True)
@@ -185,6 +191,14 @@ class LayerManager:
         self._progress: weakref.WeakKeyDictionary[FetchableLayer, Progress] = weakref.WeakKeyDictionary()
         self._resolutions: dict[str, _Resolution] = {}
         self._images: dict[str, _Image] = {}
+        self._paths: dict[int, Path] = {}
+        """Layer record id -> its EROFS mount, for layers whose metadata the kernel serves."""
+        self.kernel_metadata = False
+        """Whether layers are mounted through EROFS: asked for, and the kernel can (`start`)."""
+
+    def layer_path(self, layer_id: int) -> Path:
+        """Where a served layer's tree is: its EROFS mount, or its directory in the FUSE mount."""
+        return self._paths.get(layer_id) or self.mountpoint / str(layer_id)
 
     # -- the blocking face, for the snapshotter on gRPC threads --------------------
 
@@ -247,7 +261,8 @@ class LayerManager:
                         self.activity)
             except FormatError as e:
                 raise _Fallback(f"unusable {resolution.kind} index: {e}") from None
-            if not self.fs.accepts(layer):
+            image = await self._image(request.layer_digest, layer)
+            if image is None and not self.fs.accepts(layer):
                 raise _Fallback("the layer has extended attributes or opaque directories, and fuse_xattrs is off")
         except _Fallback as e:
             status.mode, status.reason, status.resolve_seconds = FALLBACK, str(e), resolution.seconds
@@ -255,7 +270,7 @@ class LayerManager:
             self._forget_old_fallbacks()
             return None
         record = self._record(request, resolution, index_digest)
-        self._attach(record, layer, status)
+        await self._attach(record, layer, image, status)
         status.resolve_seconds = resolution.seconds
         self.nursery.start_soon(self._prefetch, self._start_image(request), request.layer_digest, layer, status)
         self._resolutions.pop(request.layer_digest, None)  # the layer holds what it needs now
@@ -434,14 +449,56 @@ class LayerManager:
             write_atomically(path, resolution.saved)
         return record
 
-    def _attach(self, record: LayerRecord, layer: EStargzLayer | SociLayer, status: LayerStatus) -> None:
+    async def _image(self, digest: str, layer: EStargzLayer | SociLayer) -> erofs.Image | None:
+        """The layer's EROFS image, or None if the kernel will not serve its metadata."""
+        if not self.kernel_metadata:
+            return None
+        try:
+            return await trio.to_thread.run_sync(erofs.image_of, layer)
+        except FormatError as e:
+            log.warning("layer %s: metadata served by FUSE, not EROFS: %s", digest, e)
+            return None
+
+    async def _attach(self, record: LayerRecord, layer: EStargzLayer | SociLayer, image: erofs.Image | None,
+                      status: LayerStatus) -> None:
         name = str(record.id)
         if name not in self.fs.layers():
-            self.fs.attach(name, layer)
+            if image is None or not await self._mount_erofs(record, layer, image):
+                self.fs.attach(name, layer)
         status.mode, status.reason, status.size, status.layer = record.format, "", record.blob_size, layer
         self._progress[layer] = status.progress
         self.activity.mounted()
-        status.path = str(self.mountpoint / name)
+        status.path = str(self.layer_path(record.id))
+
+    async def _mount_erofs(self, record: LayerRecord, layer: EStargzLayer | SociLayer, image: erofs.Image) -> bool:
+        """Serve the layer's file bytes at `<fuse>/<id>/data`, and its image over them at `<erofs>/<id>`."""
+        name = str(record.id)
+        path = self._index_path(record).with_name("meta.erofs")
+        target = self.erofs_dir / name
+        self.fs.attach(name, erofs.DataDevice(layer, image))
+        try:
+            await trio.to_thread.run_sync(write_atomically, path, image.meta)
+            await trio.to_thread.run_sync(erofs.mount, path, self.mountpoint / name / erofs.DEVICE_NAME.decode(),
+                                          target)
+        except OSError as e:
+            log.warning("layer %s: metadata served by FUSE, not EROFS: %s", record.digest, e)
+            await self.fs.detach(name)
+            return False
+        self._paths[record.id] = target
+        return True
+
+    async def start_kernel_metadata(self) -> None:
+        """Drop EROFS mounts a previous daemon left (their data devices died with it); probe the kernel."""
+        self.erofs_dir.mkdir(exist_ok=True)
+        await trio.to_thread.run_sync(erofs.release_all, self.erofs_dir)
+        if not self.options.kernel_metadata:
+            return
+        why = await trio.to_thread.run_sync(erofs.kernel_supports_erofs, self.erofs_dir / ".probe")
+        if why is None:
+            self.kernel_metadata = True
+            log.info("layer metadata is served by the kernel (EROFS), file bytes through FUSE")
+        else:
+            log.warning("this kernel cannot mount EROFS images (%s); layer metadata is served through FUSE", why)
 
     async def restore(self) -> None:
         """Attach every stored layer from its saved index; a broken one is logged and skipped."""
@@ -459,11 +516,14 @@ class LayerManager:
                 log.error("cannot restore layer %s (snapshot reads will fail): %s", record.digest, e)
                 status.mode, status.reason = FALLBACK, f"restore failed: {e}"
                 continue
-            self._attach(record, layer, status)
+            await self._attach(record, layer, await self._image(record.digest, layer), status)
         log.info("restored %d lazily served layers", len(records))
 
     async def _release(self, layers: list[LayerRecord]) -> None:
         for record in layers:
+            target = self._paths.pop(record.id, None)
+            if target is not None:
+                await trio.to_thread.run_sync(erofs.release, target)
             if str(record.id) in self.fs.layers():
                 await self.fs.detach(str(record.id))
             shutil.rmtree(self._index_path(record).parent, ignore_errors=True)
@@ -551,11 +611,16 @@ async def open_manager(root: Path, mountpoint: Path, store: Store, registry: Reg
     """A manager whose background resolutions live (and die) with this block."""
     async with trio.open_nursery() as nursery:
         manager = LayerManager(root, mountpoint, store, registry, cache, fs, nursery, options)
-        await manager.restore()
-        if options.background is not None:
-            fetcher = BackgroundFetcher(manager.background_targets, manager.activity, cache.max_bytes,
-                                        options.background)
-            nursery.start_soon(fetcher.run)
-        yield manager
-        nursery.cancel_scope.cancel()
-
+        await manager.start_kernel_metadata()
+        try:
+            await manager.restore()
+            if options.background is not None:
+                fetcher = BackgroundFetcher(manager.background_targets, manager.activity, cache.max_bytes,
+                                            options.background)
+                nursery.start_soon(fetcher.run)
+            yield manager
+            nursery.cancel_scope.cancel()
+        finally:
+            # Before the FUSE mount goes, as each EROFS mount holds its data device open.
+            # Plain syscalls the kernel answers itself, so fine on this thread, even cancelled.
+            erofs.release_all(manager.erofs_dir)

@@ -107,6 +107,9 @@ class FakeRemote:
     def release(self, layers):  # type: ignore[no-untyped-def]
         self.released += [rec.digest for rec in layers]
 
+    def layer_path(self, layer_id: int) -> Path:
+        return self.fuse_dir / str(layer_id)
+
 
 def remote_labels(chain: str, layer: str) -> dict[str, str]:
     from snapshotter import labels as L
