@@ -5,7 +5,9 @@ filesystem, metadata walks over 30,000 files, and inflate throughput per library
 
 Setup: the benchmark registry on loopback, a fresh lazysnap + containerd, `lazysnap rpull`
 of `bench/big-file:estargz` and `bench/many-files:estargz`; the files are then read
-directly in lazysnap's FUSE layer directories (`<root>/fuse/<layer>/...`). The native
+directly where lazysnap serves the layers: their EROFS mounts (`<root>/erofs/<id>/...`, the
+default), or their FUSE directories (`<root>/fuse/<id>/...`) with `kernel_metadata = false`.
+The `fuse_*` keys name lazysnap's path either way; `layer_paths` says which it was. The native
 copies are made with `cp` onto the same disk (ext4 on virtio) as lazysnap's cache.
 
 - sequential: `dd bs=1M` of the 1 GiB file: first read (fetched from the registry over
@@ -105,11 +107,13 @@ def inflate_bench(catalog: dict) -> dict:
     return out
 
 
-def find_in_fuse(root: Path, rel: str) -> Path:
-    for layer in sorted((root / "fuse").iterdir()):
-        if (layer / rel).exists():
-            return layer / rel
-    raise FileNotFoundError(f"{rel} in none of the FUSE layers under {root / 'fuse'}")
+def find_in_layers(root: Path, rel: str) -> Path:
+    """`rel` in a served layer: its EROFS mount (kernel metadata, the default), else its FUSE directory."""
+    for kind in ("erofs", "fuse"):
+        for layer in sorted((root / kind).iterdir()) if (root / kind).is_dir() else []:
+            if (layer / rel).exists():
+                return layer / rel
+    raise FileNotFoundError(f"{rel} in none of the layers under {root / 'erofs'} or {root / 'fuse'}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,8 +133,9 @@ def main(argv: list[str] | None = None) -> int:
             for image in ("big-file", "many-files"):
                 node.pull(f"{link.host}/bench/{image}:estargz")
             assert node.lazysnap is not None
-            big = find_in_fuse(node.lazysnap.root, "data/big.bin")
-            tree = find_in_fuse(node.lazysnap.root, "app/node_modules")
+            big = find_in_layers(node.lazysnap.root, "data/big.bin")
+            tree = find_in_layers(node.lazysnap.root, "app/node_modules")
+            results["layer_paths"] = [str(big), str(tree)]
             native = tmp / "native"
             native.mkdir()
 

@@ -35,8 +35,11 @@ _libc = ctypes.CDLL(None, use_errno=True)
 class DataDevice:
     """A layer's regular files laid end to end at the image's offsets, as one read-only file.
 
-    Opened with direct I/O: EROFS caches what it reads in its own page cache, and the FUSE
-    page cache's readahead would fetch neighbouring files nobody asked for.
+    Opened with direct I/O: EROFS caches what it reads in its own page cache. Through FUSE's
+    page cache instead, the kernel's readahead on this one long-lived file runs on into the
+    next files of the device and fetches them too: measured, python-app's first start
+    fetched 58 MiB instead of 47 and its replayed start took 7.0 s instead of 5.3. The cost
+    is request size: EROFS reads a file-backed device in 128 KiB requests, two in flight.
     """
 
     direct_io = True
