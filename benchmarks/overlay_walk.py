@@ -1,6 +1,6 @@
-"""Walk the 30,000-file layer through lazysnap's FUSE layer dir and through a container's
-overlay mount on top of it: where the many-files start time goes, and which FUSE requests
-each walk costs.
+"""Walk the 30,000-file layer where lazysnap serves it and through a container's overlay
+mount on top of it: where the many-files start time goes, and which FUSE requests each
+walk costs.
 
     python -m benchmarks.overlay_walk [--runs 3]
 
@@ -8,7 +8,8 @@ Pulls `bench/many-files:estargz` lazily from a loopback registry, creates a cont
 mounts its snapshot as containerd would (`ctr snapshots mounts`). Then, for `find | wc -l`
 and `du -s`, in three places:
 
-- `FUSE dir`: in the layer's directory under lazysnap's mount;
+- `layer dir`: where lazysnap serves the layer: its EROFS mount (the default), or its
+  directory under the FUSE mount with `kernel_metadata = false`;
 - `overlay, cold`: through a new overlay mount, page cache and dentries dropped first
   (a container's first start on this node);
 - `overlay, new`: through a new overlay mount while the FUSE side stays cached (every
@@ -35,7 +36,7 @@ from snapshotter.status import StatusClient
 from tests.harness.tree import mount_snapshot
 
 from . import images as bench_images
-from .micro import find_in_fuse
+from .micro import find_in_layers
 from .netem import ShapedLink
 from .node import NAMESPACE, Node, drop_caches
 
@@ -69,7 +70,7 @@ def main() -> int:
             assert node.lazysnap is not None and node.containerd is not None
             containerd = node.containerd
             status = StatusClient(node.lazysnap.address)
-            layer = find_in_fuse(node.lazysnap.root, "app/node_modules")
+            layer = find_in_layers(node.lazysnap.root, "app/node_modules")
 
             @contextlib.contextmanager
             def new_overlay() -> Iterator[Path]:
@@ -77,10 +78,10 @@ def main() -> int:
                     yield mnt / "app/node_modules"
 
             @contextlib.contextmanager
-            def fuse_dir() -> Iterator[Path]:
+            def layer_dir() -> Iterator[Path]:
                 yield layer
 
-            places = (("FUSE dir, cold", fuse_dir, True), ("FUSE dir, warm", fuse_dir, False),
+            places = (("layer dir, cold", layer_dir, True), ("layer dir, warm", layer_dir, False),
                       ("overlay, cold", new_overlay, True), ("overlay, new", new_overlay, False))
             for template in COMMANDS:
                 for where, place, cold in places:

@@ -279,8 +279,11 @@ def _write_inode(meta: bytearray, node: Inode, slot: _Slot, slots: dict[int, _Sl
         extra = data[external:]
     seconds, nanos = divmod(max(node.mtime_ns, 0), 1_000_000_000)
     icount = 1 + (len(slot.xattrs) - _XATTR_HEADER.size) // 4 if slot.xattrs else 0
-    record = _INODE.pack(1 | slot.layout << 1, icount, node.mode & 0xFFFF, 0, slot.size, i_u, slot.ino & 0xFFFFFFFF,
-                         node.uid, node.gid, seconds, nanos, node.nlink) + slot.xattrs + extra
+    try:
+        record = _INODE.pack(1 | slot.layout << 1, icount, node.mode & 0xFFFF, 0, slot.size, i_u,
+                             slot.ino & 0xFFFFFFFF, node.uid, node.gid, seconds, nanos, node.nlink) + slot.xattrs + extra
+    except struct.error:
+        raise FormatError(f"inode {slot.ino} has an owner, size, time or device number EROFS cannot store") from None
     meta[pos:pos + len(record)] = record
 
 
@@ -303,6 +306,8 @@ def _dir_data(slot: _Slot, slots: dict[int, _Slot]) -> bytes:
 def _encode_dev(rdev: int) -> int:
     """The kernel's new_encode_dev: 12 bits of major, 20 of minor, minor's low byte lowest."""
     major, minor = os.major(rdev), os.minor(rdev)
+    if major > 0xFFF or minor > 0xFFFFF:
+        raise FormatError(f"device number {major}:{minor} is more than EROFS can store")
     return (minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12)
 
 

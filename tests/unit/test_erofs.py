@@ -176,6 +176,16 @@ def test_what_erofs_cannot_store_is_a_format_error(xattrs: dict[bytes, bytes], w
         erofs.build(tree.nodes, ROOT_INO)
 
 
+@pytest.mark.parametrize("field, value", [("uid", 1 << 32), ("gid", 1 << 40), ("rdev", os.makedev(5000, 1))])
+def test_numbers_beyond_erofs_fields_are_a_format_error(field: str, value: int) -> None:
+    tree = build_tree([LayerEntry("dev/x", EntryType.CHAR, dev_major=1, dev_minor=1)])
+    node = tree.resolve("dev/x")
+    assert node is not None
+    setattr(node, field, value)
+    with pytest.raises(FormatError, match="cannot store|more than EROFS"):
+        erofs.build(tree.nodes, ROOT_INO)
+
+
 def test_a_root_that_is_not_a_directory_is_a_format_error() -> None:
     tree = build_tree([LayerEntry("f", EntryType.REG, size=1)])
     node = tree.resolve("f")
