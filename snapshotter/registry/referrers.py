@@ -15,6 +15,7 @@ import json
 import re
 from typing import Any
 
+from ..formats.jsondoc import load_object
 from .errors import BadResponse
 from .manifest import OCI_INDEX, Descriptor, decode
 
@@ -34,19 +35,9 @@ def referrers_tag(digest: str) -> str:
     return _NOT_IN_TAG.sub("-", f"{algorithm[:32]}-{encoded[:64]}")
 
 
-def _document(raw: bytes, what: str) -> dict[str, Any]:
-    try:
-        doc = json.loads(raw)
-    except (ValueError, RecursionError) as e:
-        raise ValueError(f"{what}: not valid JSON ({e})") from None
-    if not isinstance(doc, dict):
-        raise ValueError(f"{what}: not a JSON object")
-    return doc
-
-
 def subject_of(raw: bytes, what: str = "manifest") -> Descriptor | None:
     """The `subject` of a manifest we are about to push, if it has one (ValueError if it is malformed)."""
-    subject = _document(raw, what).get("subject")
+    subject = load_object(raw, what).get("subject")
     if subject is None:
         return None
     try:
@@ -61,7 +52,7 @@ def referrer_descriptor(raw: bytes, media_type: str, digest: str) -> Descriptor:
     `artifactType` is the manifest's own, else its config's media type (image
     manifests only); the manifest's annotations are copied, as the spec asks.
     """
-    doc = _document(raw, f"manifest {digest}")
+    doc = load_object(raw, f"manifest {digest}")
     artifact_type = doc.get("artifactType")
     if not isinstance(artifact_type, str) or not artifact_type:
         config = doc.get("config")
