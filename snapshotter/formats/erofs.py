@@ -95,7 +95,6 @@ class _Slot:
     """One inode's place and shape in the image."""
 
     ino: int
-    parent: int
     layout: int
     xattrs: bytes
     size: int
@@ -142,7 +141,7 @@ def _shape(nodes: Mapping[int, Inode], root: int) -> dict[int, _Slot]:
         if ino in slots:
             continue  # a hardlink: one inode, many names
         node = nodes[ino]
-        slot = slots[ino] = _slot(ino, parent, node)
+        slot = slots[ino] = _slot(ino, node)
         if node.children is not None:
             for name, child in node.children.items():
                 if not 0 < len(name) <= _MAX_NAME or b"/" in name or b"\0" in name:
@@ -154,14 +153,14 @@ def _shape(nodes: Mapping[int, Inode], root: int) -> dict[int, _Slot]:
     return slots
 
 
-def _slot(ino: int, parent: int, node: Inode) -> _Slot:
+def _slot(ino: int, node: Inode) -> _Slot:
     fmt = stat.S_IFMT(node.mode)
     if fmt not in _FILE_TYPES:
         raise FormatError(f"inode {ino} has file type {fmt:o}, which EROFS cannot store")
     xattrs = _xattr_body(node.xattrs)
     if fmt == stat.S_IFREG:
-        return _Slot(ino, parent, _CHUNK_BASED if node.size else _FLAT_PLAIN, xattrs, node.size, _FILE_TYPES[fmt])
-    slot = _Slot(ino, parent, _FLAT_PLAIN, xattrs, 0, _FILE_TYPES[fmt])
+        return _Slot(ino, _CHUNK_BASED if node.size else _FLAT_PLAIN, xattrs, node.size, _FILE_TYPES[fmt])
+    slot = _Slot(ino, _FLAT_PLAIN, xattrs, 0, _FILE_TYPES[fmt])
     if fmt == stat.S_IFLNK:
         slot.size = len(node.target)
         _choose_inline(slot)
@@ -254,7 +253,7 @@ def _place_data(slots: dict[int, _Slot]) -> tuple[int, list[Extent]]:
         if slot.layout == _CHUNK_BASED:
             slot.data_offset = offset
             extents.append(Extent(offset, slot.ino, slot.size))
-            offset += -(-slot.size // BLOCK_SIZE) * BLOCK_SIZE
+            offset += _align(slot.size, BLOCK_SIZE)
     if offset // BLOCK_SIZE > 0xFFFFFFFF:
         raise FormatError("the layer's files are too large for one EROFS data device")
     return offset, extents
