@@ -1,4 +1,9 @@
-"""The `lazysnap` command line: parses, calls, prints. No logic of its own."""
+"""The `lazysnap` command line: parses, calls, prints. No logic of its own.
+
+Each command imports what it uses when it runs: a new process starts for every call,
+and `lazysnap rpull` should not wait ~0.5 s for the daemon's machinery (trio, httpx, the
+layer formats) to import before it asks the daemon to pull.
+"""
 
 from __future__ import annotations
 
@@ -6,22 +11,20 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import grpc
-import trio
-
-from . import __version__, config, profiles
-from .api.lazysnap.v1 import status_pb2
-from .containerd import pull
-from .containerd.client import ContainerdClient
+from . import __version__, config
 from .errors import SnapshotterError
-from .registry.client import RegistryClient
 from .registry.errors import RegistryError
-from .registry.options import RegistryOptions
-from .soci import build, describe, extract, local, report
-from .soci import convert as soci_convert
-from .soci import push as soci_push
-from .status import StatusClient
+from .registry.options import RegistryOptions, default_docker_config
+from .sizes import human_size, parse_size
+from .soci import DEFAULT_JOBS, DEFAULT_MIN_LAYER_SIZE, DEFAULT_SPAN_SIZE
+from .soci.local import DEFAULT_DIR as SOCI_STORE
+
+if TYPE_CHECKING:
+    from .api.lazysnap.v1 import status_pb2
+    from .registry.client import RegistryClient
+    from .soci import local
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,23 +105,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _size(text: str) -> int:
     try:
-        return build.parse_size(text)
+        return parse_size(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _build_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--span-size", type=_size, default=build.DEFAULT_SPAN_SIZE,
+    p.add_argument("--span-size", type=_size, default=DEFAULT_SPAN_SIZE,
                    help="uncompressed bytes per span (default 4MiB; sizes: 4MiB, 10MB, 65536)")
-    p.add_argument("--min-layer-size", type=_size, default=build.DEFAULT_MIN_LAYER_SIZE,
+    p.add_argument("--min-layer-size", type=_size, default=DEFAULT_MIN_LAYER_SIZE,
                    help="layers smaller than this (compressed) get no zTOC (default 10MiB)")
     p.add_argument("--force", action="store_true", help="rebuild zTOCs already in the store")
-    p.add_argument("--jobs", type=int, default=build.DEFAULT_JOBS, help="layers streamed at once (default 3)")
+    p.add_argument("--jobs", type=int, default=DEFAULT_JOBS, help="layers streamed at once (default 3)")
 
 
 def _registry_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--store", type=Path, default=local.DEFAULT_DIR,
-                   help=f"the node's index store, which the daemon reads too (default {local.DEFAULT_DIR})")
+    p.add_argument("--store", type=Path, default=SOCI_STORE,
+                   help=f"the node's index store, which the daemon reads too (default {SOCI_STORE})")
     p.add_argument("--plain-http", action="store_true", help="use HTTP for registries without hosts.toml")
     p.add_argument("--certs-dir", type=Path, default=config.Config.certs_dir, help="hosts.toml directory")
     p.add_argument("--docker-config", type=Path, help="credentials file (default ~/.docker/config.json)")
@@ -130,42 +133,59 @@ def main(argv: list[str] | None = None) -> None:
         if args.command == "serve":
             cfg = config.load(args.config, {"root": args.root, "address": args.address, "log_level": args.log_level})
             setup_logging(cfg.log_level)
-            # Imported here: the daemon (FUSE, the layer manager) costs ~0.35 s to import,
-            # which `lazysnap rpull` and the other clients should not pay on every call.
             from . import daemon
             daemon.run(cfg)
         elif args.command == "rpull":
-            setup_logging("warning")
-            sys.exit(trio.run(rpull_command, args))
+            sys.exit(rpull_command(args))
         elif args.command == "status":
             sys.exit(status_command(args))
         elif args.command in ("index", "ztoc"):
+            import trio
+
             setup_logging("warning")
             sys.exit(trio.run(soci_command, args))
         elif args.command == "profile":
+            import trio
             setup_logging("warning")
             sys.exit(trio.run(profile_command, args))
-    except (SnapshotterError, RegistryError, profiles.ProfileError) as e:
+    except (SnapshotterError, RegistryError) as e:
         sys.exit(f"lazysnap: {e}")
 
 
-async def rpull_command(args: argparse.Namespace) -> int:
-    options = RegistryOptions(plain_http=args.plain_http, certs_dir=args.certs_dir, docker_config=args.docker_config)
-    status = StatusClient(args.address)
+def rpull_command(args: argparse.Namespace) -> int:
+    """Ask the daemon to pull; print its progress as it comes, then its report."""
+    import grpc
+
+    from .api.lazysnap.v1 import pull_pb2
+    from .pull_records import PullReport, format_report
+    from .status import StatusClient
+
+    request = pull_pb2.PullRequest(
+        ref=args.image, namespace=args.namespace, containerd_address=str(args.containerd.absolute()),
+        snapshotter=args.snapshotter, plain_http=args.plain_http,
+        certs_dir=str(args.certs_dir.absolute()) if args.certs_dir else "",
+        docker_config=str((args.docker_config or default_docker_config()).absolute()))
+    client = StatusClient(args.address)
     try:
-        with ContainerdClient(str(args.containerd), args.namespace) as containerd:
-            containerd.wait_ready()
-            async with RegistryClient(options) as registry:
-                report = await pull.rpull(args.image, registry=registry, containerd=containerd,
-                                          snapshotter=args.snapshotter, explain=status.explain,
-                                          progress=lambda line: print(line, flush=True))
+        for event in client.pull(request):
+            print(event if isinstance(event, str) else format_report(event), flush=True)
+            if isinstance(event, PullReport):
+                return 0
+    except grpc.RpcError as e:
+        if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNIMPLEMENTED):
+            sys.exit(f"lazysnap: cannot reach the lazysnap daemon at {args.address}: {e.details()}")
+        sys.exit(f"lazysnap: {e.details()}")
     finally:
-        status.close()
-    print(pull.format_report(report))
-    return 0
+        client.close()
+    sys.exit("lazysnap: the daemon ended the pull without a report")
 
 
 async def soci_command(args: argparse.Namespace) -> int:
+    from .registry.client import RegistryClient
+    from .soci import build, describe, local, report
+    from .soci import convert as soci_convert
+    from .soci import push as soci_push
+
     options = RegistryOptions(plain_http=args.plain_http, certs_dir=args.certs_dir, docker_config=args.docker_config)
     store = local.LocalIndexes(args.store)
     command = args.index_command if args.command == "index" else "ztoc-" + args.ztoc_command
@@ -200,6 +220,8 @@ async def soci_command(args: argparse.Namespace) -> int:
 
 async def get_file_command(registry: RegistryClient, store: local.LocalIndexes, args: argparse.Namespace) -> None:
     """Into `-o FILE` (a temporary name until complete) or standard output; the summary to stderr."""
+    from .soci import extract, report
+
     if args.output is None:
         out = sys.stdout.buffer
         result = await extract.get_file(registry, store, args.image, args.layer, args.path, out.write)
@@ -216,11 +238,16 @@ async def get_file_command(registry: RegistryClient, store: local.LocalIndexes, 
 
 
 async def profile_command(args: argparse.Namespace) -> int:
+    import trio
+
+    from . import profiles
+    from .registry.client import RegistryClient
+
     store = profiles.ProfileStore(args.root / "profiles")
     if args.profile_command == "list":
         for p in store.all():
             print(f"{p.image}  {len(p.layers)} layer(s)  {sum(len(lp.ranges) for lp in p.layers)} range(s)  "
-                  f"{pull.human_size(p.bytes)} compressed  recorded over {p.seconds:g} s")
+                  f"{human_size(p.bytes)} compressed  recorded over {p.seconds:g} s")
         return 0
     options = RegistryOptions(plain_http=args.plain_http, certs_dir=args.certs_dir, docker_config=args.docker_config)
     async with RegistryClient(options) as registry:
@@ -228,13 +255,20 @@ async def profile_command(args: argparse.Namespace) -> int:
             digest = (await registry.resolve(args.image)).digest
             while store.get(digest) is None:
                 await trio.sleep(0.5)
-        result = await profiles.push(registry, store, args.image)
-    print(f"pushed the start profile of {result.image} ({result.ranges} ranges, {pull.human_size(result.bytes)}) "
+        try:
+            result = await profiles.push(registry, store, args.image)
+        except profiles.ProfileError as e:
+            sys.exit(f"lazysnap: {e}")
+    print(f"pushed the start profile of {result.image} ({result.ranges} ranges, {human_size(result.bytes)}) "
           f"as {result.manifest_digest}")
     return 0
 
 
 def status_command(args: argparse.Namespace) -> int:
+    import grpc
+
+    from .status import StatusClient
+
     client = StatusClient(args.address)
     try:
         reply = client.layers()
@@ -245,14 +279,14 @@ def status_command(args: argparse.Namespace) -> int:
         client.close()
     rows = [("LAYER", "MODE", "SIZE", "FETCHED", "RESOLVE", "FETCH STATE", "IMAGE / WHY")]
     for layer in reply.layers:
-        rows.append((layer.digest[:19], layer.mode, pull.human_size(layer.size), pull.human_size(layer.fetched_bytes),
+        rows.append((layer.digest[:19], layer.mode, human_size(layer.size), human_size(layer.fetched_bytes),
                      f"{layer.resolve_seconds:.2f}s", layer.fetch_state or "-", layer.reason or layer.image_ref))
     widths = [max(len(r[i]) for r in rows) for i in range(6)]
     for row in rows:
         print("  ".join(c.ljust(widths[i]) for i, c in enumerate(row[:6])) + "  " + row[6])
     c = reply.cache
     ratio = c.hits / (c.hits + c.misses) if c.hits + c.misses else 0.0
-    print(f"cache: {pull.human_size(c.bytes)} of {pull.human_size(c.max_bytes)}, hit rate {ratio:.0%} "
+    print(f"cache: {human_size(c.bytes)} of {human_size(c.max_bytes)}, hit rate {ratio:.0%} "
           f"({c.hits} hits, {c.misses} misses, {c.evictions} evictions)")
     if args.fuse:
         print(format_fuse(reply.fuse))
@@ -266,7 +300,7 @@ def format_fuse(fuse: status_pb2.Fuse) -> str:
         rows.append((op.name, str(op.count), f"{op.seconds:.3f}", f"{op.seconds / op.count * 1e6:.0f}" if op.count else "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(c.ljust(widths[0]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(row)) for row in rows]
-    lines.append(f"fuse: {pull.human_size(fuse.read_bytes)} read, {fuse.read_errors} read errors")
+    lines.append(f"fuse: {human_size(fuse.read_bytes)} read, {fuse.read_errors} read errors")
     return "\n".join(lines)
 
 

@@ -1,8 +1,8 @@
 """`lazysnap serve`: the long-running process containerd talks to.
 
 One trio event loop owns everything that lives as long as the daemon: the FUSE mount
-at `<root>/fuse` (one directory per lazily served layer), the registry client, and the
-layer manager's background resolutions. The gRPC server's worker threads call into the
+at `<root>/fuse` (one directory per lazily served layer), the registry client, the
+layer manager's background resolutions, and the pulls `lazysnap rpull` asks for. The gRPC server's worker threads call into the
 snapshotter, which reaches the trio side through `trio.from_thread`.
 
 Start-up order matters: layers are restored from disk and the snapshot directories
@@ -22,6 +22,7 @@ import trio
 from . import service
 from .cache import ChunkCache
 from .config import Config
+from .containerd.pull import Puller
 from .fuse.filesystem import LayerFilesystem
 from .fuse.mount import clear_stale_mount, serve_fuse
 from .layers.background import BackgroundOptions
@@ -46,7 +47,9 @@ async def serve(config: Config) -> None:
                 remote = await stack.enter_async_context(_open_lazy_side(config, store, nursery))
             snapshotter = Snapshotter(config.root, store, index_off=overlay_index_off(), remote=remote)
             await trio.to_thread.run_sync(snapshotter.cleanup)
-            server = service.start_server(snapshotter, config.address, config.grpc_workers, status=remote)
+            puller = Puller(nursery, remote.registry if remote else None, remote.explain if remote else None)
+            server = service.start_server(snapshotter, config.address, config.grpc_workers, status=remote,
+                                          puller=puller)
             log.info("serving containerd snapshots API on %s (root %s, lazy %s)", config.address, config.root,
                      "on" if config.lazy else "off")
             try:

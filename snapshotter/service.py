@@ -1,8 +1,10 @@
-"""The gRPC face of lazysnap: containerd's snapshots.v1 service on a unix socket.
+"""The gRPC face of lazysnap: containerd's snapshots.v1 service on a unix socket,
+and lazysnap's own Status and Images services beside it.
 
 The only module that knows gRPC. Each handler converts the request to plain values,
-calls the `Snapshotter`, and converts the answer back; lazysnap's typed errors become
-the status codes containerd's errdefs expect, in the one table `STATUS_CODES`.
+calls the `Snapshotter` (or the layer manager, or the puller), and converts the answer
+back; lazysnap's typed errors become the status codes containerd's errdefs expect, in
+the one table `STATUS_CODES`.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import queue
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,9 +25,11 @@ from google.protobuf import empty_pb2, timestamp_pb2
 from .api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from .api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from .api.containerd.types import mount_pb2
-from .api.lazysnap.v1 import status_pb2, status_pb2_grpc
+from .api.lazysnap.v1 import pull_pb2, pull_pb2_grpc, status_pb2, status_pb2_grpc
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, SnapshotterError
 from .mounts import Mount
+from .pull_records import PullEvent, PullOrder, PullReport
+from .registry.options import RegistryOptions
 from .snapshots import Snapshotter
 from .store import Snapshot
 
@@ -155,6 +160,47 @@ class StatusService(status_pb2_grpc.StatusServicer):
         )
 
 
+class PullStarter(Protocol):
+    """What the Images API pulls with (`containerd.pull.Puller`, in the daemon)."""
+
+    def start(self, order: PullOrder, emit: Callable[[PullEvent], None]) -> Callable[[], None]: ...
+
+
+class ImagesService(pull_pb2_grpc.ImagesServicer):
+    def __init__(self, puller: PullStarter | None) -> None:
+        self.puller = puller
+
+    def Pull(self, request: pull_pb2.PullRequest, context: grpc.ServicerContext) -> Iterator[pull_pb2.PullEvent]:
+        if self.puller is None:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "this lazysnap does not pull images")
+        order = PullOrder(
+            ref=request.ref, namespace=request.namespace or "default", containerd=request.containerd_address,
+            snapshotter=request.snapshotter or "lazysnap",
+            registry=RegistryOptions(plain_http=request.plain_http,
+                                     certs_dir=Path(request.certs_dir) if request.certs_dir else None,
+                                     docker_config=Path(request.docker_config) if request.docker_config else None))
+        log.info("Pull %s for %s in namespace %s", order.ref, order.snapshotter, order.namespace)
+        events: queue.SimpleQueue[PullEvent] = queue.SimpleQueue()
+        context.add_callback(self.puller.start(order, events.put))  # the call ending early cancels the pull
+        while True:
+            event = events.get()
+            if isinstance(event, str):
+                yield pull_pb2.PullEvent(progress=event)
+            elif isinstance(event, SnapshotterError):
+                log.info("Pull %s failed: %s", order.ref, event)
+                context.abort(status_code(event), str(event))
+            else:
+                yield pull_pb2.PullEvent(report=to_pb_report(event))
+                return
+
+
+def to_pb_report(report: PullReport) -> pull_pb2.PullReport:
+    return pull_pb2.PullReport(
+        image=report.image, manifest_digest=report.manifest_digest, seconds=report.seconds,
+        layers=[pull_pb2.PulledLayer(digest=layer.digest, size=layer.size, how=layer.how, reason=layer.reason,
+                                     seconds=layer.seconds) for layer in report.layers])
+
+
 def to_pb_mounts(mounts: list[Mount]) -> list[mount_pb2.Mount]:
     return [mount_pb2.Mount(type=m.type, source=m.source, options=m.options) for m in mounts]
 
@@ -182,13 +228,14 @@ def _brief(request: Any) -> str:
 
 
 def start_server(snapshotter: Snapshotter, address: Path, workers: int = 16,
-                 status: LayerReport | None = None) -> grpc.Server:
+                 status: LayerReport | None = None, puller: PullStarter | None = None) -> grpc.Server:
     """Serve on a unix socket only root can reach (mode 0600), replacing a stale socket."""
     address.parent.mkdir(parents=True, exist_ok=True)
     address.unlink(missing_ok=True)
     server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"))
     pb_grpc.add_SnapshotsServicer_to_server(SnapshotsService(snapshotter), server)
     status_pb2_grpc.add_StatusServicer_to_server(StatusService(status), server)
+    pull_pb2_grpc.add_ImagesServicer_to_server(ImagesService(puller), server)
     old_umask = os.umask(0o177)
     try:
         server.add_insecure_port(f"unix:{address}")

@@ -1,12 +1,18 @@
-"""lazysnap's Status API as a client: how each layer is served, for `rpull` and `lazysnap status`."""
+"""lazysnap's own API as a client, for the command line: how each layer is served
+(`lazysnap status`), and pulls run by the daemon (`lazysnap rpull`).
+
+Light on imports on purpose: the command line starts a fresh process for every call.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 
-from .api.lazysnap.v1 import status_pb2, status_pb2_grpc
+from .api.lazysnap.v1 import pull_pb2, pull_pb2_grpc, status_pb2, status_pb2_grpc
+from .pull_records import LayerOutcome, PullReport
 
 
 class StatusClient:
@@ -15,6 +21,7 @@ class StatusClient:
         self.timeout = timeout
         self._channel = grpc.insecure_channel(f"unix:{address}")
         self._stub = status_pb2_grpc.StatusStub(self._channel)
+        self._images = pull_pb2_grpc.ImagesStub(self._channel)
 
     def close(self) -> None:
         self._channel.close()
@@ -22,12 +29,20 @@ class StatusClient:
     def layers(self, digests: list[str] | None = None) -> status_pb2.LayersResponse:
         return self._stub.Layers(status_pb2.LayersRequest(digests=digests or []), timeout=self.timeout)
 
-    def explain(self, digest: str) -> tuple[str, str]:
-        """(mode, reason) lazysnap gives for a layer; ("", why not) when it cannot be asked."""
-        try:
-            found = self.layers([digest]).layers
-        except grpc.RpcError as e:
-            return "", f"lazysnap status unavailable: {e.code().name}"
-        if not found:
-            return "", ""
-        return found[0].mode, found[0].reason
+    def pull(self, request: pull_pb2.PullRequest) -> Iterator[str | PullReport]:
+        """The daemon's progress lines, then its report; grpc.RpcError if the pull fails.
+
+        No deadline: a whole pull of a large image may take as long as it takes; closing
+        the iterator (or the process) cancels it in the daemon.
+        """
+        for event in self._images.Pull(request, wait_for_ready=False):
+            if event.HasField("report"):
+                yield from_pb_report(event.report)
+            else:
+                yield event.progress
+
+
+def from_pb_report(report: pull_pb2.PullReport) -> PullReport:
+    return PullReport(report.image, report.manifest_digest,
+                      [LayerOutcome(layer.digest, layer.size, layer.how, layer.reason, layer.seconds)
+                       for layer in report.layers], report.seconds)

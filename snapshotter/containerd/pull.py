@@ -14,43 +14,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from contextlib import AsyncExitStack, asynccontextmanager
 
 import trio
 
 from .. import labels as L
 from ..errors import AlreadyExists, SnapshotterError
+from ..pull_records import LAZY, WHOLE, LayerOutcome, PullEvent, PullOrder, PullReport
 from ..registry.client import RegistryClient
+from ..registry.errors import RegistryError
 from ..registry.manifest import Descriptor
 from .client import ContainerdClient
 
-LAZY = "lazy"
-WHOLE = "pulled whole"
-
-
-@dataclass
-class LayerOutcome:
-    digest: str
-    size: int
-    how: str
-    reason: str = ""
-    seconds: float = 0.0
-
-
-@dataclass
-class PullReport:
-    image: str
-    manifest_digest: str
-    layers: list[LayerOutcome]
-    seconds: float
-
-    @property
-    def lazy_layers(self) -> int:
-        return sum(1 for layer in self.layers if layer.how.startswith(LAZY))
-
+log = logging.getLogger(__name__)
 
 class PullError(SnapshotterError):
     """The image could not be pulled (the message says which step failed)."""
@@ -83,7 +63,7 @@ async def rpull(ref: str, *, registry: RegistryClient, containerd: ContainerdCli
     chain = chain_ids(diff_ids)
     progress(f"{image_name}: manifest {manifest.digest}, {len(layers)} layers")
     outcomes: list[LayerOutcome] = []
-    with containerd.lease():
+    async with _leased(containerd):
         manifest_labels = {"containerd.io/gc.ref.content.config": config_desc.digest} | {
             f"containerd.io/gc.ref.content.l.{i}": layer.digest for i, layer in enumerate(layers)
         }
@@ -148,6 +128,18 @@ async def _unpack_layer(registry: RegistryClient, containerd: ContainerdClient, 
     return LayerOutcome(layer.digest, layer.size, WHOLE)
 
 
+@asynccontextmanager
+async def _leased(containerd: ContainerdClient) -> AsyncIterator[None]:
+    """`containerd.lease()`, its blocking calls kept off the trio thread (in the daemon, FUSE runs there)."""
+    lease = containerd.lease()
+    await trio.to_thread.run_sync(lease.__enter__)
+    try:
+        yield
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(lease.__exit__, None, None, None)
+
+
 def _blocking(chunks: AsyncIterator[bytes], token: trio.lowlevel.TrioToken) -> Iterator[bytes]:
     """An async byte stream as a plain iterator, for gRPC's request-streaming thread."""
     while True:
@@ -157,22 +149,60 @@ def _blocking(chunks: AsyncIterator[bytes], token: trio.lowlevel.TrioToken) -> I
             return
 
 
-def format_report(report: PullReport) -> str:
-    """The table rpull ends with: one row per layer, how it was obtained and why."""
-    rows = [("LAYER", "SIZE", "HOW", "SECONDS", "WHY")]
-    for layer in report.layers:
-        rows.append((layer.digest[:19], human_size(layer.size), layer.how, f"{layer.seconds:.2f}", layer.reason))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:4])) + "  " + row[4] for row in rows]
-    lines.append(f"{report.image}: {report.lazy_layers} of {len(report.layers)} layers lazy, "
-                 f"pulled in {report.seconds:.2f} s")
-    return "\n".join(line.rstrip() for line in lines)
+class Puller:
+    """Runs `rpull` inside the daemon, on its trio loop, for `lazysnap rpull`.
 
+    The daemon has the pull machinery imported (a fresh client process spends ~0.5 s on
+    that before its first request), its registry connections warm, and each layer's
+    status at hand to say how the layer is served.
+    """
 
-def human_size(n: int) -> str:
-    """Bytes for people: 1.5 MiB."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)
+    def __init__(self, nursery: trio.Nursery, registry: RegistryClient | None,
+                 explain: Callable[[str], tuple[str, str]] | None) -> None:
+        self.nursery = nursery
+        self.token = trio.lowlevel.current_trio_token()
+        self.registry = registry
+        self.explain = explain
+
+    def start(self, order: PullOrder, emit: Callable[[PullEvent], None]) -> Callable[[], None]:
+        """From any thread: start pulling; `emit` gets every event on the trio thread.
+
+        Returns a function that cancels the pull (the caller went away), safe from any thread.
+        """
+        scope = trio.CancelScope()
+        trio.from_thread.run_sync(self.nursery.start_soon, self._run, order, emit, scope, trio_token=self.token)
+
+        def cancel() -> None:
+            try:
+                self.token.run_sync_soon(scope.cancel)
+            except trio.RunFinishedError:
+                pass  # the daemon has stopped, and the pull with it
+
+        return cancel
+
+    async def _run(self, order: PullOrder, emit: Callable[[PullEvent], None], scope: trio.CancelScope) -> None:
+        """Always ends with one report or error, so the client's stream always ends."""
+        outcome: PullEvent = PullError(f"the pull of {order.ref} was cancelled")
+        try:
+            with scope:
+                try:
+                    outcome = await self._pull(order, emit)
+                except SnapshotterError as e:
+                    outcome = e
+                except RegistryError as e:
+                    outcome = PullError(str(e))
+                except Exception as e:
+                    log.exception("pulling %s failed", order.ref)
+                    outcome = PullError(f"internal error: {e!r}")
+        finally:
+            emit(outcome)
+
+    async def _pull(self, order: PullOrder, progress: Callable[[str], None]) -> PullReport:
+        async with AsyncExitStack() as stack:
+            registry = self.registry
+            if registry is None or registry.options != order.registry:
+                registry = await stack.enter_async_context(RegistryClient(order.registry))
+            containerd = stack.enter_context(ContainerdClient(order.containerd, order.namespace))
+            await trio.to_thread.run_sync(containerd.wait_ready, abandon_on_cancel=True)
+            return await rpull(order.ref, registry=registry, containerd=containerd, snapshotter=order.snapshotter,
+                               explain=self.explain, progress=progress)

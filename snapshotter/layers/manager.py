@@ -226,6 +226,11 @@ class LayerManager:
                  "misses": stats.misses, "evictions": stats.evictions}
         return layers, cache, self.fs.stats.report()
 
+    def explain(self, digest: str) -> tuple[str, str]:
+        """(mode, reason) for a layer: how it is served, and why not lazily. On the trio thread."""
+        status = self.status.get(digest)
+        return (status.mode, status.reason) if status is not None else ("", "")
+
     # -- the trio side ---------------------------------------------------------------
 
     async def _mount(self, request: LayerRequest) -> int | None:

@@ -8,28 +8,7 @@
 
 It also pushes (`push_blob`, `push_manifest`, `push_referrer`, `update_referrers_tag`),
 to the first endpoint hosts.toml trusts with `push`.
+
+The package imports nothing itself: `registry.options` and `registry.errors` are light,
+and the command line imports them without paying for httpx and the client.
 """
-
-from .auth import Credentials, Keychain
-from .client import BlobLocation, RegistryClient
-from .errors import (
-    BadResponse,
-    HostsConfigError,
-    InvalidReference,
-    NotFoundError,
-    PushRejected,
-    RegistryError,
-    RegistryUnavailable,
-    Unauthorized,
-)
-from .hosts import Capability, Endpoint, HostsConfig, TLSSettings
-from .manifest import Descriptor, Manifest
-from .options import Platform, RegistryOptions, Timeouts
-from .reference import Reference, parse
-
-__all__ = [
-    "BadResponse", "BlobLocation", "Capability", "Credentials", "Descriptor", "Endpoint", "HostsConfig",
-    "HostsConfigError", "InvalidReference", "Keychain", "Manifest", "NotFoundError", "Platform", "PushRejected",
-    "Reference", "RegistryClient", "RegistryError", "RegistryOptions", "RegistryUnavailable", "TLSSettings",
-    "Timeouts", "Unauthorized", "parse",
-]

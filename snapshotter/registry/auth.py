@@ -15,7 +15,6 @@ import base64
 import binascii
 import json
 import logging
-import os
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from urllib.parse import urlencode, urlsplit
 import trio
 
 from .errors import BadResponse, Unauthorized
+from .options import default_docker_config
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +47,6 @@ class Credentials:
     def basic(self) -> str:
         raw = f"{self.username}:{self.password}".encode()
         return "Basic " + base64.b64encode(raw).decode()
-
-
-def default_docker_config() -> Path:
-    """`$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`, as the docker CLI looks."""
-    env = os.environ.get("DOCKER_CONFIG")
-    return Path(env) / "config.json" if env else Path.home() / ".docker" / "config.json"
 
 
 def registry_key(key: str) -> str:

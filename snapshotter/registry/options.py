@@ -6,12 +6,19 @@ Every network operation is bounded: a FUSE read waiting on the registry must end
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .hosts import DEFAULT_CERTS_DIR
 
 MiB = 1 << 20
+
+
+def default_docker_config() -> Path:
+    """`$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`, as the docker CLI looks."""
+    env = os.environ.get("DOCKER_CONFIG")
+    return Path(env) / "config.json" if env else Path.home() / ".docker" / "config.json"
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ not to (`force`). Facts: shared/research/soci.md §1-§2.
 from __future__ import annotations
 
 import contextlib
-import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -30,11 +29,10 @@ from ..formats import soci_index, ztoc
 from ..formats.errors import FormatError
 from ..registry.client import RegistryClient
 from ..registry.manifest import Descriptor, Manifest
+from ..sizes import human_size
+from . import DEFAULT_JOBS, DEFAULT_MIN_LAYER_SIZE, DEFAULT_SPAN_SIZE
 from .local import LocalIndexes
 
-DEFAULT_SPAN_SIZE = 4 << 20
-DEFAULT_MIN_LAYER_SIZE = 10 << 20
-DEFAULT_JOBS = 3
 BUILD_TOOL = "lazysnap"
 QUEUED_CHUNKS = 4
 """Chunks (of the client's stream chunk size, 1 MiB) waiting between download and builder, per layer."""
@@ -66,42 +64,6 @@ class EmptyIndex(SociError):
     def __init__(self, message: str, layers: list[LayerResult]) -> None:
         super().__init__(message)
         self.layers = layers
-
-
-# --------------------------------------------------------------------------- sizes
-
-_SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(i?)(b?)\s*", re.IGNORECASE)
-_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
-
-
-def parse_size(text: str) -> int:
-    """Bytes from `4MiB`, `10MB`, `64KiB`, `4M` or `65536`.
-
-    `KiB`/`MiB`/`GiB` are powers of 1024 and `KB`/`MB`/`GB` powers of 1000; a bare
-    `K`/`M`/`G` is 1024-based, as docker and containerd read it.
-    """
-    m = _SIZE.fullmatch(text)
-    if m is None:
-        raise ValueError(f"invalid size {text!r}: want e.g. 4MiB, 10MB or a number of bytes")
-    number, prefix, binary, b = m.groups()
-    power = _POWERS[prefix.lower()]
-    if power == 0 and binary:
-        raise ValueError(f"invalid size {text!r}: want e.g. 4MiB, 10MB or a number of bytes")
-    base = 1000 if (b and not binary and power) else 1024
-    value = float(number) * base ** power
-    if value != int(value):
-        raise ValueError(f"invalid size {text!r}: not a whole number of bytes")
-    return int(value)
-
-
-def human_size(n: int) -> str:
-    """Bytes for people: 1.5 MiB."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return str(n)
 
 
 # --------------------------------------------------------------------------- results
@@ -365,6 +327,6 @@ def indexed_refs(image: str, layers: list[LayerResult]) -> list[soci_index.Descr
 
 __all__ = [
     "BUILD_TOOL", "DEFAULT_JOBS", "DEFAULT_MIN_LAYER_SIZE", "DEFAULT_SPAN_SIZE", "BuildResult", "EmptyIndex",
-    "LayerResult", "Progress", "SociError", "build_ztocs", "create_index", "human_size", "indexed_refs",
-    "known_ztocs", "layer_compression", "parse_size",
+    "LayerResult", "Progress", "SociError", "build_ztocs", "create_index", "indexed_refs",
+    "known_ztocs", "layer_compression",
 ]

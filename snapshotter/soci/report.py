@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from ..formats import soci_index, ztoc
-from .build import BuildResult, LayerResult, human_size
+from ..sizes import human_size
+from .build import BuildResult, LayerResult
 from .convert import ConvertResult
 from .describe import IndexInfo, LocalEntry, RegistryView, ZtocInfo
 from .extract import Extracted

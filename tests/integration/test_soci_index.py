@@ -18,8 +18,9 @@ import pytest
 import trio
 
 from snapshotter.formats import soci_index, ztoc
-from snapshotter.registry import RegistryClient, RegistryOptions
+from snapshotter.registry.client import RegistryClient
 from snapshotter.registry.manifest import OCI_INDEX, OCI_MANIFEST
+from snapshotter.registry.options import RegistryOptions
 from snapshotter.registry.referrers import referrers_tag
 from snapshotter.soci.discovery import Discovery, fetch_ztoc, find_index
 from tests.harness.containerd import Containerd

@@ -15,8 +15,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from snapshotter.registry import RegistryClient, RegistryOptions, Timeouts
+from snapshotter.registry.client import RegistryClient
 from snapshotter.registry.manifest import OCI_MANIFEST
+from snapshotter.registry.options import RegistryOptions, Timeouts
 from tests.harness.images import (
     MEDIA_CONFIG,
     Dir,

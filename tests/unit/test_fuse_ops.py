@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from snapshotter.api.lazysnap.v1 import status_pb2
-from snapshotter import cli
+from snapshotter import cli, status
 from snapshotter.cli import format_fuse
 import trio
 
@@ -71,7 +71,7 @@ def test_status_prints_fuse_requests_when_asked(monkeypatch: pytest.MonkeyPatch,
         def layers(self) -> status_pb2.LayersResponse:
             return status_pb2.LayersResponse(fuse=status_pb2.Fuse(ops=[status_pb2.FuseOp(name="getxattr", count=7)]))
 
-    monkeypatch.setattr(cli, "StatusClient", Client)
+    monkeypatch.setattr(status, "StatusClient", Client)
     with pytest.raises(SystemExit) as done:
         cli.main(["status", "--address", "/nonexistent.sock", *flag])
     out = capsys.readouterr().out.splitlines()

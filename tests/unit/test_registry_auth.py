@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from snapshotter.registry.auth import Challenge, Credentials, Keychain, default_docker_config, parse_challenges
+from snapshotter.registry.auth import Challenge, Credentials, Keychain, parse_challenges
+from snapshotter.registry.options import default_docker_config
 
 
 def b64(text: str) -> str:

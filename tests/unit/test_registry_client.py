@@ -21,16 +21,20 @@ from typing import Any
 import pytest
 import trio
 
-from snapshotter.registry import (
+from snapshotter.registry.client import RegistryClient
+from snapshotter.registry.errors import (
     BadResponse,
     NotFoundError,
-    RegistryClient,
-    RegistryOptions,
     RegistryUnavailable,
-    Timeouts,
     Unauthorized,
 )
-from snapshotter.registry.manifest import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST
+from snapshotter.registry.manifest import (
+    DOCKER_MANIFEST,
+    DOCKER_MANIFEST_LIST,
+    OCI_INDEX,
+    OCI_MANIFEST,
+)
+from snapshotter.registry.options import RegistryOptions, Timeouts
 from tests.harness.faultproxy import FaultProxy
 from tests.harness.images import File, Image, Layer, OCILayout, push
 from tests.harness.procs import free_port

@@ -17,16 +17,15 @@ from pathlib import Path
 import pytest
 import trio
 
-from snapshotter.registry import (
+from snapshotter.registry.client import RegistryClient
+from snapshotter.registry.errors import (
     BadResponse,
-    Descriptor,
     NotFoundError,
     PushRejected,
-    RegistryClient,
     RegistryUnavailable,
-    Timeouts,
 )
-from snapshotter.registry.manifest import OCI_INDEX, OCI_MANIFEST
+from snapshotter.registry.manifest import OCI_INDEX, OCI_MANIFEST, Descriptor
+from snapshotter.registry.options import Timeouts
 from snapshotter.registry.referrers import EMPTY_JSON_DIGEST, referrers_tag
 from tests.harness.faultproxy import FaultProxy
 from tests.harness.registry import Registry

@@ -22,7 +22,7 @@ import trio
 
 from snapshotter.formats import soci_index, ztoc
 from snapshotter.formats.tar import clean_path
-from snapshotter.registry import RegistryClient
+from snapshotter.registry.client import RegistryClient
 from snapshotter.registry.manifest import OCI_MANIFEST
 from snapshotter.soci import build, extract
 from snapshotter.soci.build import EmptyIndex, SociError

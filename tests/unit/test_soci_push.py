@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from snapshotter.formats import soci_index
-from snapshotter.registry import RegistryClient
+from snapshotter.registry.client import RegistryClient
 from snapshotter.registry.manifest import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 from snapshotter.registry.referrers import referrers_tag
 from snapshotter.soci import build, convert, describe, push, report

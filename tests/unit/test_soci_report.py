@@ -6,7 +6,8 @@ import io
 
 import pytest
 
-from snapshotter.soci.build import LayerResult, parse_size
+from snapshotter.sizes import parse_size
+from snapshotter.soci.build import LayerResult
 from snapshotter.soci.report import ProgressBar, layer_table, table
 
 
