@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(trio.run(soci_command, args))
         elif args.command == "profile":
             import trio
+
             setup_logging("warning")
             sys.exit(trio.run(profile_command, args))
     except (SnapshotterError, RegistryError) as e:

@@ -35,7 +35,7 @@ class StatusClient:
         No deadline: a whole pull of a large image may take as long as it takes; closing
         the iterator (or the process) cancels it in the daemon.
         """
-        for event in self._images.Pull(request, wait_for_ready=False):
+        for event in self._images.Pull(request):
             if event.HasField("report"):
                 yield from_pb_report(event.report)
             else:

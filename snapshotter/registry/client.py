@@ -9,7 +9,6 @@ which servers refuse multi-range requests (they get single ranges from then on).
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
@@ -19,6 +18,8 @@ from urllib.parse import urlencode, urljoin
 import httpx
 import trio
 
+from ..formats.errors import FormatError
+from ..formats.jsondoc import load_object
 from . import digest as digests
 from . import ranges as byteranges
 from . import referrers as refs
@@ -800,11 +801,11 @@ def _manifest_what(ref: Reference, obj: str) -> str:
 def _media_type(raw: bytes, content_type: str) -> str:
     """The body's `mediaType` (covered by the digest), else the Content-Type without parameters."""
     try:
-        doc = json.loads(raw)
-    except (ValueError, RecursionError):
-        doc = None
-    if isinstance(doc, dict) and isinstance(doc.get("mediaType"), str) and doc["mediaType"]:
-        return str(doc["mediaType"])
+        media_type = load_object(raw, "manifest").get("mediaType")
+    except FormatError:
+        media_type = None
+    if isinstance(media_type, str) and media_type:
+        return media_type
     return content_type.partition(";")[0].strip()
 
 

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..formats import soci_index
+from ..formats.errors import FormatError
+from ..formats.jsondoc import load_object
 from ..registry import digest as digests
 from ..registry.client import RegistryClient
 from ..registry.errors import BadResponse
@@ -129,9 +131,9 @@ async def _platform(registry: RegistryClient, manifest: Manifest) -> dict[str, A
     """The image's platform as an index entry states it, from its config."""
     raw = await registry.fetch_blob(manifest.ref, manifest.config.digest)
     try:
-        config = json.loads(raw)
+        config = load_object(raw, "config")
         platform = {"architecture": str(config["architecture"]), "os": str(config["os"])}
-    except (ValueError, RecursionError, KeyError, TypeError):
+    except (FormatError, KeyError, TypeError):
         raise BadResponse(f"config {manifest.config.digest} of {manifest.ref} does not name its os and "
                           "architecture") from None
     for key in ("variant", "os.version", "os.features"):

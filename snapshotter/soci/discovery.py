@@ -11,11 +11,11 @@ Every step says why it found nothing, so a layer that falls back can say why too
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 from ..formats import soci_index
 from ..formats.errors import FormatError
+from ..formats.jsondoc import load_object
 from ..registry.client import RegistryClient
 from ..registry.errors import NotFoundError, RegistryError
 from .local import LocalIndexes
@@ -114,9 +114,9 @@ async def _load(registry: RegistryClient, local: LocalIndexes | None, image_ref:
 
 def _annotation(raw: bytes, key: str) -> str:
     try:
-        doc = json.loads(raw)
-    except (ValueError, RecursionError):
+        doc = load_object(raw, "manifest")
+    except FormatError:
         return ""
-    annotations = doc.get("annotations") if isinstance(doc, dict) else None
+    annotations = doc.get("annotations")
     value = annotations.get(key, "") if isinstance(annotations, dict) else ""
     return value if isinstance(value, str) else ""
