@@ -14,6 +14,11 @@ The runner serves that storage, unchanged, from inside the shaped namespace.
 - many-files: busybox plus a node_modules-like tree of 30,000 small files; the workload
   counts them with `find | wc -l`, stats them all with `du -s`, and reads five.
 
+`benchmarks.read_latency` builds its own images on first use (`EXTRA_IMAGES`): read-file,
+busybox plus one 256 MiB incompressible file, to read from in a running container; and
+many-files-0 ... many-files-5, many-files with other contents (other seeds), so that each of
+its pulls is of a new 30,000-file layer.
+
 SOCI (tag `soci`): `lazysnap index convert` of the gzip tag, a SOCI v2 image (the same
 gzip layers plus zTOCs, found through the `com.amazon.soci.index-digest` annotation).
 
@@ -23,6 +28,7 @@ gzip layers plus zTOCs, found through the `com.amazon.soci.index-digest` annotat
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import io
 import json
@@ -121,9 +127,10 @@ def _js(rng: random.Random, size: int) -> bytes:
     return "".join(out).encode()[:size]
 
 
-def many_files_entries() -> list[Entry]:
-    """~30,000 small files in 1,200 packages: package.json, README.md, LICENSE, index.js, lib/*.js."""
-    rng = random.Random(30)
+def many_files_entries(seed: int = 30) -> list[Entry]:
+    """~30,000 small files in 1,200 packages: package.json, README.md, LICENSE, index.js, lib/*.js.
+    Another `seed` gives the same tree with other file contents (another layer digest)."""
+    rng = random.Random(seed)
     entries: list[Entry] = [Dir("app"), Dir("app/node_modules")]
     per_pkg = MANY_FILES // 1200                  # 25
     lib = per_pkg - 4
@@ -141,8 +148,8 @@ def many_files_entries() -> list[Entry]:
     return entries
 
 
-def build_many_files() -> tuple[list[Layer], str]:
-    entries = many_files_entries()
+def build_many_files(seed: int = 30) -> tuple[list[Layer], str]:
+    entries = many_files_entries(seed)
     files = {e.name: e.data for e in entries if e.kind == tarfile.REGTYPE}
     read = b"".join(files[f"app/{p}"] for p in MANY_FILES_READ)
     script = ("#!/bin/sh\ncd /app\n"
@@ -238,6 +245,39 @@ IMAGES: dict[str, BenchImage] = {i.name: i for i in (
 )}
 
 
+# Built only for the benchmarks that use them (`benchmarks.read_latency`); not in
+# `benchmarks.run`'s default `--images`.
+READ_FILE_MIB = 256
+READ_FILE_SEED = 12
+READ_LATENCY_PULLS = 6
+"""How many distinct many-files images `benchmarks.read_latency` can pull on one node (each a
+new 30,000-file layer, so each pull parses a TOC and builds an EROFS image again)."""
+
+
+def read_file_bytes() -> bytes:
+    """The contents of read-file's /data/file.bin: incompressible and reproducible."""
+    rng = random.Random(READ_FILE_SEED)
+    return b"".join(rng.randbytes(64 << 20) for _ in range(READ_FILE_MIB // 64))
+
+
+def build_read_file() -> tuple[list[Layer], str]:
+    data = read_file_bytes()
+    layers = [Layer.from_entries(_busybox_layer()), Layer.from_entries([Dir("data"), File("data/file.bin", data)])]
+    return layers, hashlib.sha256(data).hexdigest()
+
+
+EXTRA_IMAGES: dict[str, BenchImage] = {i.name: i for i in (
+    BenchImage("read-file", f"busybox + one {READ_FILE_MIB} MiB incompressible file; sleeps (a container to read from)",
+               ("/bin/busybox", "sleep", "86400"), build_read_file),
+    *(BenchImage(f"many-files-{n}", f"many-files with other contents (seed {100 + n}): a 30,000-file layer to pull",
+                 ("/bench.sh",), functools.partial(build_many_files, 100 + n)) for n in range(READ_LATENCY_PULLS)),
+)}
+
+
+def bench_image(name: str) -> BenchImage:
+    return IMAGES[name] if name in IMAGES else EXTRA_IMAGES[name]
+
+
 # --------------------------------------------------------------------------- variants
 
 def _estargz(ctd: Containerd, gzip_ref: str, ref: str) -> None:
@@ -316,7 +356,7 @@ def ensure(names: list[str], variants: list[str], rebuild: bool = False) -> dict
     try:
         registry.start()
         for name, variant in missing:
-            image = IMAGES[name]
+            image = bench_image(name)
             entry = catalog.setdefault(name, {"variants": {}})
             t0 = time.monotonic()
             if variant == "gzip":

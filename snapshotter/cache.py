@@ -14,6 +14,9 @@ Why it is built this way:
   has been verified in this run, a small read of it reads only the bytes it needs
   (cached files are never changed after they are renamed into place).
 - A full disk costs only caching: the data is still returned.
+- One writer: the control plane fetches, verifies, stores and evicts. The data plane
+  opens the same directory as a reader (`writer=False`): it keeps no index, looks a
+  chunk up on disk by name, verifies it once, and only ever remembers what it is given.
 """
 
 from __future__ import annotations
@@ -64,8 +67,10 @@ class _InFlight:
 class ChunkCache:
     """Chunks keyed by strings (a chunk digest, or `<blob digest>@<offset>`), under `directory`."""
 
-    def __init__(self, directory: Path, max_bytes: int, memory_bytes: int = 64 << 20) -> None:
+    def __init__(self, directory: Path, max_bytes: int, memory_bytes: int = 64 << 20, *,
+                 writer: bool = True) -> None:
         self.dir = directory
+        self.writer = writer
         self.tmp = directory / "tmp"
         self.max_bytes = max_bytes
         self.memory_bytes = memory_bytes
@@ -77,7 +82,8 @@ class ChunkCache:
         self._inflight: dict[str, _InFlight] = {}
         self._verified: set[str] = set()
         """Names whose file was written or verified by this process: safe to read in part."""
-        self._load_index()
+        if writer:
+            self._load_index()
 
     @property
     def size(self) -> int:
@@ -85,7 +91,14 @@ class ChunkCache:
         return self._bytes
 
     def __contains__(self, key: str) -> bool:
-        return key in self._memory or _name(key) in self._index
+        if key in self._memory:
+            return True
+        name = _name(key)
+        return name in self._index if self.writer else self._path(name).exists()
+
+    def _known(self, name: str) -> bool:
+        """Worth opening the file: the writer knows its index; a reader must look."""
+        return not self.writer or name in self._index
 
     def wanted(self, key: str) -> bool:
         """Neither cached nor being fetched: worth adding to a fetch."""
@@ -158,7 +171,7 @@ class ChunkCache:
             self.stats.hits += 1
             return data
         name = _name(key)
-        if name not in self._index:
+        if not self._known(name):
             self.stats.misses += 1
             return None
         path = self._path(name)
@@ -171,7 +184,7 @@ class ChunkCache:
         if verify is not None and not verify(data):
             log.error("cache entry %s for %s failed verification; dropping it", path, key)
             self.stats.corrupt += 1
-            self._forget(name, unlink=True)
+            self._forget(name, unlink=self.writer)  # the writer fetches it again and replaces it
             self.stats.misses += 1
             return None
         self._verified.add(name)
@@ -188,7 +201,7 @@ class ChunkCache:
             self.stats.hits += 1
             return data[start:end]
         name = _name(key)
-        if name in self._verified and name in self._index:
+        if name in self._verified and (name in self._index or not self.writer):
             try:
                 part = await trio.to_thread.run_sync(_pread, self._path(name), start, end - start)
             except FileNotFoundError:
@@ -212,6 +225,8 @@ class ChunkCache:
         todo = []
         for key, data in items:
             self._remember(key, data)
+            if not self.writer:
+                continue
             name = _name(key)
             if name not in self._index:
                 todo.append((key, name, data))
@@ -267,9 +282,10 @@ class ChunkCache:
             self._path(name).unlink(missing_ok=True)
 
     def _touch(self, name: str) -> None:
-        entry = self._index[name]
-        entry.used = time.time()
-        self._index.move_to_end(name)
+        entry = self._index.get(name)
+        if entry is not None:
+            entry.used = time.time()
+            self._index.move_to_end(name)
         try:
             os.utime(self._path(name))  # so the LRU order survives a restart
         except OSError:

@@ -1,50 +1,55 @@
-"""`lazysnap serve`: the long-running process containerd talks to.
+"""`lazysnap serve`: the control plane containerd talks to.
 
-One trio event loop owns everything that lives as long as the daemon: the FUSE mount
-at `<root>/fuse` (one directory per lazily served layer), the registry client, the
-layer manager's background resolutions, and the pulls `lazysnap rpull` asks for. The gRPC server's worker threads call into the
-snapshotter, which reaches the trio side through `trio.from_thread`.
+One trio event loop owns everything that lives as long as the daemon: the registry
+client, the layer manager's background resolutions and fetches, the pulls `lazysnap
+rpull` asks for, and the channels to the data planes. The gRPC server's worker threads
+call into the snapshotter, which reaches the trio side through `trio.from_thread`.
 
-Start-up order matters: layers are restored from disk and the snapshot directories
-reconciled with the store before the socket accepts a call; systemd is told READY
-only then. On SIGTERM the socket closes first, then FUSE is unmounted.
+The FUSE mount is not ours: it belongs to a data plane process (`dataplane/`), which
+this daemon adopts if one is running and starts otherwise, and which outlives it, so
+that stopping, killing or upgrading the daemon never breaks a running container.
+
+Start-up order matters: the root and socket are claimed first (one daemon per root);
+the data planes are adopted, layers restored and the snapshot directories reconciled
+with the store before the socket accepts a call; systemd is told READY only then. On
+SIGTERM the socket closes; the data planes serve on.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 import trio
 
-from . import service
+from . import root_lock, service
 from .cache import ChunkCache
 from .config import Config
 from .containerd.pull import Puller
-from .fuse.filesystem import LayerFilesystem
-from .fuse.mount import clear_stale_mount, serve_fuse
+from .dataplane.client import DataPlanes, PlaneOptions
 from .layers.background import BackgroundOptions
-from .layers.manager import LayerManager, ManagerOptions, open_manager
+from .layers.manager import LayerManager, ManagerOptions, open_manager, start_background
 from .mounts import overlay_index_off
 from .registry.client import RegistryClient
 from .registry.options import RegistryOptions
 from .sdnotify import notify
-from .snapshots import FUSE_DIR, Snapshotter
+from .snapshots import Snapshotter
 from .store import Store
 
 log = logging.getLogger(__name__)
 
 
 async def serve(config: Config) -> None:
-    config.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    lock = root_lock.claim(config.root, config.address)
     store = Store(config.root / "metadata.db")
     try:
         async with trio.open_nursery() as nursery, AsyncExitStack() as stack:
             remote = None
             if config.lazy:
-                remote = await stack.enter_async_context(_open_lazy_side(config, store, nursery))
+                remote = await stack.enter_async_context(_open_lazy_side(config, store))
             snapshotter = Snapshotter(config.root, store, index_off=overlay_index_off(), remote=remote)
             await trio.to_thread.run_sync(snapshotter.cleanup)
             puller = Puller(nursery, remote.registry if remote else None, remote.explain if remote else None)
@@ -56,7 +61,8 @@ async def serve(config: Config) -> None:
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                     notify("READY=1")
                     async for signum in signals:
-                        log.info("received %s, shutting down", signal.Signals(signum).name)
+                        log.info("received %s, shutting down (data planes keep serving running containers)",
+                                 signal.Signals(signum).name)
                         break
             finally:
                 notify("STOPPING=1")
@@ -65,20 +71,17 @@ async def serve(config: Config) -> None:
                 nursery.cancel_scope.cancel()
     finally:
         store.close()
+        os.close(lock)
 
 
 @asynccontextmanager
-async def _open_lazy_side(config: Config, store: Store, nursery: trio.Nursery) -> AsyncIterator[LayerManager]:
-    """FUSE mount, registry client, chunk cache and layer manager, torn down in reverse."""
-    mountpoint = config.root / FUSE_DIR
-    if await clear_stale_mount(mountpoint):
-        log.warning("cleared a stale FUSE mount at %s (left by a crashed lazysnap)", mountpoint)
-    mountpoint.mkdir(exist_ok=True)
-    fs = LayerFilesystem(read_timeout=config.read_timeout, xattrs=config.fuse_xattrs)
-    await nursery.start(serve_fuse, mountpoint, fs)
+async def _open_lazy_side(config: Config, store: Store) -> AsyncIterator[LayerManager]:
+    """Registry client, chunk cache, data planes and layer manager, torn down in reverse (data planes stay)."""
     options = RegistryOptions(certs_dir=config.certs_dir, docker_config=config.docker_config)
     async with RegistryClient(options) as registry:
         cache = ChunkCache(config.root / "cache", config.cache_max_mib << 20)
+        planes = DataPlanes(PlaneOptions(config.root, read_timeout=config.read_timeout,
+                                         fuse_xattrs=config.fuse_xattrs, log_level=config.log_level))
         background = BackgroundOptions(quiet=config.background_quiet_seconds,
                                        rate=config.background_rate_mib * (1 << 20))
         manager_options = ManagerOptions(resolve_timeout=config.resolve_timeout,
@@ -87,9 +90,13 @@ async def _open_lazy_side(config: Config, store: Store, nursery: trio.Nursery) -
                                          profile_seconds=config.profile_seconds,
                                          fetch_concurrency=config.fetch_concurrency,
                                          readahead_max=config.readahead_max_mib << 20,
-                                         kernel_metadata=config.kernel_metadata,
+                                         kernel_metadata=config.kernel_metadata, fuse_xattrs=config.fuse_xattrs,
                                          background=background if config.background_fetch else None)
-        async with open_manager(config.root, mountpoint, store, registry, cache, fs, manager_options) as manager:
+        async with open_manager(config.root, store, registry, cache, planes, manager_options) as manager:
+            planes.on_lost = manager.served.reattach
+            await planes.open(manager.nursery, manager)
+            await manager.served.restore()
+            manager.nursery.start_soon(start_background, manager)
             yield manager
 
 

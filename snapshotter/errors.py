@@ -27,3 +27,7 @@ class InvalidArgument(SnapshotterError):
 
 class ConfigError(SnapshotterError):
     """The configuration file or flags are invalid."""
+
+
+class AlreadyRunning(SnapshotterError):
+    """Another `lazysnap serve` owns this root or this socket."""

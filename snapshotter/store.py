@@ -236,6 +236,12 @@ class Transaction:
         self._db.executemany("DELETE FROM layers WHERE id = ?", [(rec.id,) for rec in unused])
         return unused
 
+    def remove_layer_if_unused(self, layer_id: int) -> bool:
+        """Forget a layer that could not be served, unless a snapshot already uses it."""
+        done = self._db.execute("DELETE FROM layers WHERE id = ? AND id NOT IN"
+                                " (SELECT layer_id FROM snapshots WHERE layer_id IS NOT NULL)", (layer_id,))
+        return done.rowcount > 0
+
     def set_labels(self, key: str, labels: dict[str, str]) -> Snapshot:
         self._db.execute(
             "UPDATE snapshots SET labels = ?, updated_ns = ? WHERE key = ?", (json.dumps(labels), time.time_ns(), key)

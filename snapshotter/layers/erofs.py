@@ -17,7 +17,7 @@ import os
 import stat
 from pathlib import Path
 
-from ..formats.erofs import Image, build
+from ..formats.erofs import Extent, Image, build
 from ..formats.errors import FormatError
 from .layer import Layer
 from .tree import ROOT_INO, LayerTree, Node
@@ -28,6 +28,7 @@ DEVICE_NAME = b"data"
 """The data device's name in the layer's FUSE directory: `<fuse>/<layer>/data`."""
 MOUNT_FLAGS = 0x1 | 0x2 | 0x4  # MS_RDONLY | MS_NOSUID | MS_NODEV, as the FUSE mount has
 MNT_DETACH = 0x2
+MS_BIND = 0x1000
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -44,16 +45,17 @@ class DataDevice:
 
     direct_io = True
 
-    def __init__(self, layer: Layer, image: Image) -> None:
+    def __init__(self, layer: Layer, data_size: int, extents: list[Extent]) -> None:
+        """`extents`, in device order, are those of the layer's image (`Image.extents`)."""
         self.layer = layer
-        self.size = image.data_size
+        self.size = data_size
         self.tree = LayerTree()
-        device = Node(ROOT_INO + 1, stat.S_IFREG | 0o400, size=image.data_size, parent=ROOT_INO)
+        device = Node(ROOT_INO + 1, stat.S_IFREG | 0o400, size=data_size, parent=ROOT_INO)
         self.tree.nodes[device.ino] = device
         assert self.tree.root.children is not None
         self.tree.root.children[DEVICE_NAME] = device.ino
-        self._extents = image.extents
-        self._starts = [extent.offset for extent in image.extents]
+        self._extents = extents
+        self._starts = [extent.offset for extent in extents]
 
     async def read(self, node: Node, offset: int, size: int) -> bytes:
         """The device's bytes: each file's from its layer, zeros in the padding between files."""
@@ -101,10 +103,36 @@ def unmount(target: Path) -> None:
         raise OSError(err, f"unmounting {target}: {os.strerror(err)}")
 
 
+def bind(source: Path, target: Path) -> None:
+    """Bind-mount `source` (a layer's directory in a data plane's FUSE mount) at `target`.
+
+    Blocking, and never on the thread that serves that FUSE mount (the kernel looks
+    `source` up through it). Gives FUSE-served layers the same stable path as EROFS ones.
+    """
+    target.mkdir(parents=True, exist_ok=True)
+    if _libc.mount(os.fsencode(source), os.fsencode(target), None, MS_BIND, None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"bind-mounting {source} on {target}: {os.strerror(err)}")
+
+
+def mounted(directory: Path) -> set[Path]:
+    """Mountpoints directly under `directory`, from the kernel's table (a dead FUSE mount
+    answers no stat, so `os.path.ismount` cannot tell)."""
+    prefix = os.fsencode(os.path.realpath(directory)) + b"/"
+    found = set()
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            point = line.split()[4].replace(b"\\040", b" ")
+            if point.startswith(prefix) and b"/" not in point[len(prefix):]:
+                found.add(Path(os.fsdecode(point)))
+    return found
+
+
 def release(target: Path) -> None:
-    """Detach the EROFS mount at `target` if there is one, and remove the mountpoint."""
-    if os.path.ismount(target):
-        unmount(target)
+    """Detach whatever is mounted at `target` (however often), and remove the mountpoint."""
+    real = Path(os.path.realpath(target))
+    while real in mounted(real.parent):
+        unmount(real)
     try:
         target.rmdir()
     except FileNotFoundError:
@@ -114,9 +142,10 @@ def release(target: Path) -> None:
 
 
 def release_all(directory: Path) -> None:
-    """Release every mountpoint under `directory`: ours at shutdown, or a crashed daemon's at start."""
-    for target in sorted(p for p in directory.glob("*") if p.is_dir()):
-        release(target)
+    """Release every mountpoint and directory right under `directory`."""
+    if directory.is_dir():
+        for target in sorted(set(directory.iterdir()) | mounted(directory)):
+            release(target)
 
 
 def kernel_supports_erofs(scratch: Path) -> str | None:

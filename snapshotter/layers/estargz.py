@@ -13,7 +13,7 @@ from ..cache import ChunkCache, Verify, sha256_verifier
 from ..formats import estargz
 from ..formats.errors import FormatError
 from .fetch import FetchActivity, Recording, Unit
-from .layer import Blob, ReadError
+from .layer import Blob, ReadError, UnitSource
 from .tree import LayerTree, Node, build_tree
 
 log = logging.getLogger(__name__)
@@ -61,9 +61,11 @@ class EStargzLayer:
     """A `Layer` whose files are chunks of an eStargz blob."""
 
     def __init__(self, index: EStargzIndex, blob: Blob, cache: ChunkCache,
-                 activity: FetchActivity | None = None) -> None:
+                 activity: FetchActivity | None = None, source: UnitSource | None = None) -> None:
+        """`source`: where misses go (the data plane's control plane); None fetches from `blob` here."""
         self.index = index
         self.blob = blob
+        self.source = source
         self.cache = cache
         self.activity = activity or FetchActivity()
         self.recordings: list[Recording] = []
@@ -74,6 +76,7 @@ class EStargzLayer:
                                      key=lambda c: (c.compressed_offset, c.inner_offset))
         self._offsets = [c.compressed_offset for c in self._in_blob_order]
         self._units = [Unit(c.compressed_offset, c.compressed_end, i, c.size) for i, c in enumerate(self._in_blob_order)]
+        self._by_key: dict[str, estargz.Chunk] | None = None
 
     @property
     def units(self) -> Sequence[Unit]:
@@ -120,10 +123,28 @@ class EStargzLayer:
         return b"".join(parts)
 
     async def _chunk(self, chunk: estargz.Chunk, verify: Verify | None) -> bytes:
+        key = self._key(chunk)
+        fetch = (lambda: self._fetch(chunk)) if self.source is None else (lambda: self._from_source(key, verify))
         try:
-            return await self.cache.get_or_fetch(self._key(chunk), lambda: self._fetch(chunk), verify)
+            return await self.cache.get_or_fetch(key, fetch, verify)
         except FormatError as e:
             raise ReadError(f"layer {self.blob.digest}: {e}") from e
+
+    async def _from_source(self, key: str, verify: Verify | None) -> bytes:
+        assert self.source is not None
+        data = await self.source.fetch(self.blob.digest, key)
+        if verify is not None and not verify(data):
+            raise ReadError(f"layer {self.blob.digest}: chunk {key} as served fails its digest check")
+        return data
+
+    async def cached_unit(self, key: str) -> bytes:
+        """The whole chunk named `key` (uncompressed, verified), fetched if missing: a data plane's miss."""
+        if self._by_key is None:
+            self._by_key = {self._key(c): c for c in self._in_blob_order}
+        chunk = self._by_key.get(key)
+        if chunk is None:
+            raise ReadError(f"layer {self.blob.digest} has no chunk {key}")
+        return await self._chunk(chunk, sha256_verifier(chunk.digest) if chunk.digest else None)
 
     def _key(self, chunk: estargz.Chunk) -> str:
         return chunk.digest or f"{self.blob.digest}@{chunk.compressed_offset}+{chunk.inner_offset}:{chunk.size}"

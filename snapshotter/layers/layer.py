@@ -45,3 +45,16 @@ class Blob(Protocol):
     async def read(self, start: int, end: int) -> bytes:
         """Exactly the bytes [start, end); raises on any failure (never short, never unverifiable garbage)."""
         ...
+
+
+class UnitSource(Protocol):
+    """Where a layer gets a unit it misses when it does not fetch for itself.
+
+    In the data plane this asks the control plane (`dataplane/server.py`), which fetches,
+    verifies and caches the unit. The layer verifies what it is given once more:
+    nothing reaches a reader unchecked, whoever fetched it.
+    """
+
+    async def fetch(self, layer: str, key: str) -> bytes:
+        """The unit's bytes as the chunk cache keeps them; ReadError when they cannot be had."""
+        ...

@@ -18,7 +18,7 @@ from ..cache import ChunkCache, sha256_verifier
 from ..formats import gzip_index, ztoc
 from ..formats.errors import FormatError
 from .fetch import FetchActivity, Recording, Unit
-from .layer import Blob, ReadError
+from .layer import Blob, ReadError, UnitSource
 from .tree import LayerTree, Node, build_tree
 
 INFLATED_SPANS = 8
@@ -28,19 +28,23 @@ INFLATED_SPANS = 8
 class SociLayer:
     """A `Layer` whose files are read through a zTOC's spans."""
 
-    def __init__(self, z: ztoc.Ztoc, blob: Blob, cache: ChunkCache, activity: FetchActivity | None = None) -> None:
+    def __init__(self, z: ztoc.Ztoc, blob: Blob, cache: ChunkCache, activity: FetchActivity | None = None,
+                 source: UnitSource | None = None) -> None:
+        """`source`: where misses go (the data plane's control plane); None fetches from `blob` here."""
         if z.compressed_archive_size != blob.size:
             raise FormatError(f"the zTOC is for a {z.compressed_archive_size}-byte layer, the blob has {blob.size}")
         self.ztoc = z
         self.index = ztoc.span_index(z)
         self.blob = blob
         self.cache = cache
+        self.source = source
         self._tree = build_tree(ztoc.layer_entries(z))
         self._inflated: OrderedDict[int, bytes] = OrderedDict()
         self._inflating: dict[int, trio.Event] = {}
         self.activity = activity or FetchActivity()
         self.recordings: list[Recording] = []
         spans = [self.index.span(i) for i in range(self.index.max_span_id + 1)]
+        self._by_digest: dict[str, int] | None = None
         self._units = [Unit(s.compressed_start, s.compressed_end, s.id, s.compressed_end - s.compressed_start)
                        for s in spans]
 
@@ -105,8 +109,7 @@ class SociLayer:
         try:
             digest = self.ztoc.compression.span_digests[span.id]
             try:
-                compressed = await self.cache.get_or_fetch(digest, lambda: self._fetch(span, digest),
-                                                           sha256_verifier(digest))
+                compressed = await self._compressed(span, digest)
                 data = await trio.to_thread.run_sync(gzip_index.inflate_span, compressed, span)
             except FormatError as e:
                 raise ReadError(f"layer {self.blob.digest} span {span.id}: {e}") from e
@@ -117,6 +120,28 @@ class SociLayer:
         finally:
             del self._inflating[span.id]
             done.set()
+
+    async def _compressed(self, span: gzip_index.Span, digest: str) -> bytes:
+        fetch = (lambda: self._fetch(span, digest)) if self.source is None else (lambda: self._from_source(digest))
+        return await self.cache.get_or_fetch(digest, fetch, sha256_verifier(digest))
+
+    async def _from_source(self, digest: str) -> bytes:
+        assert self.source is not None
+        compressed = await self.source.fetch(self.blob.digest, digest)
+        gzip_index.verify_span(compressed, digest)
+        return compressed
+
+    async def cached_unit(self, key: str) -> bytes:
+        """The compressed span whose digest is `key` (verified), fetched if missing: a data plane's miss."""
+        if self._by_digest is None:
+            self._by_digest = {d: i for i, d in enumerate(self.ztoc.compression.span_digests)}
+        span_id = self._by_digest.get(key)
+        if span_id is None:
+            raise ReadError(f"layer {self.blob.digest} has no span {key}")
+        try:
+            return await self._compressed(self.index.span(span_id), key)
+        except FormatError as e:
+            raise ReadError(f"layer {self.blob.digest} span {span_id}: {e}") from e
 
     async def _fetch(self, span: gzip_index.Span, digest: str) -> bytes:
         self.activity.foreground(self, span.compressed_start, span.compressed_end)

@@ -18,6 +18,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..formats.errors import FormatError
+
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 OPAQUE_XATTR = b"trusted.overlay.opaque"
@@ -54,8 +56,9 @@ _DIR, _REG, _SYMLINK, _HARDLINK = EntryType.DIR, EntryType.REG, EntryType.SYMLIN
 _CHAR, _BLOCK = EntryType.CHAR, EntryType.BLOCK
 
 
-class TreeError(ValueError):
-    """The index describes an impossible tree (e.g. a hardlink to nothing)."""
+class TreeError(FormatError):
+    """The index describes an impossible tree (e.g. a hardlink to nothing): a broken index,
+    so the layer is pulled whole (at mount) or the read fails (at restore), like any FormatError."""
 
 
 @dataclass(slots=True)

@@ -276,6 +276,34 @@ class Containerd:
                         *extra, ref, container_id, *cmd,
                         namespace=namespace, timeout=timeout, check=check)
 
+    def run_detached(self, ref: str, container_id: str, *cmd: str, snapshotter: str, namespace: str = "default",
+                     timeout: float = 120.0) -> None:
+        """`ctr run -d`: start a long-running container (e.g. `sleep 3600`) and return once its task runs.
+
+        `stop()` kills and removes it, like every other container.
+        """
+        self.ctr("run", "-d", "--snapshotter", snapshotter,
+                 "--runc-root", str(self.runc_root), "--fifo-dir", str(self.fifo_dir),
+                 "--cgroup", f"/{self.cgroup_parent}/{container_id}",
+                 ref, container_id, *cmd, namespace=namespace, timeout=timeout)
+
+    def exec_argv(self, container_id: str, *cmd: str, exec_id: str | None = None,
+                  namespace: str = "default") -> list[str]:
+        """The `ctr tasks exec` command line (for a test that runs it in the background itself)."""
+        exec_id = exec_id or f"x{time.monotonic_ns()}"
+        return ["ctr", "--address", str(self.address), "--namespace", namespace, "tasks", "exec",
+                "--exec-id", exec_id, "--fifo-dir", str(self.fifo_dir), container_id, *cmd]
+
+    def exec(self, container_id: str, *cmd: str, exec_id: str | None = None, namespace: str = "default",
+             timeout: float = 120.0, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """`ctr tasks exec`: run `cmd` in a running container; ctr exits with the process's status
+        (128 + the signal when a signal killed it)."""
+        argv = self.exec_argv(container_id, *cmd, exec_id=exec_id, namespace=namespace)
+        try:
+            return run(argv, timeout=timeout, check=check)
+        except HarnessError as e:
+            raise HarnessError(f"{e}\n{self.log_tail()}") from None
+
     def wait_for_snapshotter(self, name: str, timeout: float = 15.0) -> None:
         """Wait until containerd has redialled a restarted proxy snapshotter (its backoff caps at 3 s)."""
         wait_until(lambda: self.ctr("snapshots", "--snapshotter", name, "ls", check=False, timeout=30).returncode == 0,

@@ -9,7 +9,6 @@ registry push what they need to a registry of their own (`own_registry`).
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import random
@@ -39,7 +38,7 @@ from tests.harness.images import (
     push,
     sample_layers,
 )
-from tests.harness.lazysnap import Lazysnap
+from tests.harness.lazysnap import Lazysnap, mounts_below
 from tests.harness.procs import run, wait_until
 from tests.harness.registry import Registry
 from tests.harness.tree import diff_trees, mount_snapshot, snapshot_tree
@@ -197,11 +196,17 @@ def snapshot_keys(containerd: Containerd, snapshotter: str = LAZY) -> list[str]:
     return sorted(line.split()[0] for line in lines[1:] if line.strip())
 
 
-def erofs_mounts(daemon: Lazysnap) -> list[str]:
-    """Mountpoints of the daemon's EROFS layer mounts (`<root>/erofs/<id>`)."""
-    under = f"{daemon.root / 'erofs'}/"
-    fields = (line.split() for line in Path("/proc/mounts").read_text().splitlines())
-    return [f[1] for f in fields if f[2] == "erofs" and f[1].startswith(under)]
+def erofs_mounts(daemon: Lazysnap) -> list[Path]:
+    """Mountpoints of the daemon's EROFS layer mounts (`<root>/mnt/<id>`)."""
+    return [path for path, kind in mounts_below(daemon.mnt_dir) if kind == "erofs"]
+
+
+def listing(path: Path) -> list[str]:
+    """The names in directory `path` ([] if it does not exist)."""
+    try:
+        return sorted(os.listdir(path))
+    except FileNotFoundError:
+        return []
 
 
 def settled_mark(registry: Registry) -> int:
@@ -336,6 +341,9 @@ def test_metadata_is_served_through_fuse_when_kernel_metadata_is_off(containerd:
     done, _ = run_script(containerd, pushed.ref, "/hello.sh; cat /middle.txt", cid)
     assert done.stdout.splitlines() == [HELLO_OUTPUT, MIDDLE_TEXT.strip()]
     assert erofs_mounts(lazysnap) == []
+    # Each layer is a bind mount of its directory in the data plane's FUSE mount.
+    mounts = mounts_below(lazysnap.mnt_dir)
+    assert len(mounts) == len(rows) and all(kind.startswith("fuse") for _, kind in mounts), mounts
 
 
 # ---------------------------------------------------------------------------- 4. ctr-remote
@@ -474,20 +482,20 @@ def test_restart_then_run(containerd: Containerd, lazysnap: Lazysnap, lazy_image
 
 def test_crash_leaves_nothing_a_restart_cannot_fix(containerd: Containerd, lazysnap: Lazysnap,
                                                   lazy_images: LazyImages, cid: str) -> None:
-    """SIGKILL leaves a dead FUSE mount ("transport endpoint is not connected"); the next start clears it."""
+    """SIGKILL of serve leaves the data plane, and its FUSE mount, serving; the next start adopts it."""
     pushed = lazy_images.estargz
     output, rows = rpull(containerd, lazysnap, pushed.ref)
     assert all(row.how == "lazy estargz" for row in rows.values()), output
-    assert lazysnap.proc is not None
-    lazysnap.proc.stop(sig=signal.SIGKILL)
-    with pytest.raises(OSError) as dead:
-        os.statvfs(lazysnap.root / "fuse")
-    assert dead.value.errno == errno.ENOTCONN
+    planes = lazysnap.dataplanes()
+    assert len(planes) == 1, f"one data plane should serve the layers, found {planes}"
+    (generation, _), = planes.items()
+    lazysnap.kill(signal.SIGKILL)
+    os.statvfs(lazysnap.dataplane_dir / str(generation) / "fuse")  # ENOTCONN if the FUSE mount died with serve
     lazysnap.start()
     containerd.wait_for_snapshotter(LAZY)
     done, _ = run_script(containerd, pushed.ref, "/hello.sh; cat /middle.txt", cid)
     assert done.stdout.splitlines() == [HELLO_OUTPUT, MIDDLE_TEXT.strip()]
-    assert "cleared a stale FUSE mount" in lazysnap.proc.log_text()
+    assert lazysnap.dataplanes() == planes, "the new serve must adopt the running data plane, not start another"
 
 
 @pytest.mark.lazysnap_config(f"read_timeout = {READ_TIMEOUT}")
@@ -518,15 +526,20 @@ def test_image_rm_releases_lazy_layers(containerd: Containerd, lazysnap: Lazysna
     output, rows = rpull(containerd, lazysnap, pushed.ref)
     assert all(row.how == "lazy estargz" for row in rows.values()), output
     run_script(containerd, pushed.ref, "/hello.sh", cid)
-    fuse = lazysnap.root / "fuse"
-    assert len(os.listdir(fuse)) == len(pushed.layer_digests)
+    mnt = lazysnap.mnt_dir
+    assert len(listing(mnt)) == len(pushed.layer_digests), listing(mnt)
+    planes = lazysnap.dataplanes()
+    assert planes, "no data plane serves the layers"
+    fuse = [lazysnap.dataplane_dir / str(generation) / "fuse" for generation in planes]
     wait_until(lambda: snapshot_keys(containerd) == sorted(pushed.image.chain_ids), 10,
              "only the image's layer snapshots to remain")
 
     containerd.ctr("images", "rm", "--sync", pushed.ref)
     wait_until(lambda: snapshot_keys(containerd) == [], 15, "lazysnap's snapshots to be removed")
     wait_until(lambda: status(lazysnap)[1] == {}, 15, "lazysnap status to list no layers")
-    wait_until(lambda: os.listdir(fuse) == [], 15, f"{fuse} to have no layer directories")
+    wait_until(lambda: listing(mnt) == [], 15, f"{mnt} to have no layer directories")
+    assert mounts_below(mnt) == [], f"layer mounts left: {mounts_below(mnt)}"
+    wait_until(lambda: all(listing(f) == [] for f in fuse), 15, f"{fuse} to have no layer directories")
     layers_dir = lazysnap.root / "layers"
     assert not layers_dir.exists() or os.listdir(layers_dir) == [], f"saved indexes left: {os.listdir(layers_dir)}"
     assert lazysnap.proc is not None and lazysnap.proc.running

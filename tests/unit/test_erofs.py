@@ -196,7 +196,7 @@ def test_a_root_that_is_not_a_directory_is_a_format_error() -> None:
 
 async def test_data_device_reads_files_and_zero_padding(layer: FakeLayer) -> None:
     image = image_of(layer)
-    device = DataDevice(layer, image)
+    device = DataDevice(layer, image.data_size, image.extents)
     node = device.tree.resolve("data")
     assert node is not None and node.size == image.data_size and device.direct_io
     expected = bytearray(image.data_size)
@@ -246,7 +246,7 @@ async def test_reads_through_fuse_reach_the_layer(tmp_path: Path, layer: FakeLay
 
     async with trio.open_nursery() as nursery:
         await nursery.start(serve_fuse, tmp_path / "fuse", fs)
-        fs.attach("x", DataDevice(layer, image))
+        fs.attach("x", DataDevice(layer, image.data_size, image.extents))
         files = await trio.to_thread.run_sync(walk)
         nursery.cancel_scope.cancel()
     for path, node in expected_paths(layer.tree):

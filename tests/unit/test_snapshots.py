@@ -92,8 +92,8 @@ def test_disk_usage_counts_hardlinks_once(tmp_path: Path) -> None:
 class FakeRemote:
     """Serves every layer whose digest is in `lazy`; records what it was asked."""
 
-    def __init__(self, store: Store, lazy: set[str], fuse_dir: Path) -> None:
-        self.store, self.lazy, self.fuse_dir = store, lazy, fuse_dir
+    def __init__(self, store: Store, lazy: set[str], mnt_dir: Path) -> None:
+        self.store, self.lazy, self.mnt_dir = store, lazy, mnt_dir
         self.released: list[str] = []
 
     def mount(self, request):  # type: ignore[no-untyped-def]
@@ -101,14 +101,14 @@ class FakeRemote:
             return None
         with self.store.transaction() as tx:
             layer_id = tx.put_layer(request.layer_digest, request.image_ref, "estargz", 100, "sha256:toc", 50).id
-        (self.fuse_dir / str(layer_id)).mkdir(parents=True, exist_ok=True)  # where FUSE would show it
+        (self.mnt_dir / str(layer_id)).mkdir(parents=True, exist_ok=True)  # where the layer would be mounted
         return layer_id
 
     def release(self, layers):  # type: ignore[no-untyped-def]
         self.released += [rec.digest for rec in layers]
 
     def layer_path(self, layer_id: int) -> Path:
-        return self.fuse_dir / str(layer_id)
+        return self.mnt_dir / str(layer_id)
 
 
 def remote_labels(chain: str, layer: str) -> dict[str, str]:
@@ -122,7 +122,7 @@ def test_remote_handshake_commits_target_and_answers_already_exists(tmp_path: Pa
     from snapshotter.errors import AlreadyExists
 
     store = Store(tmp_path / "metadata.db")
-    remote = FakeRemote(store, lazy={"sha256:l1"}, fuse_dir=tmp_path / "fuse")
+    remote = FakeRemote(store, lazy={"sha256:l1"}, mnt_dir=tmp_path / "mnt")
     sn = Snapshotter(tmp_path, store, remote=remote)
     with pytest.raises(AlreadyExists):
         sn.prepare("default/1/extract-1 c1", "", remote_labels("c1", "sha256:l1"))
@@ -147,6 +147,6 @@ def test_remote_handshake_commits_target_and_answers_already_exists(tmp_path: Pa
 
 def test_without_remote_labels_are_just_labels(tmp_path: Path) -> None:
     store = Store(tmp_path / "metadata.db")
-    sn = Snapshotter(tmp_path, store, remote=FakeRemote(store, lazy={"sha256:l1"}, fuse_dir=tmp_path / "fuse"))
+    sn = Snapshotter(tmp_path, store, remote=FakeRemote(store, lazy={"sha256:l1"}, mnt_dir=tmp_path / "mnt"))
     sn.prepare("k", "", {"containerd.io/snapshot.ref": "c1"})  # no image/layer: not a remote request
     assert sn.stat("k").kind == Kind.ACTIVE

@@ -3,7 +3,12 @@ import stat
 
 import pytest
 
+from snapshotter.cache import ChunkCache
+from snapshotter.formats.errors import FormatError
+from snapshotter.layers import saved
 from snapshotter.layers.tree import OPAQUE_XATTR, ROOT_INO, EntryType, LayerEntry, TreeError, build_tree
+from tests.harness.estargz import encode_toc, toc_member
+from tests.unit.blobs import MemoryBlob
 
 D, R, L, H, C = EntryType.DIR, EntryType.REG, EntryType.SYMLINK, EntryType.HARDLINK, EntryType.CHAR
 
@@ -64,6 +69,31 @@ def test_hardlink_attributes_land_on_the_shared_inode() -> None:
 def test_hardlink_to_nothing_is_an_error() -> None:
     with pytest.raises(TreeError, match="hardlink"):
         build_tree([LayerEntry("x", H, link_name="missing")])
+
+
+def test_tree_error_is_a_format_error() -> None:
+    """A broken tree is a broken index: callers that catch FormatError (mount falls back,
+    restore fails the layer) catch it too, instead of it surfacing as an INTERNAL error."""
+    assert issubclass(TreeError, FormatError)
+    with pytest.raises(FormatError, match="hardlink"):
+        build_tree([LayerEntry("a", R, size=1), LayerEntry("b", H, link_name="nowhere")])
+
+
+def test_saved_estargz_index_with_a_hardlink_to_nothing_is_a_format_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    toc = {"version": 1, "entries": [
+        {"name": "dir", "type": "dir", "mode": 0o755},
+        {"name": "dir/link", "type": "hardlink", "linkName": "dir/missing"},
+    ]}
+    member = toc_member(encode_toc(toc))
+    with pytest.raises(FormatError, match="hardlink") as raised:
+        saved.build_layer(saved.ESTARGZ, member, 100, MemoryBlob(b"\0" * 100), ChunkCache(tmp_path, 1 << 20), None)
+    assert isinstance(raised.value, TreeError)
+    # The same index with its target present builds.
+    toc["entries"].insert(1, {"name": "dir/missing", "type": "reg", "size": 0})
+    layer, digest = saved.build_layer(saved.ESTARGZ, toc_member(encode_toc(toc)), 100, MemoryBlob(b"\0" * 100),
+                                      ChunkCache(tmp_path, 1 << 20), None)
+    assert layer.tree.resolve("dir/link") is layer.tree.resolve("dir/missing") is not None
+    assert digest.startswith("sha256:")
 
 
 def test_symlinks_devices_xattrs_and_unicode() -> None:

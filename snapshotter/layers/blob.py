@@ -1,0 +1,59 @@
+"""Layer blobs read through the registry client (which owns mirrors, redirects, auth and retries)."""
+
+from __future__ import annotations
+
+import trio
+
+from ..registry.client import RegistryClient
+from ..store import LayerRecord
+
+
+class RegistryBlob:
+    """A `Blob` whose location in the registry is known (it was just resolved)."""
+
+    def __init__(self, client: RegistryClient, ref: str, digest: str, size: int, location: object) -> None:
+        self.client, self.ref, self._digest, self._size, self.location = client, ref, digest, size, location
+        self.fetched_bytes = 0
+
+    @property
+    def digest(self) -> str:
+        return self._digest
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    async def read(self, start: int, end: int) -> bytes:
+        data = await self.client.read_range(self.location, start, end)
+        self.fetched_bytes += len(data)
+        return data
+
+
+class RestoredBlob:
+    """A restored layer's blob: located in the registry on its first read, not at start
+    (a restart must not need the registry, and most restored layers are never read again)."""
+
+    def __init__(self, client: RegistryClient, record: LayerRecord) -> None:
+        self.client, self.record = client, record
+        self._blob: RegistryBlob | None = None
+        self._lock = trio.Lock()
+
+    @property
+    def fetched_bytes(self) -> int:
+        return self._blob.fetched_bytes if self._blob is not None else 0
+
+    @property
+    def digest(self) -> str:
+        return self.record.digest
+
+    @property
+    def size(self) -> int:
+        return self.record.blob_size
+
+    async def read(self, start: int, end: int) -> bytes:
+        if self._blob is None:
+            async with self._lock:
+                if self._blob is None:
+                    location = await self.client.open_blob(self.record.image_ref, self.record.digest)
+                    self._blob = RegistryBlob(self.client, self.record.image_ref, self.digest, location.size, location)
+        return await self._blob.read(start, end)

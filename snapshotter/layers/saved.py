@@ -1,0 +1,110 @@
+"""A served layer's files on disk: what the control plane writes once and both planes rebuild it from.
+
+Under `<root>/layers/<layer id>/`:
+- `toc.gz` (an eStargz TOC member) or `ztoc`: the verified index, checked against the
+  layer record's index digest whenever it is loaded;
+- `meta.erofs`: the EROFS image of the layer's tree, when the kernel serves its metadata;
+- `extents`: where each file's bytes sit on that image's data device, so the data plane
+  serves the device without building the image again (building it is the control
+  plane's heaviest CPU work, and the data plane must stay responsive).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..cache import ChunkCache
+from ..formats import ztoc
+from ..formats.erofs import Extent
+from ..formats.errors import FormatError
+from ..store import LayerRecord
+from .estargz import EStargzLayer, parse_index
+from .fetch import FetchActivity
+from .layer import Blob, ReadError, UnitSource
+from .soci import SociLayer
+
+INDEX_DIR = "layers"
+ESTARGZ = "estargz"
+SOCI = "soci"
+FALLBACK = "fallback"
+"""The three ways a layer is obtained: the formats served lazily, and a whole pull."""
+
+_EXTENT = struct.Struct(">QQQ")
+
+
+@dataclass(frozen=True)
+class LayerFiles:
+    dir: Path
+    format: str
+
+    @property
+    def index(self) -> Path:
+        return self.dir / ("toc.gz" if self.format == ESTARGZ else "ztoc")
+
+    @property
+    def meta(self) -> Path:
+        return self.dir / "meta.erofs"
+
+    @property
+    def extents(self) -> Path:
+        return self.dir / "extents"
+
+
+def files_of(root: Path, record: LayerRecord) -> LayerFiles:
+    return LayerFiles(root / INDEX_DIR / str(record.id), record.format)
+
+
+def build_layer(kind: str, saved: bytes, offset: int, blob: Blob, cache: ChunkCache, activity: FetchActivity | None,
+                source: UnitSource | None = None) -> tuple[EStargzLayer | SociLayer, str]:
+    """The layer served from a saved index, and the index's digest (to check against the record)."""
+    if kind == ESTARGZ:
+        index = parse_index(saved, offset)
+        return EStargzLayer(index, blob, cache, activity, source), index.toc.digest
+    if kind == SOCI:
+        return SociLayer(ztoc.parse_ztoc(saved), blob, cache, activity, source), ztoc.ztoc_digest(saved)
+    raise FormatError(f"unknown layer format {kind!r}")
+
+
+def load_layer(root: Path, record: LayerRecord, blob: Blob, cache: ChunkCache, activity: FetchActivity | None = None,
+               source: UnitSource | None = None) -> EStargzLayer | SociLayer:
+    """Rebuild a stored layer; OSError or FormatError if its saved index is gone or not the one recorded."""
+    saved = files_of(root, record).index.read_bytes()
+    layer, digest = build_layer(record.format, saved, record.index_offset, blob, cache, activity, source)
+    if digest != record.index_digest:
+        raise FormatError(f"saved index digest {digest} is not {record.index_digest}")
+    return layer
+
+
+def encode_extents(data_size: int, extents: list[Extent]) -> bytes:
+    return struct.pack(">Q", data_size) + b"".join(_EXTENT.pack(e.offset, e.ino, e.size) for e in extents)
+
+
+def decode_extents(raw: bytes) -> tuple[int, list[Extent]]:
+    """(data device size, extents in device order); FormatError if the file is torn."""
+    if len(raw) < 8 or (len(raw) - 8) % _EXTENT.size:
+        raise FormatError(f"extents file of {len(raw)} bytes is torn")
+    (size,) = struct.unpack_from(">Q", raw)
+    extents = [Extent(*fields) for fields in _EXTENT.iter_unpack(raw[8:])]
+    return size, extents
+
+
+class StoredBlob:
+    """A layer blob the data plane knows by name and size only: it never reads the registry itself."""
+
+    fetched_bytes = 0
+
+    def __init__(self, digest: str, size: int) -> None:
+        self._digest, self._size = digest, size
+
+    @property
+    def digest(self) -> str:
+        return self._digest
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    async def read(self, start: int, end: int) -> bytes:
+        raise ReadError(f"layer {self._digest}: the data plane does not read the registry")

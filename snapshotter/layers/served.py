@@ -1,0 +1,294 @@
+"""The table of served layers: attach, persist, restore, release, and answer the data planes.
+
+A layer the control plane has resolved is *attached*: its verified index is saved under
+`<root>/layers/<id>/` (with its EROFS image and the image's extents when the kernel
+serves its metadata), recorded in the store, and handed to a data plane, which mounts
+it at `<root>/mnt/<id>`. The control plane keeps its own copy of the layer: with it it
+answers the data planes' misses, prefetches and fetches in the background.
+
+At start, `restore` rebuilds every stored layer from its files, and attaches those that
+no live data plane serves (after the node rebooted, or a data plane died); a layer a
+data plane serves but the store no longer has is detached.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import trio
+
+from ..atomic import write_atomically
+from ..cache import ChunkCache
+from ..formats.erofs import Image
+from ..formats.errors import FormatError
+from ..labels import LayerRequest
+from ..registry.client import RegistryClient
+from ..store import LayerRecord, Store
+from . import erofs, saved
+from .blob import RestoredBlob
+from .estargz import EStargzLayer
+from .fetch import FetchableLayer, FetchActivity, Progress
+from .layer import ReadError
+from .saved import FALLBACK
+from .soci import SociLayer
+
+log = logging.getLogger(__name__)
+
+MAX_FALLBACK_STATUS = 1000
+"""Fallback reasons kept for `lazysnap status`, newest first (served layers are always kept)."""
+
+
+class AttachError(Exception):
+    """A layer could not be saved or served (disk full, data plane refused): it is pulled whole."""
+
+
+class DataPlane(Protocol):
+    """Where layers are served from (`dataplane/client.py`): each at a stable path, whichever process serves it."""
+
+    def layer_path(self, layer_id: int) -> Path: ...
+
+    def served(self) -> set[int]:
+        """Layers a live data plane serves now."""
+        ...
+
+    async def attach(self, record: LayerRecord, kernel_metadata: bool) -> str:
+        """Serve the layer from its saved files: "erofs" or "fuse" (how its tree is served). AttachError if not."""
+        ...
+
+    async def detach(self, layer_id: int) -> None: ...
+
+    async def stats(self) -> tuple[dict[str, object], dict[str, int]]:
+        """FUSE request counters, and chunk cache hits and misses of reads."""
+        ...
+
+
+@dataclass
+class LayerStatus:
+    """How one layer is served, for `lazysnap status` and `rpull`."""
+
+    digest: str
+    image_ref: str
+    mode: str = ""
+    reason: str = ""
+    size: int = 0
+    resolve_seconds: float = 0.0
+    path: str = ""
+    layer: EStargzLayer | SociLayer | None = field(default=None, repr=False)
+    progress: Progress = field(default_factory=Progress)
+
+    @property
+    def fetched_bytes(self) -> int:
+        """Bytes this layer fetched, the index included, counted from its blob."""
+        return self.layer.blob.fetched_bytes if self.layer is not None else 0
+
+    def fall_back(self, reason: str) -> None:
+        self.mode, self.reason, self.layer = FALLBACK, reason, None
+
+
+class ServedLayers:
+    def __init__(self, root: Path, store: Store, registry: RegistryClient, cache: ChunkCache,
+                 activity: FetchActivity, planes: DataPlane, *, fuse_xattrs: bool = True) -> None:
+        self.root = root
+        self.store = store
+        self.registry = registry
+        self.cache = cache
+        self.activity = activity
+        self.planes = planes
+        self.fuse_xattrs = fuse_xattrs
+        self.status: dict[str, LayerStatus] = {}
+        self._records: dict[int, LayerRecord] = {}
+        self._progress: weakref.WeakKeyDictionary[FetchableLayer, Progress] = weakref.WeakKeyDictionary()
+        self.kernel_metadata = False
+        """Whether layers' metadata goes to the kernel as EROFS images: asked for, and the kernel can."""
+        self.restored = trio.Event()
+
+    def status_of(self, request: LayerRequest) -> LayerStatus:
+        return self.status.setdefault(request.layer_digest, LayerStatus(request.layer_digest, request.image_ref))
+
+    def progress_of(self, layer: FetchableLayer) -> Progress:
+        return self._progress.get(layer) or Progress()
+
+    async def probe_kernel_metadata(self, wanted: bool) -> None:
+        if not wanted:
+            return
+        scratch = self.root / "probe"
+        why = await trio.to_thread.run_sync(erofs.kernel_supports_erofs, scratch)
+        if why is None:
+            self.kernel_metadata = True
+            log.info("layer metadata is served by the kernel (EROFS), file bytes through FUSE")
+        else:
+            log.warning("this kernel cannot mount EROFS images (%s); layer metadata is served through FUSE", why)
+
+    async def image_of(self, digest: str, layer: EStargzLayer | SociLayer) -> Image | None:
+        """The layer's EROFS image, or None if the kernel will not serve its metadata."""
+        if not self.kernel_metadata:
+            return None
+        try:
+            return await trio.to_thread.run_sync(erofs.image_of, layer)
+        except FormatError as e:
+            log.warning("layer %s: metadata served by FUSE, not EROFS: %s", digest, e)
+            return None
+
+    def accepts(self, layer: EStargzLayer | SociLayer, image: Image | None) -> bool:
+        """Whether a data plane can serve it: only a FUSE-served tree with xattrs, when they are off, cannot."""
+        return image is not None or self.fuse_xattrs or not layer.tree.has_xattrs
+
+    # -- attach, restore, release ---------------------------------------------------
+
+    async def attach_new(self, request: LayerRequest, kind: str, index: bytes, index_digest: str, index_offset: int,
+                         layer: EStargzLayer | SociLayer, image: Image | None, status: LayerStatus) -> LayerRecord:
+        """Save the layer's verified index (and image), record it, and serve it; AttachError if any step fails."""
+        with self.store.transaction() as tx:
+            record = tx.put_layer(request.layer_digest, request.image_ref, kind, layer.blob.size, index_digest,
+                                  index_offset)
+        files = saved.files_of(self.root, record)
+        try:
+            try:
+                await trio.to_thread.run_sync(_save, files, index, image)
+            except OSError as e:
+                raise AttachError(f"cannot save the layer's index under {files.dir}: {e}") from None
+            await self._attach(record, layer, image is not None, status)
+        except AttachError:
+            with self.store.transaction() as tx:
+                forgotten = tx.remove_layer_if_unused(record.id)
+            if forgotten:  # nothing of it is left to restore at the next start
+                await trio.to_thread.run_sync(shutil.rmtree, files.dir, True)
+            raise
+        return record
+
+    async def _attach(self, record: LayerRecord, layer: EStargzLayer | SociLayer, kernel_metadata: bool,
+                      status: LayerStatus) -> None:
+        how = await self.planes.attach(record, kernel_metadata)
+        if kernel_metadata and how != "erofs":
+            log.warning("layer %s: the data plane serves its tree through FUSE", record.digest)
+        self._serving(record, layer, status)
+
+    def _serving(self, record: LayerRecord, layer: EStargzLayer | SociLayer, status: LayerStatus) -> None:
+        status.mode, status.reason, status.size, status.layer = record.format, "", record.blob_size, layer
+        status.path = str(self.planes.layer_path(record.id))
+        self._records[record.id] = record
+        self._progress[layer] = status.progress
+        self.activity.mounted()
+
+    async def restore(self) -> None:
+        """Rebuild every stored layer; attach those no live data plane serves; detach what is no longer stored."""
+        with self.store.transaction() as tx:
+            records = tx.layers()
+        served = self.planes.served()
+        attached = 0
+        for record in records:
+            status = self.status.setdefault(record.digest, LayerStatus(record.digest, record.image_ref))
+            try:
+                layer = await trio.to_thread.run_sync(saved.load_layer, self.root, record,
+                                                      RestoredBlob(self.registry, record), self.cache, self.activity)
+                if record.id in served:
+                    self._serving(record, layer, status)
+                    continue
+                image_saved = await self._ensure_image(record, layer)
+                await self._attach(record, layer, image_saved, status)
+                attached += 1
+            except (OSError, FormatError, AttachError) as e:
+                log.error("cannot restore layer %s (snapshot reads will fail): %s", record.digest, e)
+                status.fall_back(f"restore failed: {e}")
+        stored = {record.id for record in records}
+        for layer_id in sorted(served - stored):
+            log.info("layer %d is served but no longer stored: detaching it", layer_id)
+            await self.planes.detach(layer_id)
+        self.restored.set()
+        log.info("restored %d lazily served layers (%d already served by a running data plane)", len(records),
+                 len(records) - attached)
+
+    async def _ensure_image(self, record: LayerRecord, layer: EStargzLayer | SociLayer) -> bool:
+        """Whether the layer's EROFS image is on disk, built now if the kernel serves metadata and it is not."""
+        if not self.kernel_metadata:
+            return False
+        files = saved.files_of(self.root, record)
+        if files.meta.exists() and files.extents.exists():
+            return True
+        image = await self.image_of(record.digest, layer)
+        if image is None:
+            return False
+        await trio.to_thread.run_sync(_save, files, None, image)
+        return True
+
+    async def reattach(self, layer_ids: list[int]) -> None:
+        """Serve again, from a new data plane, the layers of one that died."""
+        for layer_id in layer_ids:
+            record = self._records.get(layer_id)
+            status = self.status.get(record.digest) if record is not None else None
+            if record is None or status is None or status.layer is None:
+                continue
+            try:
+                await self._attach(record, status.layer, saved.files_of(self.root, record).meta.exists()
+                                   and self.kernel_metadata, status)
+            except AttachError as e:
+                log.error("cannot serve layer %s again: %s", record.digest, e)
+
+    async def release(self, records: list[LayerRecord]) -> None:
+        for record in records:
+            await self.planes.detach(record.id)
+            await trio.to_thread.run_sync(shutil.rmtree, saved.files_of(self.root, record).dir, True)
+            self.status.pop(record.digest, None)
+            self._records.pop(record.id, None)
+            log.info("stopped serving layer %s", record.digest)
+
+    def forget_old_fallbacks(self) -> None:
+        fallbacks = [d for d, s in self.status.items() if s.mode == FALLBACK]
+        for digest in fallbacks[:-MAX_FALLBACK_STATUS]:
+            del self.status[digest]
+
+    # -- the data planes' calls -------------------------------------------------------
+
+    async def serve_unit(self, digest: str, key: str) -> bytes:
+        """A unit a data plane missed: from the cache, or fetched now (and readahead learns of it)."""
+        status = self.status.get(digest)
+        if status is None or status.layer is None:
+            await self.restored.wait()
+            status = self.status.get(digest)
+        if status is None or status.layer is None:
+            raise ReadError(f"layer {digest} is not served by this control plane")
+        return await status.layer.cached_unit(key)
+
+    def first_reads(self, layers: dict[str, list[list[int]]]) -> None:
+        """Units read for the first time: what a recording start profile is made of."""
+        for digest, ranges in layers.items():
+            status = self.status.get(digest)
+            if status is None or status.layer is None:
+                continue
+            for recording in status.layer.recordings:
+                for start, end in ranges:
+                    recording.touch(digest, int(start), int(end))
+
+    async def report(self, digests: list[str]) -> tuple[list[dict[str, object]], dict[str, int], dict[str, object]]:
+        wanted = set(digests)
+        layers = [
+            {"digest": s.digest, "image_ref": s.image_ref, "mode": s.mode, "reason": s.reason, "size": s.size,
+             "resolve_seconds": s.resolve_seconds, "path": s.path, "fetched_bytes": s.fetched_bytes,
+             "fetch_state": s.progress.state if s.layer is not None else "",
+             "prefetched_bytes": s.progress.prefetched_bytes, "background_bytes": s.progress.background_bytes}
+            for s in reversed(self.status.values()) if not wanted or s.digest in wanted
+        ]
+        fuse, reads = await self.planes.stats()
+        cache = {"bytes": self.cache.size, "max_bytes": self.cache.max_bytes, "hits": reads["hits"],
+                 "misses": reads["misses"], "evictions": self.cache.stats.evictions}
+        return layers, cache, fuse
+
+    def explain(self, digest: str) -> tuple[str, str]:
+        """(mode, reason) for a layer: how it is served, and why not lazily."""
+        status = self.status.get(digest)
+        return (status.mode, status.reason) if status is not None else ("", "")
+
+
+def _save(files: saved.LayerFiles, index: bytes | None, image: Image | None) -> None:
+    """Write what a data plane loads the layer from; each file whole or not at all."""
+    files.dir.mkdir(parents=True, exist_ok=True)
+    if index is not None and not files.index.exists():
+        write_atomically(files.index, index)
+    if image is not None:
+        write_atomically(files.meta, image.meta)
+        write_atomically(files.extents, saved.encode_extents(image.data_size, image.extents))
