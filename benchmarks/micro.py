@@ -108,12 +108,12 @@ def inflate_bench(catalog: dict) -> dict:
 
 
 def find_in_layers(root: Path, rel: str) -> Path:
-    """`rel` in a served layer: its EROFS mount (kernel metadata, the default), else its FUSE directory."""
-    for kind in ("erofs", "fuse"):
-        for layer in sorted((root / kind).iterdir()) if (root / kind).is_dir() else []:
-            if (layer / rel).exists():
-                return layer / rel
-    raise FileNotFoundError(f"{rel} in none of the layers under {root / 'erofs'} or {root / 'fuse'}")
+    """`rel` in a served layer's mount, `<root>/mnt/<id>` (EROFS by default, else FUSE bind-mounted)."""
+    mnt = root / "mnt"
+    for layer in sorted(mnt.iterdir()) if mnt.is_dir() else []:
+        if (layer / rel).exists():
+            return layer / rel
+    raise FileNotFoundError(f"{rel} in none of the layers under {mnt}")
 
 
 def main(argv: list[str] | None = None) -> int:

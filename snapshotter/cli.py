@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--address", type=Path, default=config.Config.address, help="lazysnap's socket")
     status.add_argument("--fuse", action="store_true",
                         help="also print the FUSE requests served, per operation, and the time they took")
+    status.add_argument("--dataplanes", action="store_true",
+                        help="also list the data plane processes that serve the layers (one per build in use)")
 
     index = commands.add_parser("index", help="SOCI indexes: build, push, convert, inspect").add_subparsers(
         dest="index_command", required=True)
@@ -291,6 +293,10 @@ def status_command(args: argparse.Namespace) -> int:
           f"({c.hits} hits, {c.misses} misses, {c.evictions} evictions)")
     if args.fuse:
         print(format_fuse(reply.fuse))
+    if args.dataplanes:
+        for plane in reply.data_planes:
+            print(f"data plane {plane.generation}: pid {plane.pid}, {plane.layers} layers, build {plane.build[:12]}"
+                  + (" (retiring: exits once its layers are released)" if plane.retiring else ""))
     return 0
 
 

@@ -141,7 +141,8 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
 class LayerReport(Protocol):
     """What the Status API reports from (the layer manager, when lazy pulling is on)."""
 
-    def report(self, digests: list[str]) -> tuple[list[dict[str, object]], dict[str, int], dict[str, object]]: ...
+    def report(self, digests: list[str]) -> tuple[list[dict[str, object]], dict[str, int], dict[str, object],
+                                                  list[dict[str, object]]]: ...
 
 
 class StatusService(status_pb2_grpc.StatusServicer):
@@ -152,11 +153,12 @@ class StatusService(status_pb2_grpc.StatusServicer):
     def Layers(self, request: status_pb2.LayersRequest, context: grpc.ServicerContext) -> status_pb2.LayersResponse:
         if self.source is None:
             return status_pb2.LayersResponse()
-        layers, cache, fuse = self.source.report(list(request.digests))
+        layers, cache, fuse, planes = self.source.report(list(request.digests))
         return status_pb2.LayersResponse(
             layers=[status_pb2.Layer(**layer) for layer in layers],  # type: ignore[arg-type]
             cache=status_pb2.Cache(**cache),
             fuse=status_pb2.Fuse(**fuse),  # type: ignore[arg-type]
+            data_planes=[status_pb2.DataPlane(**plane) for plane in planes],  # type: ignore[arg-type]
         )
 
 

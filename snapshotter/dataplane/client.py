@@ -108,10 +108,10 @@ class DataPlanes:
     def served(self) -> set[int]:
         return {layer for g in self._generations.values() for layer in g.layers}
 
-    def generations(self) -> list[tuple[int, int, bool, int]]:
-        """(generation, pid, retiring, layers) of each live data plane, oldest first."""
-        return [(g.number, g.pid, g.retiring, len(g.layers)) for g in sorted(self._generations.values(),
-                                                                             key=lambda g: g.number)]
+    def generations(self) -> list[dict[str, object]]:
+        """Each live data plane, oldest first, in the shape of the Status API's `DataPlane`."""
+        return [{"generation": g.number, "pid": g.pid, "retiring": g.retiring, "layers": len(g.layers),
+                 "build": g.build} for g in sorted(self._generations.values(), key=lambda g: g.number)]
 
     async def open(self, nursery: trio.Nursery, server: UnitServer) -> None:
         """Adopt the data planes still running, clear dead ones, and retire those of another build."""

@@ -27,7 +27,9 @@ from ..cache import ChunkCache
 from ..formats.errors import FormatError
 from ..fuse.filesystem import LayerFilesystem
 from ..fuse.mount import serve_fuse
-from ..layers import erofs, saved
+from ..layers import device, erofs, saved
+from ..layers.blob import StoredBlob
+from ..layers.device import MappedDevice
 from ..layers.estargz import EStargzLayer
 from ..layers.layer import ReadError
 from ..layers.soci import SociLayer
@@ -54,7 +56,6 @@ class _Served:
     record: LayerRecord
     metadata: str
     """"erofs" (the kernel serves the tree, we serve its data device) or "fuse" (we serve the tree)."""
-    layer: EStargzLayer | SociLayer
 
 
 class ControlLink:
@@ -195,40 +196,55 @@ class DataPlane:
         record = LayerRecord(**request.header["record"])
         if record.id in self.layers:
             return Message({"metadata": self.layers[record.id].metadata})
+        name = str(record.id)
+        target = self.mnt_dir / name
+        await trio.to_thread.run_sync(erofs.release, target)  # a dead mount a lost data plane left
+        metadata = ""
+        if request.header.get("erofs"):
+            try:
+                self.fs.attach(name, await self._device(record))
+                try:
+                    await trio.to_thread.run_sync(erofs.mount, saved.files_of(self.settings.root, record).meta,
+                                                  self.fuse_dir / name / "data", target)
+                    metadata = "erofs"
+                except OSError:
+                    await self.fs.detach(name)
+                    raise
+            except (OSError, FormatError, RemoteError) as e:
+                log.warning("layer %s: metadata served by FUSE, not EROFS: %s", record.digest, e)
+        if not metadata:
+            self.fs.attach(name, await self._load(record))
+            try:
+                await trio.to_thread.run_sync(erofs.bind, self.fuse_dir / name, target)
+            except OSError as e:
+                await self.fs.detach(name)
+                raise RemoteError(f"cannot mount layer {record.digest} at {target}: {e}") from None
+            metadata = "fuse"
+        self.layers[record.id] = _Served(record, metadata)
+        log.info("serving layer %s at %s (metadata by %s)", record.digest, target, metadata)
+        return Message({"metadata": metadata})
+
+    async def _device(self, record: LayerRecord) -> MappedDevice | erofs.DataDevice:
+        """The layer's data device: from its device map (eStargz: no TOC to parse), else from its zTOC."""
         files = saved.files_of(self.settings.root, record)
-        blob = saved.StoredBlob(record.digest, record.blob_size)
+        if record.format == saved.ESTARGZ:
+            mapped = device.decode(await trio.to_thread.run_sync(files.device.read_bytes))
+            served = MappedDevice(mapped, record.digest, self.cache, self.link)
+            served.recordings.append(self.link)
+            return served
+        size, extents = saved.decode_extents(await trio.to_thread.run_sync(files.extents.read_bytes))
+        return erofs.DataDevice(await self._load(record), size, extents)
+
+    async def _load(self, record: LayerRecord) -> EStargzLayer | SociLayer:
+        """The whole layer, tree included, from its saved index."""
+        blob = StoredBlob(record.digest, record.blob_size)
         try:
             layer = await trio.to_thread.run_sync(saved.load_layer, self.settings.root, record, blob, self.cache,
                                                   None, self.link)
         except (OSError, FormatError) as e:
             raise RemoteError(f"cannot load layer {record.digest}: {e}") from None
         layer.recordings.append(self.link)
-        name = str(record.id)
-        target = self.mnt_dir / name
-        await trio.to_thread.run_sync(erofs.release, target)  # a dead mount a lost data plane left
-        metadata = "fuse"
-        if request.header.get("erofs"):
-            try:
-                size, extents = saved.decode_extents(await trio.to_thread.run_sync(files.extents.read_bytes))
-                self.fs.attach(name, erofs.DataDevice(layer, size, extents))
-                try:
-                    await trio.to_thread.run_sync(erofs.mount, files.meta, self.fuse_dir / name / "data", target)
-                    metadata = "erofs"
-                except OSError:
-                    await self.fs.detach(name)
-                    raise
-            except (OSError, FormatError) as e:
-                log.warning("layer %s: metadata served by FUSE, not EROFS: %s", record.digest, e)
-        if metadata == "fuse":
-            self.fs.attach(name, layer)
-            try:
-                await trio.to_thread.run_sync(erofs.bind, self.fuse_dir / name, target)
-            except OSError as e:
-                await self.fs.detach(name)
-                raise RemoteError(f"cannot mount layer {record.digest} at {target}: {e}") from None
-        self.layers[record.id] = _Served(record, metadata, layer)
-        log.info("serving layer %s at %s (metadata by %s)", record.digest, target, metadata)
-        return Message({"metadata": metadata})
+        return layer
 
     async def _detach(self, request: Message) -> Message:
         layer_id = int(request.header["layer"])

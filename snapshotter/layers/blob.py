@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import trio
 
-from ..registry.client import RegistryClient
 from ..store import LayerRecord
+from .layer import ReadError
+
+if TYPE_CHECKING:  # the data plane uses StoredBlob, and must not load the HTTP stack
+    from ..registry.client import RegistryClient
 
 
 class RegistryBlob:
@@ -29,11 +34,34 @@ class RegistryBlob:
         return data
 
 
-class RestoredBlob:
+class StoredBlob:
+    """A layer blob known by name and size only: the data plane's, which never reads the registry."""
+
+    def __init__(self, digest: str, size: int) -> None:
+        self._digest, self._size = digest, size
+
+    @property
+    def digest(self) -> str:
+        return self._digest
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def fetched_bytes(self) -> int:
+        return 0
+
+    async def read(self, start: int, end: int) -> bytes:
+        raise ReadError(f"layer {self._digest}: the data plane does not read the registry")
+
+
+class RestoredBlob(StoredBlob):
     """A restored layer's blob: located in the registry on its first read, not at start
     (a restart must not need the registry, and most restored layers are never read again)."""
 
     def __init__(self, client: RegistryClient, record: LayerRecord) -> None:
+        super().__init__(record.digest, record.blob_size)
         self.client, self.record = client, record
         self._blob: RegistryBlob | None = None
         self._lock = trio.Lock()
@@ -41,14 +69,6 @@ class RestoredBlob:
     @property
     def fetched_bytes(self) -> int:
         return self._blob.fetched_bytes if self._blob is not None else 0
-
-    @property
-    def digest(self) -> str:
-        return self.record.digest
-
-    @property
-    def size(self) -> int:
-        return self.record.blob_size
 
     async def read(self, start: int, end: int) -> bytes:
         if self._blob is None:

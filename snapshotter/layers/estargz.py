@@ -83,17 +83,17 @@ class EStargzLayer:
         return self._units
 
     def is_cached(self, unit: Unit) -> bool:
-        return self._key(self._in_blob_order[unit.index]) in self.cache
+        return self.key_of(self._in_blob_order[unit.index]) in self.cache
 
     async def fetch_batch(self, units: Sequence[Unit]) -> int:
-        by_key = {self._key(c): c for c in (self._in_blob_order[u.index] for u in units)}
+        by_key = {self.key_of(c): c for c in (self._in_blob_order[u.index] for u in units)}
 
         async def fetch(claimed: list[str]) -> dict[str, bytes]:
             chunks = [by_key[k] for k in claimed]
             start = min(c.compressed_offset for c in chunks)
             compressed = await self.blob.read(start, max(c.compressed_end for c in chunks))
             done = await trio.to_thread.run_sync(_decompress_each, compressed, start, chunks)
-            return {self._key(c): data for c, data in done if isinstance(data, bytes)}
+            return {self.key_of(c): data for c, data in done if isinstance(data, bytes)}
 
         return await self.cache.fill(list(by_key), fetch)
 
@@ -118,12 +118,12 @@ class EStargzLayer:
                 recording.touch(self.blob.digest, chunk.compressed_offset, chunk.compressed_end)
             lo, hi = max(0, offset - chunk.file_offset), min(chunk.size, end - chunk.file_offset)
             verify = sha256_verifier(chunk.digest) if chunk.digest else None
-            part = await self.cache.get_range(self._key(chunk), lo, hi, verify)
+            part = await self.cache.get_range(self.key_of(chunk), lo, hi, verify)
             parts.append(part if part is not None else (await self._chunk(chunk, verify))[lo:hi])
         return b"".join(parts)
 
     async def _chunk(self, chunk: estargz.Chunk, verify: Verify | None) -> bytes:
-        key = self._key(chunk)
+        key = self.key_of(chunk)
         fetch = (lambda: self._fetch(chunk)) if self.source is None else (lambda: self._from_source(key, verify))
         try:
             return await self.cache.get_or_fetch(key, fetch, verify)
@@ -140,13 +140,14 @@ class EStargzLayer:
     async def cached_unit(self, key: str) -> bytes:
         """The whole chunk named `key` (uncompressed, verified), fetched if missing: a data plane's miss."""
         if self._by_key is None:
-            self._by_key = {self._key(c): c for c in self._in_blob_order}
+            self._by_key = {self.key_of(c): c for c in self._in_blob_order}
         chunk = self._by_key.get(key)
         if chunk is None:
             raise ReadError(f"layer {self.blob.digest} has no chunk {key}")
         return await self._chunk(chunk, sha256_verifier(chunk.digest) if chunk.digest else None)
 
-    def _key(self, chunk: estargz.Chunk) -> str:
+    def key_of(self, chunk: estargz.Chunk) -> str:
+        """The chunk's name in the chunk cache: its digest, or where it sits in the blob when it has none."""
         return chunk.digest or f"{self.blob.digest}@{chunk.compressed_offset}+{chunk.inner_offset}:{chunk.size}"
 
     def _neighbours(self, chunk: estargz.Chunk) -> list[estargz.Chunk]:
@@ -156,7 +157,7 @@ class EStargzLayer:
         for other in self._in_blob_order[bisect.bisect_left(self._offsets, chunk.compressed_offset):]:
             if other.compressed_end > limit:
                 break
-            if other != chunk and other.digest and self.cache.wanted(self._key(other)):
+            if other != chunk and other.digest and self.cache.wanted(self.key_of(other)):
                 out.append(other)
         return out
 
@@ -174,7 +175,7 @@ class EStargzLayer:
         if isinstance(wanted, FormatError):
             raise wanted
         # A neighbour that fails to verify is fetched again when read.
-        await self.cache.put_many([(self._key(other), data) for other, data in done[1:] if isinstance(data, bytes)])
+        await self.cache.put_many([(self.key_of(other), data) for other, data in done[1:] if isinstance(data, bytes)])
         return wanted
 
 

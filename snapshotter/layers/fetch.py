@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import trio
+
 from ..formats.profile import LayerProfile, Profile
 
 BATCH_BYTES = 4 << 20
@@ -154,6 +156,8 @@ class Recording:
     layers: tuple[str, ...]
     seconds: float
     started: float | None = None
+    first_read: trio.Event = field(default_factory=trio.Event)
+    """Set by the first `touch`: the window opens."""
     touched: dict[tuple[str, int], tuple[int, int, int]] = field(default_factory=dict)
     """(layer digest, unit start) -> (start, end, milliseconds after the first read), in first-read order."""
     max_units: int = 1 << 18
@@ -162,6 +166,7 @@ class Recording:
         now = time.monotonic()
         if self.started is None:
             self.started = now
+            self.first_read.set()
         key = (layer, start)
         if key not in self.touched and len(self.touched) < self.max_units:
             self.touched[key] = (start, end, int(1000 * (now - self.started)))

@@ -4,9 +4,10 @@ Under `<root>/layers/<layer id>/`:
 - `toc.gz` (an eStargz TOC member) or `ztoc`: the verified index, checked against the
   layer record's index digest whenever it is loaded;
 - `meta.erofs`: the EROFS image of the layer's tree, when the kernel serves its metadata;
-- `extents`: where each file's bytes sit on that image's data device, so the data plane
-  serves the device without building the image again (building it is the control
-  plane's heaviest CPU work, and the data plane must stay responsive).
+- `device.map` (eStargz) or `extents` (SOCI): where each file's bytes sit on that image's
+  data device, so the data plane serves the device without building the image or the
+  tree again (`device.py`: that is the control plane's heaviest CPU work, and the data
+  plane must stay responsive).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ..formats.errors import FormatError
 from ..store import LayerRecord
 from .estargz import EStargzLayer, parse_index
 from .fetch import FetchActivity
-from .layer import Blob, ReadError, UnitSource
+from .layer import Blob, UnitSource
 from .soci import SociLayer
 
 INDEX_DIR = "layers"
@@ -50,6 +51,14 @@ class LayerFiles:
     @property
     def extents(self) -> Path:
         return self.dir / "extents"
+
+    @property
+    def device(self) -> Path:
+        return self.dir / "device.map"
+
+    def has_image(self) -> bool:
+        """Whether everything a data plane needs to serve the layer through EROFS is saved."""
+        return self.meta.exists() and (self.device if self.format == ESTARGZ else self.extents).exists()
 
 
 def files_of(root: Path, record: LayerRecord) -> LayerFiles:
@@ -88,23 +97,3 @@ def decode_extents(raw: bytes) -> tuple[int, list[Extent]]:
     (size,) = struct.unpack_from(">Q", raw)
     extents = [Extent(*fields) for fields in _EXTENT.iter_unpack(raw[8:])]
     return size, extents
-
-
-class StoredBlob:
-    """A layer blob the data plane knows by name and size only: it never reads the registry itself."""
-
-    fetched_bytes = 0
-
-    def __init__(self, digest: str, size: int) -> None:
-        self._digest, self._size = digest, size
-
-    @property
-    def digest(self) -> str:
-        return self._digest
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    async def read(self, start: int, end: int) -> bytes:
-        raise ReadError(f"layer {self._digest}: the data plane does not read the registry")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import shutil
 import weakref
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -29,7 +30,7 @@ from ..formats.errors import FormatError
 from ..labels import LayerRequest
 from ..registry.client import RegistryClient
 from ..store import LayerRecord, Store
-from . import erofs, saved
+from . import device, erofs, saved
 from .blob import RestoredBlob
 from .estargz import EStargzLayer
 from .fetch import FetchableLayer, FetchActivity, Progress
@@ -43,12 +44,19 @@ MAX_FALLBACK_STATUS = 1000
 """Fallback reasons kept for `lazysnap status`, newest first (served layers are always kept)."""
 
 
+Report = tuple[list[dict[str, object]], dict[str, int], dict[str, object], list[dict[str, object]]]
+"""Layers, cache, FUSE requests and data planes, in the shapes of the Status API's messages."""
+
+
 class AttachError(Exception):
     """A layer could not be saved or served (disk full, data plane refused): it is pulled whole."""
 
 
 class DataPlane(Protocol):
     """Where layers are served from (`dataplane/client.py`): each at a stable path, whichever process serves it."""
+
+    mnt_dir: Path
+    """Where every layer is mounted, `<mnt_dir>/<layer id>`."""
 
     def layer_path(self, layer_id: int) -> Path: ...
 
@@ -66,6 +74,10 @@ class DataPlane(Protocol):
         """FUSE request counters, and chunk cache hits and misses of reads."""
         ...
 
+    def generations(self) -> list[dict[str, object]]:
+        """The live data planes: generation, pid, retiring, layers, build."""
+        ...
+
 
 @dataclass
 class LayerStatus:
@@ -80,6 +92,8 @@ class LayerStatus:
     path: str = ""
     layer: EStargzLayer | SociLayer | None = field(default=None, repr=False)
     progress: Progress = field(default_factory=Progress)
+    tasks: set[trio.CancelScope] = field(default_factory=set, repr=False)
+    """The layer's prefetch and readahead, cancelled when it is released."""
 
     @property
     def fetched_bytes(self) -> int:
@@ -88,6 +102,19 @@ class LayerStatus:
 
     def fall_back(self, reason: str) -> None:
         self.mode, self.reason, self.layer = FALLBACK, reason, None
+
+    async def run_task(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
+        """Run one of the layer's background tasks (start it in a nursery); it ends with the layer."""
+        with trio.CancelScope() as scope:
+            self.tasks.add(scope)
+            try:
+                await fn(*args)
+            finally:
+                self.tasks.discard(scope)
+
+    def cancel_tasks(self) -> None:
+        for scope in self.tasks:
+            scope.cancel()
 
 
 class ServedLayers:
@@ -102,7 +129,7 @@ class ServedLayers:
         self.fuse_xattrs = fuse_xattrs
         self.status: dict[str, LayerStatus] = {}
         self._records: dict[int, LayerRecord] = {}
-        self._progress: weakref.WeakKeyDictionary[FetchableLayer, Progress] = weakref.WeakKeyDictionary()
+        self._by_layer: weakref.WeakKeyDictionary[FetchableLayer, LayerStatus] = weakref.WeakKeyDictionary()
         self.kernel_metadata = False
         """Whether layers' metadata goes to the kernel as EROFS images: asked for, and the kernel can."""
         self.restored = trio.Event()
@@ -110,8 +137,8 @@ class ServedLayers:
     def status_of(self, request: LayerRequest) -> LayerStatus:
         return self.status.setdefault(request.layer_digest, LayerStatus(request.layer_digest, request.image_ref))
 
-    def progress_of(self, layer: FetchableLayer) -> Progress:
-        return self._progress.get(layer) or Progress()
+    def status_of_layer(self, layer: FetchableLayer) -> LayerStatus | None:
+        return self._by_layer.get(layer)
 
     async def probe_kernel_metadata(self, wanted: bool) -> None:
         if not wanted:
@@ -149,7 +176,7 @@ class ServedLayers:
         files = saved.files_of(self.root, record)
         try:
             try:
-                await trio.to_thread.run_sync(_save, files, index, image)
+                await trio.to_thread.run_sync(_save, files, index, image, layer)
             except OSError as e:
                 raise AttachError(f"cannot save the layer's index under {files.dir}: {e}") from None
             await self._attach(record, layer, image is not None, status)
@@ -172,7 +199,7 @@ class ServedLayers:
         status.mode, status.reason, status.size, status.layer = record.format, "", record.blob_size, layer
         status.path = str(self.planes.layer_path(record.id))
         self._records[record.id] = record
-        self._progress[layer] = status.progress
+        self._by_layer[layer] = status
         self.activity.mounted()
 
     async def restore(self) -> None:
@@ -199,21 +226,41 @@ class ServedLayers:
         for layer_id in sorted(served - stored):
             log.info("layer %d is served but no longer stored: detaching it", layer_id)
             await self.planes.detach(layer_id)
+        await trio.to_thread.run_sync(self._clear_orphans, stored, self.planes.served(),
+                                     self.planes.mnt_dir)
         self.restored.set()
         log.info("restored %d lazily served layers (%d already served by a running data plane)", len(records),
                  len(records) - attached)
+
+    def _clear_orphans(self, stored: set[int], served: set[int], mnt_dir: Path) -> None:
+        """What a SIGKILL at the wrong moment leaves: saved files of layers the store no longer
+        has, layer mounts no data plane serves, and the mounts of lazysnap before data planes."""
+        index_dir = self.root / saved.INDEX_DIR
+        for path in sorted(index_dir.iterdir()) if index_dir.is_dir() else []:
+            if path.name.isdigit() and int(path.name) not in stored:
+                log.info("removing %s: no stored layer has it", path)
+                shutil.rmtree(path, ignore_errors=True)
+        for path in sorted(set(mnt_dir.iterdir()) | erofs.mounted(mnt_dir)) if mnt_dir.is_dir() else []:
+            if not path.name.isdigit() or int(path.name) not in served:
+                log.info("releasing %s: no data plane serves it", path)
+                erofs.release(path)
+        for legacy in (self.root / "erofs", self.root / "fuse"):  # one FUSE mount in serve, EROFS beside it
+            if legacy.exists() or legacy in erofs.mounted(self.root):
+                log.info("releasing %s, left by a lazysnap without data planes", legacy)
+                erofs.release_all(legacy)
+                erofs.release(legacy)
 
     async def _ensure_image(self, record: LayerRecord, layer: EStargzLayer | SociLayer) -> bool:
         """Whether the layer's EROFS image is on disk, built now if the kernel serves metadata and it is not."""
         if not self.kernel_metadata:
             return False
         files = saved.files_of(self.root, record)
-        if files.meta.exists() and files.extents.exists():
+        if files.has_image():
             return True
         image = await self.image_of(record.digest, layer)
         if image is None:
             return False
-        await trio.to_thread.run_sync(_save, files, None, image)
+        await trio.to_thread.run_sync(_save, files, None, image, layer)
         return True
 
     async def reattach(self, layer_ids: list[int]) -> None:
@@ -224,16 +271,18 @@ class ServedLayers:
             if record is None or status is None or status.layer is None:
                 continue
             try:
-                await self._attach(record, status.layer, saved.files_of(self.root, record).meta.exists()
+                await self._attach(record, status.layer, saved.files_of(self.root, record).has_image()
                                    and self.kernel_metadata, status)
             except AttachError as e:
                 log.error("cannot serve layer %s again: %s", record.digest, e)
 
     async def release(self, records: list[LayerRecord]) -> None:
         for record in records:
+            status = self.status.pop(record.digest, None)
+            if status is not None:
+                status.cancel_tasks()
             await self.planes.detach(record.id)
             await trio.to_thread.run_sync(shutil.rmtree, saved.files_of(self.root, record).dir, True)
-            self.status.pop(record.digest, None)
             self._records.pop(record.id, None)
             log.info("stopped serving layer %s", record.digest)
 
@@ -264,7 +313,7 @@ class ServedLayers:
                 for start, end in ranges:
                     recording.touch(digest, int(start), int(end))
 
-    async def report(self, digests: list[str]) -> tuple[list[dict[str, object]], dict[str, int], dict[str, object]]:
+    async def report(self, digests: list[str]) -> Report:
         wanted = set(digests)
         layers = [
             {"digest": s.digest, "image_ref": s.image_ref, "mode": s.mode, "reason": s.reason, "size": s.size,
@@ -276,7 +325,7 @@ class ServedLayers:
         fuse, reads = await self.planes.stats()
         cache = {"bytes": self.cache.size, "max_bytes": self.cache.max_bytes, "hits": reads["hits"],
                  "misses": reads["misses"], "evictions": self.cache.stats.evictions}
-        return layers, cache, fuse
+        return layers, cache, fuse, self.planes.generations()
 
     def explain(self, digest: str) -> tuple[str, str]:
         """(mode, reason) for a layer: how it is served, and why not lazily."""
@@ -284,11 +333,14 @@ class ServedLayers:
         return (status.mode, status.reason) if status is not None else ("", "")
 
 
-def _save(files: saved.LayerFiles, index: bytes | None, image: Image | None) -> None:
-    """Write what a data plane loads the layer from; each file whole or not at all."""
+def _save(files: saved.LayerFiles, index: bytes | None, image: Image | None, layer: EStargzLayer | SociLayer) -> None:
+    """Write what a data plane loads the layer from; each file whole or not at all, the image last."""
     files.dir.mkdir(parents=True, exist_ok=True)
     if index is not None and not files.index.exists():
         write_atomically(files.index, index)
     if image is not None:
+        if isinstance(layer, EStargzLayer):
+            write_atomically(files.device, device.encode(device.estargz_map(layer, image)))
+        else:
+            write_atomically(files.extents, saved.encode_extents(image.data_size, image.extents))
         write_atomically(files.meta, image.meta)
-        write_atomically(files.extents, saved.encode_extents(image.data_size, image.extents))

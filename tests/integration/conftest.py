@@ -24,6 +24,7 @@ import pytest
 from snapshotter.formats import soci_index
 from snapshotter.soci.local import LocalIndexes
 from tests.harness.containerd import Containerd
+from tests.harness.faultproxy import FaultProxy
 from tests.harness.images import File, Image, Layer, OCILayout, push, sample_image, sample_layers
 from tests.harness.lazysnap import Lazysnap
 from tests.harness.procs import HarnessError, require_tool, unmount_below
@@ -105,6 +106,23 @@ def sample(registry: Registry) -> Iterator[tuple[Image, str]]:
 @pytest.fixture(scope="session")
 def sample_image_ref(sample: tuple[Image, str]) -> str:
     return sample[1]
+
+
+@pytest.fixture
+def proxy(registry: Registry) -> Iterator[FaultProxy]:
+    """A fault-injecting proxy in front of the session registry (refer to images by `proxy.host`)."""
+    with FaultProxy(registry.host) as p:
+        yield p
+
+
+@pytest.fixture
+def own_registry() -> Iterator[Registry]:
+    """A registry only this test uses, so it may stop and start it (same port, same storage)."""
+    reg = Registry().start()
+    try:
+        yield reg
+    finally:
+        reg.close()
 
 
 @pytest.fixture

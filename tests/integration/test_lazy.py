@@ -116,23 +116,6 @@ def lazy_images(registry: Registry) -> Iterator[LazyImages]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-@pytest.fixture
-def proxy(registry: Registry) -> Iterator[FaultProxy]:
-    """A fault-injecting proxy in front of the session registry (refer to images by `proxy.host`)."""
-    with FaultProxy(registry.host) as p:
-        yield p
-
-
-@pytest.fixture
-def own_registry() -> Iterator[Registry]:
-    """A registry only this test uses, so it may stop and start it (same port, same storage)."""
-    reg = Registry().start()
-    try:
-        yield reg
-    finally:
-        reg.close()
-
-
 # ---------------------------------------------------------------------------- helpers
 
 @dataclass

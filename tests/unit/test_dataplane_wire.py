@@ -260,7 +260,7 @@ async def test_detach_through_the_real_handlers_completes_and_detaches_that_laye
     plane = DataPlane(Settings(tmp_path, generation=1, build="test"))
     for layer_id in (1, 7):
         record = LayerRecord(layer_id, f"sha256:{layer_id:064x}", "ref", "estargz", 10, "sha256:" + "0" * 64, 0)
-        plane.layers[layer_id] = _Served(record, "fuse", None)  # type: ignore[arg-type]
+        plane.layers[layer_id] = _Served(record, "fuse")
     planes = DataPlanes(PlaneOptions(tmp_path))
     left, right = trio.testing.memory_stream_pair()
     to_plane = Channel(left, {}, name="data plane 1")

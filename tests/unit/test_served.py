@@ -21,6 +21,7 @@ from snapshotter.cache import ChunkCache
 from snapshotter.formats.errors import FormatError
 from snapshotter.labels import LayerRequest
 from snapshotter.layers import saved
+from snapshotter.layers.blob import StoredBlob
 from snapshotter.layers.estargz import EStargzLayer, fetch_index
 from snapshotter.layers.fetch import FetchActivity, Recording
 from snapshotter.layers.layer import ReadError
@@ -44,8 +45,12 @@ class FakePlane:
     attached: list[tuple[LayerRecord, bool]] = field(default_factory=list)
     detached: list[int] = field(default_factory=list)
 
+    @property
+    def mnt_dir(self) -> Path:
+        return self.base / "mnt"
+
     def layer_path(self, layer_id: int) -> Path:
-        return self.base / "mnt" / str(layer_id)
+        return self.mnt_dir / str(layer_id)
 
     def served(self) -> set[int]:
         return set(self.serving)
@@ -162,7 +167,7 @@ async def test_attach_new_saves_the_index_records_and_serves_the_layer(root: Pat
     assert status.path == str(root / "mnt" / str(record.id))
     assert env.served.explain(built.digest) == ("estargz", "")
     # What was saved is what a data plane loads: the digest check against the record passes.
-    again = saved.load_layer(root, record, saved.StoredBlob(record.digest, record.blob_size), env.cache)
+    again = saved.load_layer(root, record, StoredBlob(record.digest, record.blob_size), env.cache)
     assert again.tree.resolve("etc/conf") is not None
     env.store.close()
 
@@ -255,7 +260,7 @@ async def test_restore_refuses_a_saved_index_that_is_not_the_recorded_one(root: 
     swapped = saved.files_of(root, rec_b).index.read_bytes()
     saved.files_of(root, rec_a).index.write_bytes(swapped)  # a's files now hold b's TOC
     with pytest.raises(FormatError, match="is not"):
-        saved.load_layer(root, rec_a, saved.StoredBlob(rec_a.digest, rec_a.blob_size),
+        saved.load_layer(root, rec_a, StoredBlob(rec_a.digest, rec_a.blob_size),
                          ChunkCache(root / "cache", 1 << 30))
     env = Env(root, FakePlane(root), registry=FakeRegistry({}))
     await env.served.restore()
@@ -351,3 +356,25 @@ async def test_first_reads_reach_the_layers_recordings(root: Path) -> None:
         ((a.digest, 0), (0, 100)), ((a.digest, 100), (100, 250))]
     assert recording.started is not None
     env.store.close()
+
+
+async def test_restore_clears_what_a_crash_left_behind(tmp_path: Path) -> None:
+    """Saved files of a layer the store does not have, a mountpoint no data plane serves, and
+    the pre-data-plane `<root>/fuse` and `<root>/erofs` directories are removed at restore."""
+    root = tmp_path / "root"
+    plane = FakePlane(root)
+    (root / "layers" / "41").mkdir(parents=True)
+    (root / "layers" / "41" / "toc.gz").write_bytes(b"orphan")
+    (root / "mnt" / "42").mkdir(parents=True)
+    (root / "fuse" / "3").mkdir(parents=True)
+    (root / "erofs" / "3").mkdir(parents=True)
+    store = Store(root / "metadata.db")
+    try:
+        served = ServedLayers(root, store, FakeRegistry({}), ChunkCache(root / "cache", 1 << 20),  # type: ignore[arg-type]
+                              FetchActivity(), plane)
+        await served.restore()
+    finally:
+        store.close()
+    assert not (root / "layers" / "41").exists()
+    assert list((root / "mnt").iterdir()) == []
+    assert not (root / "fuse").exists() and not (root / "erofs").exists()

@@ -72,12 +72,28 @@ class Fuse(_message.Message):
     read_errors: int
     def __init__(self, ops: _Optional[_Iterable[_Union[FuseOp, _Mapping]]] = ..., read_bytes: _Optional[int] = ..., read_errors: _Optional[int] = ...) -> None: ...
 
+class DataPlane(_message.Message):
+    __slots__ = ("generation", "pid", "retiring", "layers", "build")
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    RETIRING_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    BUILD_FIELD_NUMBER: _ClassVar[int]
+    generation: int
+    pid: int
+    retiring: bool
+    layers: int
+    build: str
+    def __init__(self, generation: _Optional[int] = ..., pid: _Optional[int] = ..., retiring: _Optional[bool] = ..., layers: _Optional[int] = ..., build: _Optional[str] = ...) -> None: ...
+
 class LayersResponse(_message.Message):
-    __slots__ = ("layers", "cache", "fuse")
+    __slots__ = ("layers", "cache", "fuse", "data_planes")
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     CACHE_FIELD_NUMBER: _ClassVar[int]
     FUSE_FIELD_NUMBER: _ClassVar[int]
+    DATA_PLANES_FIELD_NUMBER: _ClassVar[int]
     layers: _containers.RepeatedCompositeFieldContainer[Layer]
     cache: Cache
     fuse: Fuse
-    def __init__(self, layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., cache: _Optional[_Union[Cache, _Mapping]] = ..., fuse: _Optional[_Union[Fuse, _Mapping]] = ...) -> None: ...
+    data_planes: _containers.RepeatedCompositeFieldContainer[DataPlane]
+    def __init__(self, layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ..., cache: _Optional[_Union[Cache, _Mapping]] = ..., fuse: _Optional[_Union[Fuse, _Mapping]] = ..., data_planes: _Optional[_Iterable[_Union[DataPlane, _Mapping]]] = ...) -> None: ...

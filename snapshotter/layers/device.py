@@ -1,0 +1,200 @@
+"""A layer's data device as a flat map: which chunk holds each byte of it.
+
+An EROFS-served layer's file bytes are read through one FUSE file, the data device,
+whose layout the EROFS image fixes (`Image.extents`). To serve it, the data plane needs
+only, for each device offset, the chunk that holds it: not the TOC, not the tree.
+Rebuilding those from a 30,000-entry TOC took the data plane ~1.4 CPU-seconds per layer
+(benchmarks/read_latency.py), holding the GIL while containers' reads waited. So the
+control plane, which has the layer at hand, writes this map once (`encode`) beside the
+image, and the data plane loads it with a few array copies (`decode`).
+
+eStargz layers only: a chunk's cached form is exactly its file bytes, so a device range
+maps to a range of one cached chunk. (SOCI spans need the zTOC's checkpoints to inflate,
+so a SOCI layer is still rebuilt from its zTOC.)
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import stat
+import struct
+import sys
+from array import array
+from dataclasses import dataclass
+
+from ..cache import ChunkCache, Verify, sha256_verifier
+from ..formats.erofs import Image
+from ..formats.errors import FormatError
+from .estargz import EStargzLayer
+from .fetch import Recording
+from .layer import ReadError, UnitSource
+from .tree import ROOT_INO, LayerTree, Node
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"LZSDMAP1"
+LITERAL = 0xFFFFFFFF
+"""A piece whose bytes are kept in the map itself (the TOC file, `stargz.index.json`)."""
+_HEADER = struct.Struct(">8sQQQQQ")  # magic, data size, pieces, units, literal bytes, name bytes
+
+
+@dataclass(frozen=True)
+class DeviceMap:
+    """Pieces in device order: [offsets[i], offsets[i] + sizes[i]) is bytes
+    [unit_offsets[i], ...) of unit `units[i]` (or of `literal` when it is LITERAL).
+    Bytes of the device no piece covers are zeros (padding between files)."""
+
+    data_size: int
+    offsets: array
+    sizes: array
+    units: array
+    unit_offsets: array
+    keys: list[str]
+    """Per unit: its chunk cache key."""
+    digests: list[str]
+    """Per unit: the sha256 its bytes must have ("" when the TOC gives none)."""
+    blob_ranges: array
+    """Per unit: compressed start and end in the blob, flattened (for start profiles)."""
+    literal: bytes = b""
+
+
+def estargz_map(layer: EStargzLayer, image: Image) -> DeviceMap:
+    """The device map of an eStargz layer laid out as `image` says."""
+    offsets, sizes, units, unit_offsets = array("Q"), array("Q"), array("I"), array("Q")
+    keys: list[str] = []
+    digests: list[str] = []
+    blob_ranges = array("Q")
+    index: dict[str, int] = {}
+    literal = bytearray()
+    for extent in image.extents:
+        content = layer.tree.nodes[extent.ino].content
+        if isinstance(content, bytes):
+            offsets.append(extent.offset), sizes.append(len(content)), units.append(LITERAL)
+            unit_offsets.append(len(literal))
+            literal += content
+            continue
+        for chunk in content or ():
+            key = layer.key_of(chunk)
+            unit = index.get(key)
+            if unit is None:
+                unit = index[key] = len(keys)
+                keys.append(key)
+                digests.append(chunk.digest or "")
+                blob_ranges.extend((chunk.compressed_offset, chunk.compressed_end))
+            offsets.append(extent.offset + chunk.file_offset), sizes.append(chunk.size), units.append(unit)
+            unit_offsets.append(0)
+    return DeviceMap(image.data_size, offsets, sizes, units, unit_offsets, keys, digests, blob_ranges, bytes(literal))
+
+
+def encode(device: DeviceMap) -> bytes:
+    names = "\n".join(f"{k}\t{d}" for k, d in zip(device.keys, device.digests, strict=True)).encode()
+    parts = [_HEADER.pack(MAGIC, device.data_size, len(device.offsets), len(device.keys), len(device.literal),
+                          len(names))]
+    parts += [_little(column) for column in (device.offsets, device.sizes, device.unit_offsets, device.blob_ranges,
+                                             device.units)]
+    parts += [device.literal, names]
+    return b"".join(parts)
+
+
+def decode(raw: bytes) -> DeviceMap:
+    """The map `encode` wrote; FormatError if it is torn or not one."""
+    try:
+        magic, data_size, n, units_n, literal_n, names_n = _HEADER.unpack_from(raw)
+        if magic != MAGIC:
+            raise FormatError("not a lazysnap device map")
+        pos = _HEADER.size
+        columns = []
+        for code, count in (("Q", n), ("Q", n), ("Q", n), ("Q", 2 * units_n), ("I", n)):
+            column = array(code)
+            size = column.itemsize * count
+            if pos + size > len(raw):
+                raise FormatError("torn device map: a column is short")
+            column.frombytes(raw[pos:pos + size])
+            if sys.byteorder == "big":
+                column.byteswap()
+            columns.append(column)
+            pos += size
+        literal = raw[pos:pos + literal_n]
+        if len(raw) != pos + literal_n + names_n:
+            raise FormatError(f"torn device map: {len(raw)} bytes, not {pos + literal_n + names_n}")
+        names = raw[pos + literal_n:].decode().split("\n") if units_n else []
+        pairs = [name.split("\t") for name in names]
+    except (struct.error, ValueError, UnicodeDecodeError) as e:
+        raise FormatError(f"torn device map: {e}") from None
+    offsets, sizes, unit_offsets, blob_ranges, units = columns
+    if len(pairs) != units_n or any(len(pair) != 2 for pair in pairs) or len(literal) != literal_n \
+            or any(u != LITERAL and u >= units_n for u in units):
+        raise FormatError("torn device map: its sections do not agree")
+    return DeviceMap(data_size, offsets, sizes, units, unit_offsets, [k for k, _ in pairs], [d for _, d in pairs],
+                     blob_ranges, literal)
+
+
+def _little(column: array) -> bytes:
+    if sys.byteorder == "big":
+        column = array(column.typecode, column)
+        column.byteswap()
+    return column.tobytes()
+
+
+class MappedDevice:
+    """A data device served from a `DeviceMap`: the data plane's view of an eStargz layer.
+
+    Reads come from the chunk cache (verified once per process), or from `source` (the
+    control plane) on a miss, verified here again. Like `EStargzLayer.read`, minus the tree.
+    """
+
+    direct_io = True
+
+    def __init__(self, device: DeviceMap, digest: str, cache: ChunkCache, source: UnitSource) -> None:
+        self.device = device
+        self.digest = digest
+        self.cache = cache
+        self.source = source
+        self.recordings: list[Recording] = []
+        self.size = device.data_size
+        self.tree = LayerTree()
+        node = Node(ROOT_INO + 1, stat.S_IFREG | 0o400, size=device.data_size, parent=ROOT_INO)
+        self.tree.nodes[node.ino] = node
+        assert self.tree.root.children is not None
+        self.tree.root.children[b"data"] = node.ino
+
+    async def read(self, node: Node, offset: int, size: int) -> bytes:
+        device = self.device
+        end = min(offset + size, device.data_size)
+        out = bytearray()
+        while offset < end:
+            i = bisect.bisect_right(device.offsets, offset) - 1
+            if i >= 0 and offset < device.offsets[i] + device.sizes[i]:
+                n = min(end, device.offsets[i] + device.sizes[i]) - offset
+                out += await self._piece(i, offset - device.offsets[i], n)
+            else:  # padding between files
+                following = device.offsets[i + 1] if i + 1 < len(device.offsets) else device.data_size
+                n = min(end, following) - offset
+                out += bytes(n)
+            offset += n
+        return bytes(out)
+
+    async def _piece(self, i: int, within: int, n: int) -> bytes:
+        device = self.device
+        unit = device.units[i]
+        start = device.unit_offsets[i] + within
+        if unit == LITERAL:
+            return device.literal[start:start + n]
+        for recording in self.recordings:
+            recording.touch(self.digest, device.blob_ranges[2 * unit], device.blob_ranges[2 * unit + 1])
+        key, digest = device.keys[unit], device.digests[unit]
+        verify = sha256_verifier(digest) if digest else None
+        part = await self.cache.get_range(key, start, start + n, verify)
+        if part is None:
+            whole = await self.cache.get_or_fetch(key, lambda: self._from_source(key, verify), verify)
+            part = whole[start:start + n]
+        if len(part) != n:
+            raise ReadError(f"layer {self.digest}: chunk {key} holds {len(part)} of the {n} bytes asked for")
+        return part
+
+    async def _from_source(self, key: str, verify: Verify | None) -> bytes:
+        data = await self.source.fetch(self.digest, key)
+        if verify is not None and not verify(data):
+            raise ReadError(f"layer {self.digest}: chunk {key} as served fails its digest check")
+        return data

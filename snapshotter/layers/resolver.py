@@ -1,0 +1,132 @@
+"""Resolution: for one layer, its verified index, or the reason it will be pulled whole.
+
+An eStargz TOC is looked for in the blob itself (its footer); failing that, a SOCI zTOC
+beside the image (`images.py` searches for the image's SOCI index once, in parallel
+with the footer read). The first Prepare of an image starts resolving all its layers,
+so later Prepares usually find their index already fetched.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import trio
+
+from ..formats import estargz
+from ..formats.errors import FormatError
+from ..labels import LayerRequest
+from ..registry.client import RegistryClient
+from ..registry.errors import RegistryError
+from ..soci.discovery import Discovery, fetch_ztoc
+from ..soci.local import LocalIndexes
+from .blob import RegistryBlob
+from .estargz import EStargzIndex, fetch_index
+from .images import Images
+from .saved import ESTARGZ, SOCI
+
+log = logging.getLogger(__name__)
+
+RESOLUTION_TTL = 300.0
+"""Seconds a fetched index waits for its layer's Prepare before it is dropped from memory."""
+
+
+class Fallback(Exception):
+    """This layer will be pulled whole; the message says why."""
+
+
+@dataclass(eq=False)
+class Resolution:
+    """One layer's index being fetched; Prepares for it wait on `done`.
+
+    `saved` is the index as it is kept on disk (an eStargz TOC member or a zTOC), so
+    that the layer can be rebuilt from it at restart without the registry.
+    """
+
+    done: trio.Event = field(default_factory=trio.Event)
+    kind: str = ""
+    estargz: EStargzIndex | None = None
+    saved: bytes = b""
+    offset: int = 0
+    blob: RegistryBlob | None = None
+    error: str = ""
+    seconds: float = 0.0
+    finished: float = 0.0
+    """`time.monotonic()` when it ended."""
+
+
+class Resolver:
+    def __init__(self, registry: RegistryClient, local: LocalIndexes, images: Images, nursery: trio.Nursery,
+                 timeout: float) -> None:
+        self.registry = registry
+        self.local = local
+        self.images = images
+        self.nursery = nursery
+        self.timeout = timeout
+        self._resolutions: dict[str, Resolution] = {}
+
+    def start(self, request: LayerRequest, digest: str, *, retry_after: float) -> Resolution:
+        """The layer's resolution, started if there is none, or if it failed over `retry_after` s ago."""
+        self._expire()
+        resolution = self._resolutions.get(digest)
+        if resolution is None or (resolution.done.is_set() and resolution.error
+                                  and time.monotonic() - resolution.finished >= retry_after):
+            resolution = self._resolutions[digest] = Resolution()
+            self.nursery.start_soon(self._resolve, request, digest, resolution)
+        return resolution
+
+    def forget(self, digest: str) -> None:
+        """The layer is served now and holds what it needs."""
+        self._resolutions.pop(digest, None)
+
+    def _expire(self) -> None:
+        """Drop indexes whose Prepare never came (a pull given up), RESOLUTION_TTL after they ended."""
+        now = time.monotonic()
+        for digest, resolution in list(self._resolutions.items()):
+            if resolution.done.is_set() and now - resolution.finished > RESOLUTION_TTL:
+                del self._resolutions[digest]
+
+    async def _resolve(self, request: LayerRequest, digest: str, resolution: Resolution) -> None:
+        image_ref = request.image_ref
+        start = time.monotonic()
+        try:
+            with trio.fail_after(self.timeout):
+                location = await self.registry.open_blob(image_ref, digest)
+                blob = RegistryBlob(self.registry, image_ref, digest, location.size, location)
+                image = self.images.start(request)  # its SOCI search runs in parallel with the footer read
+                try:
+                    resolution.estargz = await fetch_index(blob)
+                    resolution.kind, resolution.saved = ESTARGZ, resolution.estargz.member
+                    resolution.offset = resolution.estargz.footer.toc_offset
+                except estargz.NotEStargz as e:
+                    log.debug("layer %s of %s: %s", digest, image_ref, e)
+                    await image.done.wait()
+                    resolution.saved = await self._ztoc(request, digest, image.result)
+                    resolution.kind = SOCI
+                resolution.blob = blob
+        except trio.TooSlowError:
+            resolution.error = f"finding the layer's index took over {self.timeout:g} s"
+        except Fallback as e:
+            resolution.error = str(e)
+        except FormatError as e:
+            resolution.error = f"broken index: {e}"
+        except RegistryError as e:
+            resolution.error = f"registry: {e}"
+        except Exception as e:
+            log.exception("resolving layer %s of %s failed", digest, image_ref)
+            resolution.error = f"internal error: {e!r}"
+        finally:
+            resolution.finished = time.monotonic()
+            resolution.seconds = resolution.finished - start
+            resolution.done.set()
+
+    async def _ztoc(self, request: LayerRequest, digest: str, discovery: Discovery) -> bytes:
+        index = discovery.index
+        if index is None:
+            raise Fallback(f"not an eStargz layer, and {discovery.reason}")
+        ref = index.ztocs.get(digest)
+        if ref is None:
+            raise Fallback(f"the image's SOCI index ({discovery.source}) has no zTOC for this layer "
+                           "(smaller than the index's minimum layer size?)")
+        return await fetch_ztoc(self.registry, self.local, request.image_ref, ref)
