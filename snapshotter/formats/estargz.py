@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
-from snapshotter.layers.tree import EntryType, LayerEntry
+from .entries import EntryType, LayerEntry
 
 from . import inflate
 from .digest import content_digest

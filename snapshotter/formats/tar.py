@@ -13,7 +13,7 @@ import posixpath
 import re
 from datetime import UTC, datetime, timedelta
 
-from ..layers.tree import EntryType
+from .entries import EntryType
 from .errors import FormatError
 
 ENTRY_TYPES: dict[str, EntryType] = {t.value: t for t in EntryType}

@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 
 import flatbuffers  # type: ignore[import-untyped]
 
-from snapshotter.layers.tree import EntryType, LayerEntry
+from .entries import EntryType, LayerEntry
 
 from . import gzip_index
 from .digest import content_digest

@@ -129,6 +129,9 @@ class LayerManager:
     # -- the trio side ---------------------------------------------------------------
 
     async def _mount(self, request: LayerRequest) -> int | None:
+        served = self.served.serving(request.layer_digest)
+        if served is not None:  # another image's layer too: nothing to resolve, and nothing to break
+            return served.id
         status = self.served.status_of(request)
         for other in request.image_layers:
             if other != request.layer_digest:

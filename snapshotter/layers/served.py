@@ -137,6 +137,13 @@ class ServedLayers:
     def status_of(self, request: LayerRequest) -> LayerStatus:
         return self.status.setdefault(request.layer_digest, LayerStatus(request.layer_digest, request.image_ref))
 
+    def serving(self, digest: str) -> LayerRecord | None:
+        """The record of the layer if it is served already (for another image, say)."""
+        status = self.status.get(digest)
+        if status is None or status.layer is None:
+            return None
+        return next((record for record in self._records.values() if record.digest == digest), None)
+
     def status_of_layer(self, layer: FetchableLayer) -> LayerStatus | None:
         return self._by_layer.get(layer)
 

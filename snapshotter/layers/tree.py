@@ -10,7 +10,6 @@ are made up. Pure data: no I/O.
 
 from __future__ import annotations
 
-import enum
 import os
 import posixpath
 import stat
@@ -18,6 +17,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..formats.entries import EntryType, LayerEntry
 from ..formats.errors import FormatError
 
 WHITEOUT_PREFIX = ".wh."
@@ -25,20 +25,6 @@ OPAQUE_MARKER = ".wh..wh..opq"
 OPAQUE_XATTR = b"trusted.overlay.opaque"
 
 ROOT_INO = 1
-
-
-class EntryType(enum.Enum):
-    DIR = "dir"
-    REG = "reg"
-    SYMLINK = "symlink"
-    HARDLINK = "hardlink"
-    CHAR = "char"
-    BLOCK = "block"
-    FIFO = "fifo"
-
-    # Members are singletons, so identity hashing is right, and it runs in C: Enum's own
-    # __hash__ is Python code, and the tree builder hashes a type per entry.
-    __hash__ = object.__hash__
 
 
 _FORMAT_BITS = {
@@ -59,24 +45,6 @@ _CHAR, _BLOCK = EntryType.CHAR, EntryType.BLOCK
 class TreeError(FormatError):
     """The index describes an impossible tree (e.g. a hardlink to nothing): a broken index,
     so the layer is pulled whole (at mount) or the read fails (at restore), like any FormatError."""
-
-
-@dataclass(slots=True)
-class LayerEntry:
-    """One tar member as an index describes it; `content` is the format's handle on its bytes."""
-
-    path: str
-    type: EntryType
-    mode: int = 0o644
-    uid: int = 0
-    gid: int = 0
-    size: int = 0
-    mtime_ns: int = 0
-    link_name: str = ""
-    dev_major: int = 0
-    dev_minor: int = 0
-    xattrs: dict[str, bytes] = field(default_factory=dict)
-    content: Any = None
 
 
 @dataclass(slots=True)

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import random
 import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -27,91 +25,9 @@ from snapshotter.layers.fetch import FetchActivity, Recording
 from snapshotter.layers.layer import ReadError
 from snapshotter.layers.served import AttachError, ServedLayers
 from snapshotter.store import LayerRecord, Store
-from tests.harness.estargz import build_estargz
-from tests.harness.images import File
 from tests.unit.blobs import MemoryBlob
+from tests.unit.fakes import Built, FakePlane, FakeRegistry, build
 from tests.unit.fuse_layers import force_unmount, mounted
-
-CHUNK = 64 << 10
-
-
-@dataclass
-class FakePlane:
-    """A `DataPlane` that records what it is asked; `attach` raises `attach_error` if set."""
-
-    base: Path
-    serving: set[int] = field(default_factory=set)
-    attach_error: Exception | None = None
-    attached: list[tuple[LayerRecord, bool]] = field(default_factory=list)
-    detached: list[int] = field(default_factory=list)
-
-    @property
-    def mnt_dir(self) -> Path:
-        return self.base / "mnt"
-
-    def layer_path(self, layer_id: int) -> Path:
-        return self.mnt_dir / str(layer_id)
-
-    def served(self) -> set[int]:
-        return set(self.serving)
-
-    async def attach(self, record: LayerRecord, kernel_metadata: bool) -> str:
-        await trio.lowlevel.checkpoint()
-        if self.attach_error is not None:
-            raise self.attach_error
-        self.attached.append((record, kernel_metadata))
-        self.serving.add(record.id)
-        return "erofs" if kernel_metadata else "fuse"
-
-    async def detach(self, layer_id: int) -> None:
-        await trio.lowlevel.checkpoint()
-        self.detached.append(layer_id)
-        self.serving.discard(layer_id)
-
-    async def stats(self) -> tuple[dict[str, object], dict[str, int]]:
-        return {"read_bytes": 0, "read_errors": 0, "ops": []}, {"hits": 0, "misses": 0}
-
-
-@dataclass
-class _Location:
-    digest: str
-    size: int
-
-
-class FakeRegistry:
-    """What `RestoredBlob` asks of the registry client: `open_blob` once, then `read_range`."""
-
-    def __init__(self, blobs: dict[str, bytes]) -> None:
-        self.blobs = blobs
-        self.opened: list[tuple[str, str]] = []
-        self.ranges: list[tuple[int, int]] = []
-
-    async def open_blob(self, ref: str, digest: str) -> _Location:
-        self.opened.append((ref, digest))
-        return _Location(digest, len(self.blobs[digest]))
-
-    async def read_range(self, location: _Location, start: int, end: int) -> bytes:
-        self.ranges.append((start, end))
-        return self.blobs[location.digest][start:end]
-
-
-def layer_files(seed: int) -> dict[str, bytes]:
-    rng = random.Random(seed)
-    return {"big.bin": rng.randbytes(3 * CHUNK + 123), "etc/conf": f"seed {seed}\n".encode(),
-            f"lib/mod{seed}.py": b"x = 1\n" * 50}
-
-
-@dataclass
-class Built:
-    files: dict[str, bytes]
-    blob: bytes
-    digest: str
-
-
-def build(seed: int) -> Built:
-    files = layer_files(seed)
-    built = build_estargz([File(name, data) for name, data in files.items()], chunk_size=CHUNK)
-    return Built(files, built.blob, built.digest)
 
 
 class Env:
