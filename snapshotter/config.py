@@ -69,6 +69,8 @@ class Config:
     """Seconds without a read going to the registry before background fetch starts or resumes."""
     background_rate_mib: float = 32.0
     """MiB/s background fetch may take at most; 0 means no limit."""
+    metrics_address: str = ""
+    """host:port to serve Prometheus metrics on (/metrics); empty: no metrics endpoint."""
 
     def validate(self) -> Config:
         if not self.root.is_absolute():
@@ -93,9 +95,22 @@ class Config:
             raise ConfigError(f"readahead_max_mib must not be negative, got {self.readahead_max_mib}")
         if self.background_rate_mib < 0:
             raise ConfigError(f"background_rate_mib must not be negative, got {self.background_rate_mib}")
+        if self.metrics_address:
+            try:
+                parse_address(self.metrics_address)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         if self.cache_max_mib < 1:
             raise ConfigError(f"cache_max_mib must be at least 1, got {self.cache_max_mib}")
         return self
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """`host:port` (`[::1]:port` for IPv6) as (host, port); ValueError if it is not one."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"metrics_address must be host:port, got {address!r}")
+    return host.strip("[]"), int(port)
 
 
 _KINDS: dict[str, type] = {
@@ -107,6 +122,7 @@ _KINDS: dict[str, type] = {
     "fetch_concurrency": int, "readahead_max_mib": int, "background_fetch": bool,
     "background_quiet_seconds": float,
     "background_rate_mib": float,
+    "metrics_address": str,
 }
 
 

@@ -25,7 +25,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 
 import trio
 
-from . import root_lock, service
+from . import metrics, root_lock, service
 from .cache import ChunkCache
 from .config import Config
 from .containerd.pull import Puller
@@ -57,6 +57,8 @@ async def serve(config: Config) -> None:
                                           puller=puller)
             log.info("serving containerd snapshots API on %s (root %s, lazy %s)", config.address, config.root,
                      "on" if config.lazy else "off")
+            if config.metrics_address and remote is not None:
+                stack.callback(metrics.serve(config.metrics_address, remote.metrics))
             try:
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                     notify("READY=1")

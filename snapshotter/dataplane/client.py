@@ -27,15 +27,17 @@ from typing import Protocol
 import trio
 
 from ..layers import erofs
-from ..layers.served import AttachError
+from ..layers.served import AttachError, PlaneStats
 from ..store import LayerRecord
 from . import DIR, MNT_DIR
-from .wire import Channel, ChannelClosed, Message, RemoteError
+from .wire import PROTOCOL, Channel, ChannelClosed, Message, RemoteError
 
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 5.0
 """A data plane that does not answer `hello` in this long is taken for dead."""
+STATS_TIMEOUT = 2.0
+"""A data plane that does not report its counters in this long is left out of `status` and metrics."""
 START_TIMEOUT = 30.0
 """How long a new data plane may take to mount and listen."""
 
@@ -148,27 +150,34 @@ class DataPlanes:
                     log.warning("data plane %d could not detach layer %d: %s", gen.number, layer_id, e)
                 gen.layers.discard(layer_id)
 
-    async def stats(self) -> tuple[dict[str, object], dict[str, int]]:
-        """FUSE request counters and cache hits/misses, summed over the live data planes."""
+    async def stats(self) -> PlaneStats:
+        """FUSE request counters, cache hits and misses of reads, EIOs by cause: summed over the live data planes."""
         ops: dict[str, list[float]] = {}
-        fuse: dict[str, object] = {"read_bytes": 0, "read_errors": 0}
-        cache = {"hits": 0, "misses": 0}
+        read_bytes = read_errors = hits = misses = 0
+        failures: dict[str, int] = {}
         for gen in list(self._generations.values()):
-            try:
-                answer = (await gen.channel.call("stats")).header
-            except (ChannelClosed, RemoteError):
+            answer = {}
+            with trio.move_on_after(STATS_TIMEOUT):
+                try:
+                    answer = (await gen.channel.call("stats")).header
+                except (ChannelClosed, RemoteError):
+                    pass
+            if not answer:
                 continue
             for op in answer["fuse"]["ops"]:
                 total = ops.setdefault(op["name"], [0, 0.0])
                 total[0] += op["count"]
                 total[1] += op["seconds"]
-            for key in ("read_bytes", "read_errors"):
-                fuse[key] = int(fuse[key]) + int(answer["fuse"][key])  # type: ignore[call-overload]
-            for key in cache:
-                cache[key] += int(answer["cache"][key])
-        fuse["ops"] = [{"name": name, "count": int(c), "seconds": s}
-                       for name, (c, s) in sorted(ops.items(), key=lambda item: (-item[1][0], item[0]))]
-        return fuse, cache
+            read_bytes += int(answer["fuse"]["read_bytes"])
+            read_errors += int(answer["fuse"]["read_errors"])
+            hits += int(answer["cache"]["hits"])
+            misses += int(answer["cache"]["misses"])
+            for cause, n in answer.get("read_failures", {}).items():
+                failures[cause] = failures.get(cause, 0) + int(n)
+        fuse = {"ops": [{"name": name, "count": int(c), "seconds": s}
+                        for name, (c, s) in sorted(ops.items(), key=lambda item: (-item[1][0], item[0]))],
+                "read_bytes": read_bytes, "read_errors": read_errors}
+        return PlaneStats(fuse, hits, misses, failures)
 
     # -- generations -------------------------------------------------------------------
 
@@ -209,6 +218,10 @@ class DataPlanes:
             return None
         gen = _Generation(number, self.base / str(number), channel, str(hello["build"]), int(hello["pid"]),
                           set(hello["layers"]), bool(hello["retiring"]), popen)
+        if hello.get("protocol") != PROTOCOL:
+            log.error("data plane %d speaks protocol %s, not %d: retiring it (misses of its %d layers may fail)",
+                      number, hello.get("protocol"), PROTOCOL, len(gen.layers))
+            gen.build = f"protocol {hello.get('protocol')}"  # never adopted for new layers
         self._generations[number] = gen
         self._nursery.start_soon(self._watch, gen)
         return gen

@@ -35,7 +35,7 @@ from ..layers.layer import ReadError
 from ..layers.soci import SociLayer
 from ..store import LayerRecord
 from . import MNT_DIR
-from .wire import Channel, ChannelClosed, Message, RemoteError
+from .wire import PROTOCOL, Channel, ChannelClosed, Message, RemoteError
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,8 @@ class DataPlane:
     # -- calls from the control plane -------------------------------------------------
 
     async def _hello(self, request: Message) -> Message:
-        return Message({"build": self.settings.build, "generation": self.settings.generation, "pid": os.getpid(),
+        return Message({"protocol": PROTOCOL, "build": self.settings.build, "generation": self.settings.generation,
+                        "pid": os.getpid(),
                         "layers": sorted(self.layers), "retiring": self.retiring})
 
     async def _attach(self, request: Message) -> Message:
@@ -259,7 +260,8 @@ class DataPlane:
 
     async def _stats(self, request: Message) -> Message:
         stats = self.cache.stats
-        return Message({"fuse": self.fs.stats.report(), "cache": {"hits": stats.hits, "misses": stats.misses}})
+        return Message({"fuse": self.fs.stats.report(), "cache": {"hits": stats.hits, "misses": stats.misses},
+                        "read_failures": self.fs.stats.failures()})
 
     async def _retire(self, request: Message) -> Message:
         """A newer generation takes new layers: stop once the last of ours is released."""

@@ -10,6 +10,11 @@ registry's own timeout, or the next reader would wait on it and fail too.
 
 JSON rather than a schema library: a dozen small messages a second at most; the
 bytes that matter travel as payload.
+
+Compatibility: after an upgrade, a retired data plane of the old build keeps asking the
+new control plane for its misses. So the calls only ever gain optional fields; a change
+that an older peer cannot understand must raise PROTOCOL, and a data plane speaking
+another protocol is retired at once (its misses may fail, its layers stay mounted).
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ PREFIX = struct.Struct(">II")
 MAX_HEADER = 1 << 20
 MAX_PAYLOAD = 256 << 20
 """Larger than any unit a layer caches (eStargz chunks and SOCI spans are a few MiB)."""
+PROTOCOL = 1
+"""The version of the calls below; `hello` answers it."""
 SEND_TIMEOUT = 10.0
 """A frame the other side does not take in this long: it is stuck, and the channel is closed."""
 

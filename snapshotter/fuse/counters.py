@@ -7,7 +7,22 @@ one is always "which requests, how many". `lazysnap status` prints these.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
+
+
+class ReadFailure(enum.Enum):
+    """Why a read got EIO: what an operator alerts on differs (a registry outage vs. corrupt data)."""
+
+    TIMEOUT = "timeout"
+    """No answer within read_timeout (registry or control plane too slow, or away)."""
+    UNAVAILABLE = "unavailable"
+    """The bytes could not be had or failed verification (the layer's ReadError says which)."""
+    RETRY_TOO_SOON = "retry_too_soon"
+    """Failed moments ago through the same open file; not tried again yet (fail fast)."""
+    DETACHED = "detached"
+    SHORT = "short_read"
+    UNEXPECTED = "unexpected"
 
 
 @dataclass
@@ -29,6 +44,15 @@ class FuseStats:
     ops: dict[str, OpCounter] = field(default_factory=dict)
     read_bytes: int = 0
     read_errors: int = 0
+    read_failures: dict[ReadFailure, int] = field(default_factory=dict)
+    """`read_errors` by cause."""
+
+    def read_failed(self, why: ReadFailure) -> None:
+        self.read_errors += 1
+        self.read_failures[why] = self.read_failures.get(why, 0) + 1
+
+    def failures(self) -> dict[str, int]:
+        return {why.value: n for why, n in self.read_failures.items()}
 
     def record(self, op: str, seconds: float) -> None:
         counter = self.ops.get(op)

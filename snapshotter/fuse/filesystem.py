@@ -29,7 +29,7 @@ import trio
 
 from ..layers.layer import Layer, ReadError
 from ..layers.tree import ROOT_INO, LayerTree, Node
-from .counters import FuseStats
+from .counters import FuseStats, ReadFailure
 from .inodes import FUSE_ROOT_INO, NAME_MAX, Attachment, InodeTable, UnknownInode
 
 log = logging.getLogger(__name__)
@@ -354,13 +354,13 @@ class LayerFilesystem(pyfuse3.Operations):
         f = self._files[fh]
         att, node = f.att, f.node
         if not att.attached:
-            self._read_failed(att, node, off, size, "the layer was detached")
+            self._read_failed(att, node, off, size, ReadFailure.DETACHED, "the layer was detached")
         if off >= node.size or size <= 0:
             return b""
         want = min(size, node.size - off)
         if f.failed_until > trio.current_time():
             f.failed_until = trio.current_time() + self.fail_fast
-            self.stats.read_errors += 1
+            self.stats.read_failed(ReadFailure.RETRY_TOO_SOON)
             log.debug("EIO: layer %s inode %d offset %d: failed moments ago, not retried yet",
                       os.fsdecode(att.name), node.ino, off)
             raise pyfuse3.FUSEError(errno.EIO)
@@ -369,19 +369,20 @@ class LayerFilesystem(pyfuse3.Operations):
             with trio.move_on_after(self.read_timeout) as scope:
                 data = await att.layer.read(node, off, want)
             if scope.cancelled_caught:
-                self._read_failed(att, node, off, want, f"no answer within {self.read_timeout:g} s", f)
+                self._read_failed(att, node, off, want, ReadFailure.TIMEOUT, f"no answer within {self.read_timeout:g} s",
+                                  f)
             got = len(data)
         except ReadError as e:
-            self._read_failed(att, node, off, want, str(e) or type(e).__name__, f)
+            self._read_failed(att, node, off, want, ReadFailure.UNAVAILABLE, str(e) or type(e).__name__, f)
         except pyfuse3.FUSEError:
             raise
         except Exception as e:
-            self._read_failed(att, node, off, want, f"unexpected {e!r}", f, exc_info=True)
+            self._read_failed(att, node, off, want, ReadFailure.UNEXPECTED, f"unexpected {e!r}", f, exc_info=True)
         finally:
             att.end_read()
         if got < want:
             # The kernel would take a short read for EOF and shrink the file it caches.
-            self._read_failed(att, node, off, want, f"short read: {got} bytes", f)
+            self._read_failed(att, node, off, want, ReadFailure.SHORT, f"short read: {got} bytes", f)
         self.stats.read_bytes += want
         return data if got == want else data[:want]
 
@@ -390,9 +391,9 @@ class LayerFilesystem(pyfuse3.Operations):
         f = self._files.pop(fh)
         self._release(f.att)
 
-    def _read_failed(self, att: Attachment, node: Node, off: int, size: int, why: str,
+    def _read_failed(self, att: Attachment, node: Node, off: int, size: int, cause: ReadFailure, why: str,
                      f: _OpenFile | None = None, exc_info: bool = False) -> NoReturn:
-        self.stats.read_errors += 1
+        self.stats.read_failed(cause)
         if f is not None:
             f.failed_until = trio.current_time() + self.fail_fast
         log.error("EIO: layer %s file %s (inode %d) offset %d size %d: %s", os.fsdecode(att.name),

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 import trio
 
+from .. import metrics
 from ..store import LayerRecord
 from .layer import ReadError
 
@@ -29,7 +31,14 @@ class RegistryBlob:
         return self._size
 
     async def read(self, start: int, end: int) -> bytes:
-        data = await self.client.read_range(self.location, start, end)
+        began = time.monotonic()
+        try:
+            data = await self.client.read_range(self.location, start, end)
+        except BaseException:
+            metrics.FETCH_ERRORS.inc()
+            raise
+        metrics.FETCH_SECONDS.observe(time.monotonic() - began)
+        metrics.FETCH_BYTES.inc(len(data))
         self.fetched_bytes += len(data)
         return data
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import trio
 
+from .. import metrics
 from ..cache import ChunkCache
 from ..formats import estargz
 from ..formats.errors import FormatError
@@ -43,7 +44,7 @@ from .images import Image, ImageOptions, Images, prefetch_units
 from .prefetch import FetchQueue, prefetch
 from .readahead import Readahead
 from .resolver import Fallback, Resolver
-from .saved import build_layer
+from .saved import FallbackCause, build_layer
 from .served import AttachError, DataPlane, LayerStatus, Report, ServedLayers
 from .soci import SociLayer
 
@@ -114,6 +115,10 @@ class LayerManager:
         """Layer, cache, FUSE request and data plane state for the Status API."""
         return trio.from_thread.run(self.served.report, digests, trio_token=self.token)
 
+    def metrics(self) -> metrics.Snapshot:
+        """The state a Prometheus scrape reports (from the metrics server's thread)."""
+        return trio.from_thread.run(self.served.metrics, trio_token=self.token)
+
     def explain(self, digest: str) -> tuple[str, str]:
         """(mode, reason) for a layer: how it is served, and why not lazily. On the trio thread."""
         return self.served.explain(digest)
@@ -141,16 +146,17 @@ class LayerManager:
             await resolution.done.wait()
         try:
             if not resolution.done.is_set():
-                raise Fallback(f"finding the layer's index took over {self.options.resolve_timeout:g} s")
+                raise Fallback(f"finding the layer's index took over {self.options.resolve_timeout:g} s",
+                               FallbackCause.TIMEOUT)
             if resolution.error:
-                raise Fallback(resolution.error)
+                raise Fallback(resolution.error, resolution.cause)
             assert resolution.blob is not None
             if resolution.estargz is not None:
                 try:
                     estargz.verify_toc(resolution.estargz.toc, request.toc_digest or None,
                                        allow_unverified=self.options.allow_unverified or request.skip_verify)
                 except FormatError as e:
-                    raise Fallback(str(e)) from None
+                    raise Fallback(str(e), FallbackCause.VERIFICATION) from None
             try:
                 # In a worker thread: building a 30,000-entry tree takes a while, and the
                 # data planes' misses must not wait for it. An eStargz TOC is already parsed.
@@ -163,17 +169,18 @@ class LayerManager:
                         build_layer, resolution.kind, resolution.saved, resolution.offset, resolution.blob, self.cache,
                         self.activity)
             except FormatError as e:  # TreeError too: a hardlink to nothing is a broken index
-                raise Fallback(f"unusable {resolution.kind} index: {e}") from None
+                raise Fallback(f"unusable {resolution.kind} index: {e}", FallbackCause.BROKEN_INDEX) from None
             image = await self.served.image_of(request.layer_digest, layer)
             if not self.served.accepts(layer, image):
-                raise Fallback("the layer has extended attributes or opaque directories, and fuse_xattrs is off")
+                raise Fallback("the layer has extended attributes or opaque directories, and fuse_xattrs is off",
+                               FallbackCause.XATTRS)
             try:
                 record = await self.served.attach_new(request, resolution.kind, resolution.saved, index_digest,
                                                       resolution.offset, layer, image, status)
             except AttachError as e:
-                raise Fallback(str(e)) from None
+                raise Fallback(str(e), FallbackCause.ATTACH) from None
         except Fallback as e:
-            status.fall_back(str(e))
+            status.fall_back(str(e), e.cause)
             status.resolve_seconds = resolution.seconds
             log.warning("layer %s of %s is pulled whole: %s", request.layer_digest, request.image_ref, e)
             self.served.forget_old_fallbacks()

@@ -24,7 +24,7 @@ from ..soci.local import LocalIndexes
 from .blob import RegistryBlob
 from .estargz import EStargzIndex, fetch_index
 from .images import Images
-from .saved import ESTARGZ, SOCI
+from .saved import ESTARGZ, SOCI, FallbackCause
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,10 @@ RESOLUTION_TTL = 300.0
 
 class Fallback(Exception):
     """This layer will be pulled whole; the message says why."""
+
+    def __init__(self, message: str, cause: FallbackCause) -> None:
+        super().__init__(message)
+        self.cause = cause
 
 
 @dataclass(eq=False)
@@ -51,6 +55,8 @@ class Resolution:
     offset: int = 0
     blob: RegistryBlob | None = None
     error: str = ""
+    cause: FallbackCause = FallbackCause.INTERNAL
+    """Why it failed, when `error` says it did."""
     seconds: float = 0.0
     finished: float = 0.0
     """`time.monotonic()` when it ended."""
@@ -107,12 +113,13 @@ class Resolver:
                 resolution.blob = blob
         except trio.TooSlowError:
             resolution.error = f"finding the layer's index took over {self.timeout:g} s"
+            resolution.cause = FallbackCause.TIMEOUT
         except Fallback as e:
-            resolution.error = str(e)
+            resolution.error, resolution.cause = str(e), e.cause
         except FormatError as e:
-            resolution.error = f"broken index: {e}"
+            resolution.error, resolution.cause = f"broken index: {e}", FallbackCause.BROKEN_INDEX
         except RegistryError as e:
-            resolution.error = f"registry: {e}"
+            resolution.error, resolution.cause = f"registry: {e}", FallbackCause.REGISTRY
         except Exception as e:
             log.exception("resolving layer %s of %s failed", digest, image_ref)
             resolution.error = f"internal error: {e!r}"
@@ -124,9 +131,9 @@ class Resolver:
     async def _ztoc(self, request: LayerRequest, digest: str, discovery: Discovery) -> bytes:
         index = discovery.index
         if index is None:
-            raise Fallback(f"not an eStargz layer, and {discovery.reason}")
+            raise Fallback(f"not an eStargz layer, and {discovery.reason}", FallbackCause.NO_INDEX)
         ref = index.ztocs.get(digest)
         if ref is None:
             raise Fallback(f"the image's SOCI index ({discovery.source}) has no zTOC for this layer "
-                           "(smaller than the index's minimum layer size?)")
+                           "(smaller than the index's minimum layer size?)", FallbackCause.NO_INDEX)
         return await fetch_ztoc(self.registry, self.local, request.image_ref, ref)

@@ -12,6 +12,7 @@ Under `<root>/layers/<layer id>/`:
 
 from __future__ import annotations
 
+import enum
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,25 @@ ESTARGZ = "estargz"
 SOCI = "soci"
 FALLBACK = "fallback"
 """The three ways a layer is obtained: the formats served lazily, and a whole pull."""
+
+
+class FallbackCause(enum.Enum):
+    """Why a layer is pulled whole, in classes an operator can count (the reason text says more)."""
+
+    NO_INDEX = "no_index"
+    """Neither an eStargz TOC nor a SOCI zTOC for it."""
+    BROKEN_INDEX = "broken_index"
+    """An index that does not parse, or describes an impossible tree."""
+    VERIFICATION = "verification"
+    """The index cannot be verified (no or a wrong TOC digest annotation)."""
+    REGISTRY = "registry"
+    TIMEOUT = "timeout"
+    XATTRS = "xattrs"
+    """Extended attributes with fuse_xattrs off and no kernel metadata."""
+    ATTACH = "attach"
+    """Saving its index or serving it failed (a full disk, a data plane that refused)."""
+    RESTORE = "restore"
+    INTERNAL = "internal"
 
 _EXTENT = struct.Struct(">QQQ")
 

@@ -23,6 +23,7 @@ from typing import Protocol
 
 import trio
 
+from .. import metrics
 from ..atomic import write_atomically
 from ..cache import ChunkCache
 from ..formats.erofs import Image
@@ -35,7 +36,7 @@ from .blob import RestoredBlob
 from .estargz import EStargzLayer
 from .fetch import FetchableLayer, FetchActivity, Progress
 from .layer import ReadError
-from .saved import FALLBACK
+from .saved import FALLBACK, FallbackCause
 from .soci import SociLayer
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,19 @@ MAX_FALLBACK_STATUS = 1000
 
 Report = tuple[list[dict[str, object]], dict[str, int], dict[str, object], list[dict[str, object]]]
 """Layers, cache, FUSE requests and data planes, in the shapes of the Status API's messages."""
+
+
+@dataclass(frozen=True)
+class PlaneStats:
+    """What the data planes counted since they started, summed over the live ones."""
+
+    fuse: dict[str, object]
+    """FUSE requests per operation, in the shape of the Status API's `Fuse` message."""
+    hits: int = 0
+    misses: int = 0
+    """Reads served from the chunk cache, and reads that had to ask the control plane."""
+    read_failures: dict[str, int] = field(default_factory=dict)
+    """EIOs by cause (`fuse.counters.ReadFailure` values)."""
 
 
 class AttachError(Exception):
@@ -70,8 +84,8 @@ class DataPlane(Protocol):
 
     async def detach(self, layer_id: int) -> None: ...
 
-    async def stats(self) -> tuple[dict[str, object], dict[str, int]]:
-        """FUSE request counters, and chunk cache hits and misses of reads."""
+    async def stats(self) -> PlaneStats:
+        """What the live data planes counted, summed."""
         ...
 
     def generations(self) -> list[dict[str, object]]:
@@ -87,6 +101,8 @@ class LayerStatus:
     image_ref: str
     mode: str = ""
     reason: str = ""
+    cause: FallbackCause | None = None
+    """Why it is pulled whole, as a class (None while it is served lazily)."""
     size: int = 0
     resolve_seconds: float = 0.0
     path: str = ""
@@ -100,8 +116,8 @@ class LayerStatus:
         """Bytes this layer fetched, the index included, counted from its blob."""
         return self.layer.blob.fetched_bytes if self.layer is not None else 0
 
-    def fall_back(self, reason: str) -> None:
-        self.mode, self.reason, self.layer = FALLBACK, reason, None
+    def fall_back(self, reason: str, cause: FallbackCause) -> None:
+        self.mode, self.reason, self.cause, self.layer = FALLBACK, reason, cause, None
 
     async def run_task(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
         """Run one of the layer's background tasks (start it in a nursery); it ends with the layer."""
@@ -203,7 +219,8 @@ class ServedLayers:
         self._serving(record, layer, status)
 
     def _serving(self, record: LayerRecord, layer: EStargzLayer | SociLayer, status: LayerStatus) -> None:
-        status.mode, status.reason, status.size, status.layer = record.format, "", record.blob_size, layer
+        status.mode, status.reason, status.cause, status.size, status.layer = record.format, "", None, record.blob_size, \
+            layer
         status.path = str(self.planes.layer_path(record.id))
         self._records[record.id] = record
         self._by_layer[layer] = status
@@ -228,7 +245,7 @@ class ServedLayers:
                 attached += 1
             except (OSError, FormatError, AttachError) as e:
                 log.error("cannot restore layer %s (snapshot reads will fail): %s", record.digest, e)
-                status.fall_back(f"restore failed: {e}")
+                status.fall_back(f"restore failed: {e}", FallbackCause.RESTORE)
         stored = {record.id for record in records}
         for layer_id in sorted(served - stored):
             log.info("layer %d is served but no longer stored: detaching it", layer_id)
@@ -329,10 +346,35 @@ class ServedLayers:
              "prefetched_bytes": s.progress.prefetched_bytes, "background_bytes": s.progress.background_bytes}
             for s in reversed(self.status.values()) if not wanted or s.digest in wanted
         ]
-        fuse, reads = await self.planes.stats()
-        cache = {"bytes": self.cache.size, "max_bytes": self.cache.max_bytes, "hits": reads["hits"],
-                 "misses": reads["misses"], "evictions": self.cache.stats.evictions}
-        return layers, cache, fuse, self.planes.generations()
+        planes = await self.planes.stats()
+        cache = {"bytes": self.cache.size, "max_bytes": self.cache.max_bytes, "hits": planes.hits,
+                 "misses": planes.misses, "evictions": self.cache.stats.evictions}
+        return layers, cache, planes.fuse, self.planes.generations()
+
+    async def metrics(self) -> metrics.Snapshot:
+        """One consistent view of the layers, the cache and the data planes, for a scrape."""
+        layers: dict[str, int] = {}
+        fallbacks: dict[str, int] = {}
+        for s in self.status.values():
+            layers[s.mode] = layers.get(s.mode, 0) + 1
+            if s.cause is not None:
+                fallbacks[s.cause.value] = fallbacks.get(s.cause.value, 0) + 1
+        served = [s for s in self.status.values() if s.layer is not None]
+        planes = await self.planes.stats()
+        ops = {str(op["name"]): (int(op["count"]), float(op["seconds"]))  # type: ignore[index]
+               for op in planes.fuse.get("ops", [])}  # type: ignore[union-attr]
+        generations = self.planes.generations()
+        return metrics.Snapshot(
+            layers=layers, fallbacks=fallbacks,
+            complete_layers=sum(1 for s in served if s.progress.state == "complete"),
+            fetched_bytes=sum(s.fetched_bytes for s in served),
+            prefetched_bytes=sum(s.progress.prefetched_bytes for s in served),
+            background_bytes=sum(s.progress.background_bytes for s in served),
+            cache_bytes=self.cache.size, cache_max_bytes=self.cache.max_bytes,
+            cache_evictions=self.cache.stats.evictions, read_hits=planes.hits, read_misses=planes.misses,
+            fuse_ops=ops, read_failures=dict(planes.read_failures),
+            data_planes={"current": sum(1 for g in generations if not g["retiring"]),
+                         "retiring": sum(1 for g in generations if g["retiring"])})
 
     def explain(self, digest: str) -> tuple[str, str]:
         """(mode, reason) for a layer: how it is served, and why not lazily."""

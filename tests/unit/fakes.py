@@ -16,6 +16,8 @@ from pathlib import Path
 
 import trio
 
+from snapshotter.layers.served import PlaneStats
+
 from snapshotter.registry.errors import NotFoundError
 from snapshotter.store import LayerRecord
 from tests.harness.estargz import build_estargz
@@ -57,8 +59,8 @@ class FakePlane:
         self.detached.append(layer_id)
         self.serving.discard(layer_id)
 
-    async def stats(self) -> tuple[dict[str, object], dict[str, int]]:
-        return {"read_bytes": 0, "read_errors": 0, "ops": []}, {"hits": 0, "misses": 0}
+    async def stats(self) -> PlaneStats:
+        return PlaneStats({"read_bytes": 0, "read_errors": 0, "ops": []})
 
     def generations(self) -> list[dict[str, object]]:
         return []

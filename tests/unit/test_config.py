@@ -41,6 +41,8 @@ def test_example_config_is_valid_and_documents_every_setting() -> None:
         ("grpc_workers = true", "must be a int"),
         ("root = [", "config file"),
         (f"address = '/{'x' * 120}'", "longer than"),
+        ("metrics_address = '9650'", "host:port"),
+        ("metrics_address = 'localhost:99999'", "host:port"),
     ],
 )
 def test_bad_config_is_a_clear_error(tmp_path: Path, text: str, message: str) -> None:
