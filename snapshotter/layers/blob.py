@@ -15,36 +15,11 @@ if TYPE_CHECKING:  # the data plane uses StoredBlob, and must not load the HTTP 
     from ..registry.client import RegistryClient
 
 
-class RegistryBlob:
-    """A `Blob` whose location in the registry is known (it was just resolved)."""
-
-    def __init__(self, client: RegistryClient, ref: str, digest: str, size: int, location: object) -> None:
-        self.client, self.ref, self._digest, self._size, self.location = client, ref, digest, size, location
-        self.fetched_bytes = 0
-
-    @property
-    def digest(self) -> str:
-        return self._digest
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    async def read(self, start: int, end: int) -> bytes:
-        began = time.monotonic()
-        try:
-            data = await self.client.read_range(self.location, start, end)
-        except BaseException:
-            metrics.FETCH_ERRORS.inc()
-            raise
-        metrics.FETCH_SECONDS.observe(time.monotonic() - began)
-        metrics.FETCH_BYTES.inc(len(data))
-        self.fetched_bytes += len(data)
-        return data
-
-
 class StoredBlob:
     """A layer blob known by name and size only: the data plane's, which never reads the registry."""
+
+    fetched_bytes = 0
+    """Bytes read from the registry so far (for `lazysnap status`)."""
 
     def __init__(self, digest: str, size: int) -> None:
         self._digest, self._size = digest, size
@@ -57,12 +32,29 @@ class StoredBlob:
     def size(self) -> int:
         return self._size
 
-    @property
-    def fetched_bytes(self) -> int:
-        return 0
-
     async def read(self, start: int, end: int) -> bytes:
         raise ReadError(f"layer {self._digest}: the data plane does not read the registry")
+
+
+class RegistryBlob(StoredBlob):
+    """A `Blob` whose location in the registry is known (it was just resolved)."""
+
+    def __init__(self, client: RegistryClient, ref: str, digest: str, size: int, location: object) -> None:
+        super().__init__(digest, size)
+        self.client, self.ref, self.location = client, ref, location
+        self.fetched_bytes = 0
+
+    async def read(self, start: int, end: int) -> bytes:
+        began = time.monotonic()
+        try:
+            data = await self.client.read_range(self.location, start, end)
+        except BaseException:
+            metrics.FETCH_ERRORS.inc()
+            raise
+        metrics.FETCH_SECONDS.observe(time.monotonic() - began)
+        metrics.FETCH_BYTES.inc(len(data))
+        self.fetched_bytes += len(data)
+        return data
 
 
 class RestoredBlob(StoredBlob):

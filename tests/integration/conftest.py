@@ -138,11 +138,16 @@ def workdir() -> Iterator[Path]:
 @pytest.fixture
 def lazysnap(workdir: Path, request: pytest.FixtureRequest) -> Iterator[Lazysnap]:
     """`lazysnap serve` for one test; `@pytest.mark.lazysnap_config("key = value")` gives it a config file."""
-    config = None
     marker = request.node.get_closest_marker("lazysnap_config")
-    if marker is not None:
+    yield from serving(workdir, request, list(marker.args) if marker is not None else [])
+
+
+def serving(workdir: Path, request: pytest.FixtureRequest, settings: list[str]) -> Iterator[Lazysnap]:
+    """A `lazysnap` fixture's body: the daemon with `settings` (config lines), its log shown if the test failed."""
+    config = None
+    if settings:
         config = workdir / "lazysnap.toml"
-        config.write_text("\n".join(marker.args) + "\n")
+        config.write_text("\n".join(settings) + "\n")
     daemon = Lazysnap(root=workdir / "root", address=workdir / "ls.sock", log_path=workdir / "lazysnap.log",
                       config=config)
     try:

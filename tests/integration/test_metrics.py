@@ -13,6 +13,7 @@ from tests.harness.containerd import Containerd
 from tests.harness.lazysnap import Lazysnap
 from tests.harness.procs import free_port
 
+from .conftest import serving
 from .test_lazy import HELLO_OUTPUT, LazyImages, lazy_images, rpull, run_script  # noqa: F401  (lazy_images: a fixture)
 
 
@@ -22,17 +23,9 @@ def metrics_port() -> int:
 
 
 @pytest.fixture
-def lazysnap(workdir: Path, metrics_port: int) -> Iterator[Lazysnap]:
+def lazysnap(workdir: Path, metrics_port: int, request: pytest.FixtureRequest) -> Iterator[Lazysnap]:
     """`lazysnap serve` with its metrics endpoint on a loopback port of its own."""
-    config = workdir / "lazysnap.toml"
-    config.write_text(f'metrics_address = "127.0.0.1:{metrics_port}"\nbackground_fetch = false\n')
-    daemon = Lazysnap(root=workdir / "root", address=workdir / "ls.sock", log_path=workdir / "lazysnap.log",
-                      config=config)
-    try:
-        daemon.start()
-        yield daemon
-    finally:
-        daemon.close()
+    yield from serving(workdir, request, [f'metrics_address = "127.0.0.1:{metrics_port}"', "background_fetch = false"])
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
