@@ -8,10 +8,11 @@ layer formats) to import before it asks the daemon to pull.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import __version__, config
 from .errors import SnapshotterError
@@ -54,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--address", type=Path, default=config.Config.address, help="lazysnap's socket")
     status.add_argument("--fuse", action="store_true",
                         help="also print the FUSE requests served, per operation, and the time they took")
+    status.add_argument("--json", action="store_true",
+                        help="print everything as one JSON object (layers, cache, fuse, data_planes), for scripts")
     status.add_argument("--dataplanes", action="store_true",
                         help="also list the data plane processes that serve the layers (one per build in use)")
 
@@ -280,9 +283,13 @@ def status_command(args: argparse.Namespace) -> int:
         return 1
     finally:
         client.close()
+    if args.json:
+        print(json.dumps(message_dict(reply), indent=1))
+        return 0
     rows = [("LAYER", "MODE", "SIZE", "FETCHED", "RESOLVE", "FETCH STATE", "IMAGE / WHY")]
     for layer in reply.layers:
-        rows.append((layer.digest[:19], layer.mode, human_size(layer.size), human_size(layer.fetched_bytes),
+        size = human_size(layer.size) if layer.size or layer.mode != "fallback" else "-"  # containerd pulls it
+        rows.append((layer.digest[:19], layer.mode, size, human_size(layer.fetched_bytes),
                      f"{layer.resolve_seconds:.2f}s", layer.fetch_state or "-", layer.reason or layer.image_ref))
     widths = [max(len(r[i]) for r in rows) for i in range(6)]
     for row in rows:
@@ -298,6 +305,22 @@ def status_command(args: argparse.Namespace) -> int:
             print(f"data plane {plane.generation}: pid {plane.pid}, {plane.layers} layers, build {plane.build[:12]}"
                   + (" (retiring: exits once its layers are released)" if plane.retiring else ""))
     return 0
+
+
+def message_dict(message: Any) -> dict[str, object]:
+    """A protobuf message as plain JSON values, field names as in the .proto (`status --json`).
+
+    Not protobuf's own JSON mapping: that turns every int64 into a string.
+    """
+    out: dict[str, object] = {}
+    for field in message.DESCRIPTOR.fields:
+        value = getattr(message, field.name)
+        if field.message_type is not None:
+            value = [message_dict(v) for v in value] if field.is_repeated else message_dict(value)
+        elif field.is_repeated:
+            value = list(value)
+        out[field.name] = value
+    return out
 
 
 def format_fuse(fuse: status_pb2.Fuse) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 from pathlib import Path
 
@@ -80,6 +81,34 @@ def test_status_prints_fuse_requests_when_asked(monkeypatch: pytest.MonkeyPatch,
         assert out[1].startswith("cache: ") and out[2].startswith("FUSE OP") and out[3].split()[:2] == ["getxattr", "7"]
     else:
         assert len(out) == 2 and out[1].startswith("cache: ")  # the default output stays as scripts parse it
+
+
+def test_status_json_is_the_whole_reply_with_numbers_as_numbers(monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    reply = status_pb2.LayersResponse(
+        layers=[status_pb2.Layer(digest="sha256:" + "a" * 64, mode="estargz", size=3 << 30, fetched_bytes=7),
+                status_pb2.Layer(digest="sha256:" + "b" * 64, mode="fallback", reason="no index")],
+        cache=status_pb2.Cache(bytes=10, hits=4), data_planes=[status_pb2.DataPlane(generation=2, pid=99, layers=1)])
+
+    class Client:
+        def __init__(self, address: Path) -> None: ...
+        def close(self) -> None: ...
+
+        def layers(self) -> status_pb2.LayersResponse:
+            return reply
+
+    monkeypatch.setattr(status, "StatusClient", Client)
+    with pytest.raises(SystemExit) as done:
+        cli.main(["status", "--address", "/nonexistent.sock", "--json"])
+    assert done.value.code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["layers"][0]["size"] == 3 << 30 and out["layers"][1]["reason"] == "no index"
+    assert out["cache"]["hits"] == 4 and out["data_planes"] == [
+        {"generation": 2, "pid": 99, "retiring": False, "layers": 1, "build": ""}]
+    with pytest.raises(SystemExit):
+        cli.main(["status", "--address", "/nonexistent.sock"])
+    table = capsys.readouterr().out.splitlines()
+    assert table[2].split()[:3] == ["sha256:bbbbbbbbbbbb", "fallback", "-"], "a layer containerd pulls has no size here"
 
 
 @pytest.mark.usefixtures("needs_fuse")
