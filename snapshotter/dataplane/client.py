@@ -26,6 +26,7 @@ from typing import Protocol
 
 import trio
 
+from ..atomic import write_atomically
 from ..layers import erofs
 from ..layers.served import AttachError, PlaneStats
 from ..store import LayerRecord
@@ -187,11 +188,22 @@ class DataPlanes:
             ours = [g for g in self._generations.values() if g.build == self.build and not g.retiring]
             current = max(ours, key=lambda g: g.number) if ours else None
             if current is None:
-                current = await self._start(max([*_numbers(self.base), 0]) + 1)
+                current = await self._start(self._next_number())
             for gen in list(self._generations.values()):
                 if gen is not current and not gen.retiring:
                     await self._retire(gen)
             return current
+
+    def _next_number(self) -> int:
+        """A generation number never used under this root, so logs never name two processes alike."""
+        last = self.base / "last"
+        try:
+            used = int(last.read_text())
+        except (OSError, ValueError):
+            used = 0
+        number = max([*_numbers(self.base), used]) + 1
+        write_atomically(last, f"{number}\n".encode())
+        return number
 
     async def _retire(self, gen: _Generation) -> None:
         reason = "another build" if gen.build != self.build else "an older generation"

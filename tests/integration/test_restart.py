@@ -15,7 +15,13 @@ read must go data plane -> new control plane -> registry:
 - a second serve on the same root, or on the same socket, is refused and leaves the
   first one serving;
 - SIGKILL in the middle of an rpull leaves nothing a restart cannot fix, and no mount
-  that no served layer needs.
+  that no served layer needs;
+- a retired data plane exits once the last of its layers is released (its image
+  removed), and the new generation keeps serving;
+- a SIGKILLed data plane is replaced: its containers' reads fail (never with wrong
+  bytes), a new generation serves the layers, and new containers read right bytes;
+- with `kernel_metadata = false` (layers' trees served through FUSE, bind-mounted), and
+  with SOCI layers (an ordinary gzip image and its zTOCs), restarts are just as harmless.
 
 The image: the sample image (eStargz) plus a data layer of N_FILES files of random
 bytes, each one chunk, with a random filler between any two of them, so a read of one
@@ -48,11 +54,11 @@ from tests.harness.estargz import build_estargz
 from tests.harness.faultproxy import FaultProxy
 from tests.harness.images import File, Image, OCILayout, push, sample_layers
 from tests.harness.lazysnap import Lazysnap, mounts_below
-from tests.harness.procs import unix_socket_accepts
+from tests.harness.procs import unix_socket_accepts, wait_until
 from tests.harness.registry import Registry
 
-from .conftest import short_tmpdir
-from .test_lazy import LAZY, rpull, run_script, settled_mark, short, status
+from .conftest import SociImage, short_tmpdir
+from .test_lazy import LAZY, lazysnap_cli, rpull, run_script, settled_mark, short, snapshot_keys, status
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -112,6 +118,44 @@ def restart_images(registry: Registry) -> Iterator[RestartImages]:
         ref = push(layout.root, "restart", registry, "lazysnap/restart:latest", image=image)
         upgrade_ref = push(layout.root, "upgrade", registry, "lazysnap/restart-upgrade:latest", image=upgrade)
         yield RestartImages(layout.root, image, ref, upgrade, upgrade_ref, sha256, hashlib.sha256(extra).hexdigest())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@dataclass
+class FreshImage:
+    """An image that shares no layer with `RestartImages`: busybox (plus a file of its own) and a data layer."""
+
+    image: Image
+    ref: str
+    sha256: dict[str, str]        # path -> sha256 hex; N_FRESH files, each one chunk between fillers
+
+
+N_FRESH = 3
+
+
+def fresh_path(i: int) -> str:
+    return f"/fresh/g{i:02d}.bin"
+
+
+@pytest.fixture(scope="module")
+def fresh_image(registry: Registry) -> Iterator[FreshImage]:
+    tmp = short_tmpdir("lzs-fresh-")
+    try:
+        layout = OCILayout(tmp / "layout")
+        rng = random.Random(20261213)
+        base = build_estargz([*sample_layers()[0], File("fresh.txt", "a layer of the fresh image\n")],
+                             chunk_size=SAMPLE_CHUNK).layer()
+        entries, sha256 = [], {}
+        for i in range(N_FRESH):
+            data = rng.randbytes(FILE_SIZE)
+            entries += [File(fresh_path(i).lstrip("/"), data), File(f"fresh/filler{i:02d}.bin",
+                                                                     rng.randbytes(FILLER_SIZE))]
+            sha256[fresh_path(i)] = hashlib.sha256(data).hexdigest()
+        data_layer = build_estargz(entries, chunk_size=CHUNK_SIZE, level=1).layer()
+        image = layout.add_image("fresh", [base, data_layer], cmd=["/bin/sh"])
+        ref = push(layout.root, "fresh", registry, "lazysnap/restart-fresh:latest", image=image)
+        yield FreshImage(image, ref, sha256)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -196,6 +240,68 @@ def wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> int | None:
         return proc.wait(timeout)
     except subprocess.TimeoutExpired:
         return None
+
+
+def process_alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, which nobody may reap here, has exited)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+
+
+def mounts_at(path: Path) -> list[tuple[int, str]]:
+    """(mount id, device) of each mount at `path`, several if stacked, from /proc/self/mountinfo.
+
+    Mount ids and anonymous device numbers are reused once freed, so the pair tells mounts
+    apart only while both live; that a mount is gone shows as its path no longer mounted.
+    """
+    target = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return [(int(fields[0]), fields[2]) for fields in map(str.split, f) if fields[4] == target]
+
+
+def fuse_mounts_below(path: Path) -> list[Path]:
+    """Mountpoints of the FUSE mounts below `path`, once per mount stacked on them."""
+    return [mountpoint for mountpoint, kind in mounts_below(path) if kind.startswith("fuse")]
+
+
+@dataclass(frozen=True)
+class PlaneLine:
+    """One line of `lazysnap status --dataplanes`."""
+
+    pid: int
+    layers: int
+    build: str
+    retiring: bool
+
+
+DATAPLANE_LINE = re.compile(r"^data plane (?P<generation>\d+): pid (?P<pid>\d+), (?P<layers>\d+) layers, "
+                            r"build (?P<build>[0-9a-f]+)(?P<retiring> \(retiring: .+\))?$")
+
+
+def status_dataplanes(daemon: Lazysnap) -> tuple[str, dict[int, PlaneLine]]:
+    """`lazysnap status --dataplanes`: its output, and its data plane lines by generation."""
+    done = lazysnap_cli("status", "--dataplanes", "--address", str(daemon.address), timeout=30)
+    assert done.returncode == 0, f"lazysnap status --dataplanes failed:\n{done.stdout}{done.stderr}"
+    lines = done.stdout.splitlines()
+    cache = [i for i, line in enumerate(lines) if line.startswith("cache: ")]
+    assert cache, f"no cache line in lazysnap status --dataplanes:\n{done.stdout}"
+    planes = {}
+    for line in lines[cache[-1] + 1:]:
+        m = DATAPLANE_LINE.match(line)
+        assert m, f"unparsable data plane line {line!r}:\n{done.stdout}"
+        planes[int(m["generation"])] = PlaneLine(int(m["pid"]), int(m["layers"]), m["build"], bool(m["retiring"]))
+    return done.stdout, planes
+
+
+def remove_containers(containerd: Containerd, containers: list[str]) -> None:
+    """Kill the containers' tasks and remove them (and their snapshots)."""
+    for container in containers:
+        containerd.ctr("tasks", "kill", "-a", "-s", "SIGKILL", container, check=False, timeout=30)
+        containerd.ctr("tasks", "delete", "-f", container, timeout=30)
+    containerd.ctr("containers", "rm", *containers, timeout=30)
 
 
 # ---------------------------------------------------------------------------- restarts under running containers
@@ -471,3 +577,216 @@ def test_sigkill_during_rpull_leaves_nothing_a_restart_cannot_fix(containerd: Co
     stray = [f"{path} ({kind})" for path, kind in mounts_below(lazysnap.root)
              if path not in served and path not in live_fuse]
     assert not stray, f"mounted under {lazysnap.root}, needed by no served layer or live data plane: {stray}"
+
+
+# ---------------------------------------------------------------------------- a retired data plane exits
+
+RETIRED_EXIT_TIMEOUT = 15.0
+
+
+@pytest.mark.lazysnap_config(*QUIET)
+def test_retired_data_plane_exits_once_its_layers_are_released(containerd: Containerd, lazysnap: Lazysnap,
+                                                               restart_images: RestartImages,
+                                                               fresh_image: FreshImage, workdir: Path,
+                                                               cid: str) -> None:
+    old_containers = pull_and_start(containerd, lazysnap, restart_images, cid, n=2)
+    (old_gen, old_pid), = lazysnap.dataplanes().items()
+    old_fuse = lazysnap.dataplane_dir / str(old_gen) / "fuse"
+    assert len(mounts_at(old_fuse)) == 1, f"data plane {old_gen}'s FUSE mount is not at {old_fuse}"
+
+    # Upgrade: serve runs from a copy of the package, so it retires data plane `old_gen` and starts another.
+    copy = upgraded_copy(workdir / "upgrade")
+    assert _runs_from(copy), f"python -m snapshotter in {copy} would not run the copy"
+    lazysnap.kill(signal.SIGTERM)
+    lazysnap.cwd = copy
+    lazysnap.start()
+    containerd.wait_for_snapshotter(LAZY)
+
+    # An image that shares no layer with the old one: served by the new data plane alone.
+    output, rows = rpull(containerd, lazysnap, fresh_image.ref)
+    assert all(row.how == "lazy estargz" for row in rows.values()), output
+    (fresh,) = start_containers(containerd, fresh_image.ref, cid + "-fresh", 1)
+    first = read_file(containerd, fresh, fresh_path(0))
+    assert first.right(fresh_image.sha256[fresh_path(0)]), first.describe()
+
+    planes = lazysnap.dataplanes()
+    assert len(planes) == 2 and planes.get(old_gen) == old_pid, (
+        f"after the upgrade data plane {old_gen} (pid {old_pid}) and a new one should run, found {planes}")
+    (new_gen, new_pid), = ((g, p) for g, p in planes.items() if g != old_gen)
+    text, listed = status_dataplanes(lazysnap)
+    assert set(listed) == {old_gen, new_gen}, f"status --dataplanes must list both generations:\n{text}"
+    assert listed[old_gen].pid == old_pid and listed[old_gen].retiring, (
+        f"data plane {old_gen} (pid {old_pid}) must be listed as retiring:\n{text}")
+    assert listed[new_gen].pid == new_pid and not listed[new_gen].retiring, (
+        f"data plane {new_gen} (pid {new_pid}) must be listed, not retiring:\n{text}")
+    assert listed[old_gen].layers == len(restart_images.image.layers), text
+    assert listed[new_gen].layers == len(fresh_image.image.layers), text
+    assert listed[old_gen].build != listed[new_gen].build, f"the two generations must be of different builds:\n{text}"
+
+    # Release every layer of the old data plane: its containers go, then its image.
+    old_layers = {short(layer.digest) for layer in restart_images.image.layers}
+    remove_containers(containerd, old_containers)
+    started = time.monotonic()
+    containerd.ctr("images", "rm", "--sync", restart_images.ref)
+    old_chains = set(restart_images.image.chain_ids)
+    wait_until(lambda: not old_chains & set(snapshot_keys(containerd)), RETIRED_EXIT_TIMEOUT,
+               "lazysnap's snapshots of the old image to be removed")
+    wait_until(lambda: not old_layers & set(status(lazysnap)[1]), RETIRED_EXIT_TIMEOUT,
+               "lazysnap status to no longer list the old image's layers")
+    deadline = started + RETIRED_EXIT_TIMEOUT
+    while process_alive(old_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not process_alive(old_pid), (
+        f"the retired data plane {old_gen} (pid {old_pid}) still runs {time.monotonic() - started:.1f} s after "
+        f"its image was removed and its layers released\n{lazysnap.log_tail()}")
+    assert mounts_at(old_fuse) == [], (
+        f"data plane {old_gen} exited, but its FUSE mount at {old_fuse} is still in /proc/self/mountinfo: "
+        f"{mounts_below(lazysnap.dataplane_dir)}")
+    new_fuse = lazysnap.dataplane_dir / str(new_gen) / "fuse"
+    assert fuse_mounts_below(lazysnap.dataplane_dir) == [new_fuse], (
+        f"only data plane {new_gen}'s FUSE mount should be left: {mounts_below(lazysnap.dataplane_dir)}")
+    mnt = [path for path, _ in mounts_below(lazysnap.mnt_dir)]
+    assert len(mnt) == len(fresh_image.image.layers), (
+        f"only the fresh image's {len(fresh_image.image.layers)} layers should be mounted under "
+        f"{lazysnap.mnt_dir}: {mnt}")
+
+    text, listed = status_dataplanes(lazysnap)
+    assert list(listed) == [new_gen] and listed[new_gen].pid == new_pid and not listed[new_gen].retiring, (
+        f"status --dataplanes must list only data plane {new_gen} (pid {new_pid}), not retiring:\n{text}")
+    assert lazysnap.dataplanes() == {new_gen: new_pid}, lazysnap.dataplanes()
+
+    # The new generation keeps serving: a never-read file in the running container of the fresh image.
+    later = read_file(containerd, fresh, fresh_path(1))
+    assert later.right(fresh_image.sha256[fresh_path(1)]), f"{later.describe()}\n{lazysnap.log_tail()}"
+
+
+# ---------------------------------------------------------------------------- a killed data plane is replaced
+
+REPLACE_TIMEOUT = 15.0
+BROKEN_READ_TIMEOUT = 20.0
+
+
+@pytest.mark.lazysnap_config(*QUIET)
+def test_a_killed_data_plane_is_replaced(containerd: Containerd, lazysnap: Lazysnap,
+                                         restart_images: RestartImages, cid: str) -> None:
+    containers = pull_and_start(containerd, lazysnap, restart_images, cid, n=3)
+    (old_gen, old_pid), = lazysnap.dataplanes().items()
+    old_dir = lazysnap.dataplane_dir / str(old_gen)
+    assert fuse_mounts_below(lazysnap.dataplane_dir) == [old_dir / "fuse"], (
+        f"data plane {old_gen}'s FUSE mount should be the only one: {mounts_below(lazysnap.dataplane_dir)}")
+    # A file of our own in the generation's directory: gone once serve has removed the directory,
+    # even if the next generation gets the same number.
+    marker = old_dir / "put-here-by-the-test"
+    marker.write_text("")
+    serve_pid = lazysnap.pid
+    # busybox itself lives on the layers the killed data plane served: a page of it that is not cached
+    # (such as the code that reports a failed read) faults with SIGBUS once the data plane is gone. Run
+    # that code now, so that what the reads below show is what the read of the data file itself got.
+    for container in containers:
+        warm = containerd.exec(container, "sha256sum", "/proc/self/mem", check=False, timeout=30)
+        assert warm.returncode == 1 and EIO_TEXT.search(warm.stderr), (warm.returncode, warm.stdout, warm.stderr)
+
+    killed = time.monotonic()
+    os.kill(old_pid, signal.SIGKILL)
+    wait_until(lambda: not process_alive(old_pid), 5, f"the SIGKILLed data plane (pid {old_pid}) to exit")
+
+    # The running containers read through the dead FUSE connection: broken, but never wrong bytes.
+    with ThreadPoolExecutor(max_workers=len(containers)) as pool:
+        broken = list(pool.map(lambda c: read_file(containerd, c[1], data_path(c[0]), timeout=BROKEN_READ_TIMEOUT),
+                               enumerate(containers)))
+    wrong = [r for r in broken if r.status == 0 and r.digest != restart_images.sha256[r.path]]
+    assert not wrong, "reads through a killed data plane returned wrong bytes:\n" + "\n".join(
+        r.describe() for r in wrong)
+    not_eio = [r for r in broken if r.status != 0 and not (r.status == 1 and EIO_TEXT.search(r.output))]
+    assert not not_eio, "reads through a killed data plane must fail with EIO:\n" + "\n".join(
+        r.describe() for r in not_eio)
+
+    def replaced() -> bool:
+        planes = lazysnap.dataplanes()
+        return len(planes) == 1 and old_pid not in planes.values()
+
+    wait_until(replaced, max(0.1, killed + REPLACE_TIMEOUT - time.monotonic()),
+               f"serve to start a data plane in place of pid {old_pid}", lazysnap.proc)
+    (new_gen, new_pid), = lazysnap.dataplanes().items()
+    assert (lazysnap.dataplane_dir / str(new_gen) / "pid").read_text().strip() == str(new_pid)
+    assert not marker.exists(), f"the killed data plane's directory {old_dir} was not removed"
+    # One FUSE mount, the new one's (the generation number may be the old one's: its directory was removed).
+    assert fuse_mounts_below(lazysnap.dataplane_dir) == [lazysnap.dataplane_dir / str(new_gen) / "fuse"], (
+        f"the killed data plane's FUSE mount is left beside the new one's: {mounts_below(lazysnap.dataplane_dir)}")
+    assert lazysnap.pid == serve_pid, "serve must keep running when its data plane dies"
+
+    # The new generation serves every layer of the image again (`status --dataplanes`).
+    n_layers = len(restart_images.image.layers)
+
+    def serves_them_all() -> bool:
+        listed = status_dataplanes(lazysnap)[1]
+        return (list(listed) == [new_gen] and listed[new_gen].pid == new_pid and listed[new_gen].layers == n_layers
+                and not listed[new_gen].retiring)
+
+    wait_until(serves_them_all, max(0.1, killed + REPLACE_TIMEOUT - time.monotonic()),
+               f"status --dataplanes to list data plane {new_gen} (pid {new_pid}) alone, serving {n_layers} layers",
+               lazysnap.proc)
+
+    # A new container of the same image starts and reads a never-read file.
+    done, _ = run_script(containerd, restart_images.ref, f"sha256sum {data_path(10)}", cid + "-new")
+    assert done.stdout.split()[:1] == [restart_images.sha256[data_path(10)]], f"{done.stdout}\n{lazysnap.log_tail()}"
+
+
+# ---------------------------------------------------------------------------- FUSE-served metadata
+
+@pytest.mark.lazysnap_config(*QUIET, "kernel_metadata = false")
+def test_restart_with_fuse_served_metadata(containerd: Containerd, lazysnap: Lazysnap, restart_images: RestartImages,
+                                           registry: Registry, cid: str) -> None:
+    containers = pull_and_start(containerd, lazysnap, restart_images, cid, n=3)
+    n_layers = len(restart_images.image.layers)
+    before = mounts_below(lazysnap.mnt_dir)
+    assert len(before) == n_layers and all(kind.startswith("fuse") for _, kind in before), (
+        f"with kernel_metadata = false each of the {n_layers} layers should be a FUSE bind mount under "
+        f"{lazysnap.mnt_dir}: {before}")
+    mounted = {path: mounts_at(path) for path, _ in before}
+    planes = lazysnap.dataplanes()
+    mark = settled_mark(registry)
+
+    restart(lazysnap, containerd, signal.SIGTERM)
+    reads = read_all(containerd, [(c, data_path(i)) for i, c in enumerate(containers)])
+    assert_right(reads, restart_images, lazysnap)
+
+    fetched = fetched_since(registry, restart_images, mark)
+    assert fetched >= len(containers) * FILE_SIZE, (
+        f"only {fetched} bytes of the data layer were fetched for {len(containers)} reads of 1 MiB never-read files")
+    assert len(planes) == 1 and lazysnap.dataplanes() == planes, (
+        f"the restarted serve must adopt the running data plane {planes}, found {lazysnap.dataplanes()}")
+    after = mounts_below(lazysnap.mnt_dir)
+    assert len(after) == n_layers and all(kind.startswith("fuse") for _, kind in after), (
+        f"after the restart each layer should still be a FUSE bind mount under {lazysnap.mnt_dir}: {after}")
+    assert {path: mounts_at(path) for path, _ in after} == mounted, "the restart must leave the layer mounts alone"
+
+
+# ---------------------------------------------------------------------------- SOCI layers
+
+@pytest.mark.lazysnap_config(*QUIET)
+def test_soci_layers_survive_a_restart_under_running_containers(containerd: Containerd, lazysnap: Lazysnap,
+                                                                soci_image: SociImage, registry: Registry,
+                                                                cid: str) -> None:
+    data_layer = soci_image.layers[-1]
+    assert data_layer.digest in soci_image.indexed, "the layer with /data/random.bin should have a zTOC"
+    output, rows = rpull(containerd, lazysnap, soci_image.ref)
+    assert rows[short(data_layer.digest)].how == "lazy soci", output
+    containers = start_containers(containerd, soci_image.ref, cid, 2)
+    planes = lazysnap.dataplanes()
+    mark = settled_mark(registry)
+
+    restart(lazysnap, containerd, signal.SIGKILL)
+    expected = hashlib.sha256(soci_image.data).hexdigest()
+    reads = read_all(containerd, [(c, "/data/random.bin") for c in containers])
+    wrong = [r for r in reads if not r.right(expected)]
+    assert not wrong, "reads of /data/random.bin after the restart failed or returned wrong bytes:\n" + "\n".join(
+        r.describe() for r in wrong) + f"\n{lazysnap.log_tail()}"
+
+    # The file was never fetched before: the reads went data plane -> new serve -> registry.
+    fetched = registry.blob_bytes_served(data_layer.digest, since=mark, settle=0.3)
+    assert fetched >= len(soci_image.data), (
+        f"only {fetched} bytes of the SOCI layer were fetched after the restart for a {len(soci_image.data)}-byte "
+        "never-read file")
+    assert len(planes) == 1 and lazysnap.dataplanes() == planes, (
+        f"the restarted serve must adopt the running data plane {planes}, found {lazysnap.dataplanes()}")
