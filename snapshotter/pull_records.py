@@ -14,6 +14,8 @@ from .sizes import human_size
 
 LAZY = "lazy"
 WHOLE = "pulled whole"
+WHOLE_BY_LAZYSNAP = "pulled whole by lazysnap"
+"""A layer without a usable index that lazysnap fetched itself (`pull_whole`), so containerd did not."""
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,11 @@ class RemoteLayers(Protocol):
         """Stop serving layers that no snapshot uses any more."""
         ...
 
+    def pull_whole(self, request: L.LayerRequest, dest: Path, parents: list[Path]) -> bool:
+        """Blocking: fetch and apply a layer that cannot be served lazily into the empty dir `dest`
+        (`parents`: the lower dirs, nearest first); False leaves it to containerd."""
+        ...
+
     def layer_path(self, layer_id: int) -> Path:
         """Where the layer's tree is mounted (its FUSE directory, or its own EROFS mount)."""
         ...
@@ -57,7 +62,9 @@ class RemoteLayers(Protocol):
 class Snapshotter:
     """Snapshots under `<root>/snapshots`, lazily served layers under `<root>/fuse`, metadata in `store`."""
 
-    def __init__(self, root: Path, store: Store, *, index_off: bool = False, remote: RemoteLayers | None = None) -> None:
+    def __init__(self, root: Path, store: Store, *, index_off: bool = False, remote: RemoteLayers | None = None,
+                 pull_whole: bool = False) -> None:
+        """`pull_whole`: a layer `remote` cannot serve lazily is fetched by `remote` whole, not by containerd."""
         self.root = root
         self.dir = root / "snapshots"
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -65,6 +72,7 @@ class Snapshotter:
         self.store = store
         self.index_off = index_off
         self.remote = remote
+        self.pull_whole = pull_whole
 
     # -- creating ------------------------------------------------------------------
 
@@ -90,11 +98,48 @@ class Snapshotter:
                 raise AlreadyExists(f"target snapshot {request.target!r} already exists")
         layer_id = self.remote.mount(request)
         if layer_id is None:
+            if self.pull_whole:
+                self._pull_whole(parent, labels, request)
             return
         with self.store.transaction() as tx:
             snap = tx.create_remote(request.target, parent, checked_labels(labels | {L.REMOTE: "lazysnap"}), layer_id)
         log.info("layer %s served lazily as %r (snapshot id %d)", request.layer_digest, request.target, snap.id)
         raise AlreadyExists(f"target snapshot {request.target!r} already exists (served lazily)")
+
+    def _pull_whole(self, parent: str, labels: dict[str, str], request: L.LayerRequest) -> None:
+        """Raise AlreadyExists once the layer is applied and committed as the target; return to fall back.
+
+        Applied into a temporary directory beside the snapshots, then recorded and renamed
+        into place in one transaction, as `_create` does: a crash leaves nothing `cleanup`
+        does not remove. Layers above stay lazy: containerd never downloads this one.
+        """
+        assert self.remote is not None
+        staging = Path(tempfile.mkdtemp(prefix="new-", dir=self.dir))
+        try:
+            (staging / "fs").mkdir(0o755)
+            lowers = []
+            if parent:
+                with self.store.transaction() as tx:
+                    below = tx.get(parent)
+                lowers = [self.lower_path(Parent(below.id, below.layer_id))] + [self.lower_path(p) for p in below.parents]
+            if not self.remote.pull_whole(request, staging / "fs", lowers):
+                shutil.rmtree(staging, ignore_errors=True)
+                return
+            usage = disk_usage(staging / "fs")
+            with self.store.transaction() as tx:
+                key = f"whole-{os.path.basename(staging)}"
+                active = tx.create(key, parent, Kind.ACTIVE, {})
+                snap = tx.commit(key, request.target, checked_labels(labels), usage.size, usage.inodes)
+                final = self.dir / str(active.id)
+                if final.exists():
+                    shutil.rmtree(final)  # no row has this id: left over from a crash
+                staging.rename(final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        log.info("layer %s pulled whole by lazysnap as %r (snapshot id %d)", request.layer_digest, request.target,
+                 snap.id)
+        raise AlreadyExists(f"target snapshot {request.target!r} already exists (pulled whole by lazysnap)")
 
     def view(self, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
         return self._create(Kind.VIEW, key, parent, labels)

@@ -24,7 +24,8 @@ import trio
 
 from .. import labels as L
 from ..errors import AlreadyExists, SnapshotterError
-from ..pull_records import LAZY, WHOLE, LayerOutcome, PullEvent, PullOrder, PullReport
+from ..layers.saved import WHOLE as WHOLE_MODE
+from ..pull_records import LAZY, WHOLE, WHOLE_BY_LAZYSNAP, LayerOutcome, PullEvent, PullOrder, PullReport
 from ..registry.client import RegistryClient
 from ..registry.errors import RegistryError
 from ..registry.manifest import Descriptor
@@ -80,7 +81,9 @@ async def rpull(ref: str, *, registry: RegistryClient, containerd: ContainerdCli
                                           parent, labels)
             if explain is not None:
                 mode, reason = explain(layer.digest)
-                if outcome.how == LAZY and mode:
+                if outcome.how == LAZY and mode == WHOLE_MODE:
+                    outcome.how = WHOLE_BY_LAZYSNAP
+                elif outcome.how == LAZY and mode:
                     outcome.how = f"{LAZY} {mode}"
                 outcome.reason = reason or outcome.reason
             outcome.seconds = time.monotonic() - layer_start

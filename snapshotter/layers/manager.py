@@ -35,8 +35,10 @@ from ..formats.errors import FormatError
 from ..labels import LayerRequest
 from ..profiles import ProfileStore
 from ..registry.client import RegistryClient
+from ..registry.errors import RegistryError
 from ..soci.local import LocalIndexes
 from ..store import LayerRecord, Store
+from ..whole.pull import pull_layer
 from .background import BackgroundFetcher, BackgroundOptions, Target
 from .estargz import EStargzLayer
 from .fetch import FetchableLayer, FetchActivity, Progress, Recording, Unit, batches
@@ -44,7 +46,7 @@ from .images import Image, ImageOptions, Images, prefetch_units
 from .prefetch import FetchQueue, prefetch
 from .readahead import Readahead
 from .resolver import Fallback, Resolver
-from .saved import FallbackCause, build_layer
+from .saved import WHOLE, FallbackCause, build_layer
 from .served import AttachError, DataPlane, LayerStatus, Report, ServedLayers
 from .soci import SociLayer
 
@@ -107,6 +109,10 @@ class LayerManager:
 
     def mount(self, request: LayerRequest) -> int | None:
         return trio.from_thread.run(self._mount, request, trio_token=self.token)
+
+    def pull_whole(self, request: LayerRequest, dest: Path, parents: list[Path]) -> bool:
+        """Blocking: pull a layer that cannot be lazy into `dest` here; False to leave it to containerd."""
+        return trio.from_thread.run(self._pull_whole, request, dest, parents, trio_token=self.token)
 
     def release(self, layers: list[LayerRecord]) -> None:
         trio.from_thread.run(self.served.release, layers, trio_token=self.token)
@@ -190,6 +196,21 @@ class LayerManager:
                                 layer, status)
         self.resolver.forget(request.layer_digest)
         return record.id
+
+    async def _pull_whole(self, request: LayerRequest, dest: Path, parents: list[Path]) -> bool:
+        status = self.served.status_of(request)
+        try:
+            pulled = await pull_layer(self.registry, request.image_ref, request.layer_digest, dest, parents)
+        except (RegistryError, FormatError, OSError) as e:
+            log.warning("layer %s of %s: pulling it whole failed (%s); containerd pulls it", request.layer_digest,
+                        request.image_ref, e)
+            status.reason = f"{status.reason}; lazysnap could not pull it whole either: {e}"
+            return False
+        status.mode, status.size = WHOLE, pulled.compressed_bytes
+        log.info("layer %s of %s pulled whole by lazysnap in %.2f s (%s, %d bytes, %d entries): %s",
+                 request.layer_digest, request.image_ref, pulled.seconds, pulled.compression, pulled.compressed_bytes,
+                 pulled.applied.entries, status.reason)
+        return True
 
     async def _prefetch(self, image: Image, digest: str, layer: EStargzLayer | SociLayer,
                         status: LayerStatus) -> None:

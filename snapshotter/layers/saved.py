@@ -31,7 +31,9 @@ INDEX_DIR = "layers"
 ESTARGZ = "estargz"
 SOCI = "soci"
 FALLBACK = "fallback"
-"""The three ways a layer is obtained: the formats served lazily, and a whole pull."""
+WHOLE = "whole"
+"""The ways a layer is obtained: the formats served lazily, pulled whole by containerd
+(FALLBACK), or pulled whole by lazysnap itself (WHOLE: `whole/pull.py`)."""
 
 
 class FallbackCause(enum.Enum):
