@@ -5,11 +5,13 @@ the CRI and ctr-remote paths every layer above it too (containerd-api.md §2.2).
 snapshotter fetches it itself and commits it under the target name, like a lazy layer,
 and the layers above stay lazy.
 
-Nothing is buffered whole: the registry client streams the blob (resuming a dropped
-connection, verifying its digest at the end), a worker thread decompresses it (gzip with
-isal, zstd, or a plain tar, told apart by their magic bytes) and applies it as it comes
-(`apply.py`). A digest mismatch, a truncated or hostile stream raises, and the caller
-throws the half-applied directory away.
+Nothing is buffered whole. A blob larger than one segment is fetched as SEGMENT-sized
+range GETs, CONNECTIONS of them in flight (one connection's window limits a single GET on
+a long link), handed on in order; a smaller one is one streamed GET. A worker thread
+decompresses it as it comes (gzip with isal, zstd, or a plain tar, told apart by their
+magic bytes) and applies it (`apply.py`), while the blob's digest is computed over the
+same bytes. A digest mismatch, a truncated or hostile stream raises, and the caller throws
+the half-applied directory away.
 """
 
 from __future__ import annotations
@@ -28,12 +30,16 @@ import trio
 import zstandard
 
 from ..formats.errors import FormatError
-from ..registry.client import RegistryClient
+from ..registry import digest as digests
+from ..registry.client import BlobLocation, RegistryClient
 from .apply import Applied, apply_layer
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 CHUNK_SIZE = 1 << 20
+SEGMENT = 4 << 20
+CONNECTIONS = 4
+"""Range GETs in flight for one blob; memory held is at most CONNECTIONS x SEGMENT."""
 DECOMPRESSION_ERRORS = (EOFError, zstandard.ZstdError, isal.igzip.BadGzipFile, isal.isal_zlib.error)
 BUFFERED_CHUNKS = 8
 """Chunks between the network and the applier: enough to keep both busy, bounded memory."""
@@ -63,15 +69,48 @@ async def pull_layer(registry: RegistryClient, image_ref: str, digest: str, dest
     return PulledLayer(digest, reader.total, compression, applied, time.monotonic() - start)
 
 
-async def _produce(registry: RegistryClient, location: object, send: trio.MemorySendChannel[bytes],
+async def _produce(registry: RegistryClient, location: BlobLocation, send: trio.MemorySendChannel[bytes],
                    reader: _ChannelReader) -> None:
     try:
-        async for chunk in registry.stream_blob(location, CHUNK_SIZE):  # type: ignore[arg-type]
-            await send.send(chunk)
+        if location.size <= SEGMENT:
+            async for chunk in registry.stream_blob(location, CHUNK_SIZE):  # checks the digest at the end
+                await send.send(chunk)
+        else:
+            await _segments(registry, location, send)
     except Exception as e:
         reader.error = e  # raised by the applier's thread, once it has read what came before: one error, not two
     finally:
         send.close()
+
+
+async def _segments(registry: RegistryClient, location: BlobLocation, send: trio.MemorySendChannel[bytes]) -> None:
+    """The blob as range GETs, CONNECTIONS in flight, sent on in order; its digest checked at the end."""
+    bounds = [(start, min(start + SEGMENT, location.size)) for start in range(0, location.size, SEGMENT)]
+    fetched: list[bytes | None] = [None] * len(bounds)
+    ready = [trio.Event() for _ in bounds]
+    window = trio.Semaphore(CONNECTIONS)
+    hasher = digests.hasher(location.digest)
+
+    async def fetch(i: int) -> None:
+        fetched[i] = await registry.read_range(location, *bounds[i])
+        ready[i].set()
+
+    async def launch(nursery: trio.Nursery) -> None:
+        for i in range(len(bounds)):
+            await window.acquire()  # released once segment i has been handed on
+            nursery.start_soon(fetch, i)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(launch, nursery)
+        for i in range(len(bounds)):
+            await ready[i].wait()
+            data, fetched[i] = fetched[i], None
+            assert data is not None
+            hasher.update(data)
+            for offset in range(0, len(data), CHUNK_SIZE):
+                await send.send(data[offset:offset + CHUNK_SIZE])
+            window.release()
+    digests.check(hasher, location.digest, f"{location.what}")
 
 
 def _apply(reader: _ChannelReader, dest: Path, parents: Sequence[Path]) -> tuple[str, Applied]:

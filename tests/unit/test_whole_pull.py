@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import random
 import tarfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import zstandard
 
 from snapshotter.formats.errors import FormatError
 from snapshotter.registry.errors import BadResponse
-from snapshotter.whole.pull import pull_layer
+from snapshotter.whole.pull import CONNECTIONS, SEGMENT, pull_layer
 
 
 def layer_tar() -> bytes:
@@ -34,6 +35,10 @@ class Location:
     digest: str
     size: int
 
+    @property
+    def what(self) -> str:
+        return f"blob {self.digest}"
+
 
 class StreamingRegistry:
     """`open_blob` and `stream_blob` as the real client gives them: chunks, then the digest check."""
@@ -41,6 +46,19 @@ class StreamingRegistry:
     def __init__(self, blob: bytes, lie: bool = False) -> None:
         self.blob, self.lie = blob, lie
         self.digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+        self.in_flight = self.most_in_flight = 0
+        self.ranges: list[tuple[int, int]] = []
+
+    async def read_range(self, location: Location, start: int, end: int) -> bytes:
+        self.ranges.append((start, end))
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            await trio.sleep(0.01 if start else 0.05)  # the first segment comes last: order must still hold
+        finally:
+            self.in_flight -= 1
+        data = self.blob[start:end]
+        return data[:-1] + bytes([data[-1] ^ 1]) if self.lie and start == 0 else data
 
     async def open_blob(self, ref: str, digest: str) -> Location:
         return Location(digest, len(self.blob))
@@ -82,4 +100,37 @@ async def test_garbage_is_a_format_error(tmp_path: Path, blob: bytes) -> None:
     dest = tmp_path / "fs"
     dest.mkdir()
     with trio.fail_after(10), pytest.raises(FormatError):
+        await pull_layer(registry, "r/x:1", registry.digest, dest)  # type: ignore[arg-type]
+
+
+def big_layer_tar() -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        data = random.Random(3).randbytes(SEGMENT * 3 + 12345)
+        info = tarfile.TarInfo("data/random.bin")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+async def test_a_big_blob_comes_as_parallel_ranges_in_order(tmp_path: Path) -> None:
+    raw = big_layer_tar()
+    registry = StreamingRegistry(gzip.compress(raw, compresslevel=1))
+    dest = tmp_path / "fs"
+    dest.mkdir()
+    pulled = await pull_layer(registry, "r/x:1", registry.digest, dest)  # type: ignore[arg-type]
+    assert pulled.compressed_bytes == len(registry.blob)
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+        member = tar.extractfile("data/random.bin")
+        assert member is not None
+        assert (dest / "data/random.bin").read_bytes() == member.read()
+    assert len(registry.ranges) == -(-len(registry.blob) // SEGMENT)
+    assert 1 < registry.most_in_flight <= CONNECTIONS
+
+
+async def test_a_segment_that_does_not_match_the_digest_fails_the_pull(tmp_path: Path) -> None:
+    registry = StreamingRegistry(gzip.compress(big_layer_tar(), compresslevel=1), lie=True)
+    dest = tmp_path / "fs"
+    dest.mkdir()
+    with pytest.raises((BadResponse, FormatError)):
         await pull_layer(registry, "r/x:1", registry.digest, dest)  # type: ignore[arg-type]
