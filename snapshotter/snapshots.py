@@ -130,10 +130,7 @@ class Snapshotter:
                 key = f"whole-{os.path.basename(staging)}"
                 active = tx.create(key, parent, Kind.ACTIVE, {})
                 snap = tx.commit(key, request.target, checked_labels(labels), usage.size, usage.inodes)
-                final = self.dir / str(active.id)
-                if final.exists():
-                    shutil.rmtree(final)  # no row has this id: left over from a crash
-                staging.rename(final)
+                self._place(staging, active.id)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -158,15 +155,19 @@ class Snapshotter:
                     # the owner of the layer below, as containerd does.
                     st = os.stat(self.lower_path(snap.parents[0]))
                     os.lchown(staging / "fs", st.st_uid, st.st_gid)
-                final = self.dir / str(snap.id)
-                if final.exists():
-                    shutil.rmtree(final)  # no row has this id: left over from a crash
-                staging.rename(final)
+                self._place(staging, snap.id)
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
         log.debug("created %s snapshot %r (id %d) on %r", kind.name.lower(), key, snap.id, parent)
         return self._mounts(snap)
+
+    def _place(self, staging: Path, snapshot_id: int) -> None:
+        """Rename a new snapshot's staging directory into place (inside the transaction recording it)."""
+        final = self.dir / str(snapshot_id)
+        if final.exists():
+            shutil.rmtree(final)  # no row has this id: left over from a crash
+        staging.rename(final)
 
     # -- reading -------------------------------------------------------------------
 
