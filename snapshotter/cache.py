@@ -201,7 +201,7 @@ class ChunkCache:
             self.stats.hits += 1
             return data[start:end]
         name = _name(key)
-        if name in self._verified and (name in self._index or not self.writer):
+        if name in self._verified and self._known(name):
             try:
                 part = await trio.to_thread.run_sync(_pread, self._path(name), start, end - start)
             except FileNotFoundError:

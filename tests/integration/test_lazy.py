@@ -253,18 +253,24 @@ def test_rpull_lazily_and_run(containerd: Containerd, lazysnap: Lazysnap, lazy_i
 
 # ---------------------------------------------------------------------------- 2. same tree as overlayfs
 
+def lazysnap_and_overlayfs_trees(containerd: Containerd, ref: str, workdir: Path) -> dict[str, dict]:
+    """The root tree of a container of `ref` on lazysnap (pulled already) and on containerd's overlayfs."""
+    containerd.ctr("containers", "create", "--snapshotter", LAZY, ref, "tree-lazy")
+    containerd.pull(ref, OVERLAY)
+    containerd.ctr("containers", "create", "--snapshotter", OVERLAY, ref, "tree-overlay")
+    trees = {}
+    for snapshotter, container in ((LAZY, "tree-lazy"), (OVERLAY, "tree-overlay")):
+        with mount_snapshot(containerd, snapshotter, container, workdir / f"mnt-{snapshotter}") as root:
+            trees[snapshotter] = snapshot_tree(root)
+    return trees
+
+
 def test_tree_equals_overlayfs_pull(containerd: Containerd, lazysnap: Lazysnap, lazy_images: LazyImages,
                                     workdir: Path) -> None:
     pushed = lazy_images.estargz
     output, rows = rpull(containerd, lazysnap, pushed.ref)
     assert all(row.how == "lazy estargz" for row in rows.values()), output
-    containerd.ctr("containers", "create", "--snapshotter", LAZY, pushed.ref, "tree-lazy")
-    containerd.pull(pushed.ref, OVERLAY)
-    containerd.ctr("containers", "create", "--snapshotter", OVERLAY, pushed.ref, "tree-overlay")
-    trees = {}
-    for snapshotter, container in ((LAZY, "tree-lazy"), (OVERLAY, "tree-overlay")):
-        with mount_snapshot(containerd, snapshotter, container, workdir / f"mnt-{snapshotter}") as root:
-            trees[snapshotter] = snapshot_tree(root)
+    trees = lazysnap_and_overlayfs_trees(containerd, pushed.ref, workdir)
 
     overlay = trees[OVERLAY]
     # The reference really is the sample image, eStargz-packed (no vacuous comparison).

@@ -14,12 +14,12 @@ import pytest
 from tests.harness.containerd import Containerd
 from tests.harness.lazysnap import Lazysnap
 from tests.harness.procs import run
-from tests.harness.tree import diff_trees, mount_snapshot, snapshot_tree
+from tests.harness.tree import diff_trees
 
 from .conftest import SociImage
 from .test_lazy import (  # noqa: F401  (lazy_images: a fixture)
-    HELLO_OUTPUT, LAZY, MIDDLE_TEXT, OVERLAY, LazyImages, content_digests, lazy_images, rpull, run_script, short,
-    status,
+    HELLO_OUTPUT, LAZY, MIDDLE_TEXT, OVERLAY, LazyImages, content_digests, lazy_images, lazysnap_and_overlayfs_trees,
+    rpull, run_script, short, status,
 )
 
 WHOLE = "pulled whole by lazysnap"
@@ -41,13 +41,7 @@ def test_plain_gzip_layers_are_pulled_whole_by_lazysnap_with_overlayfs_trees(
     done, _ = run_script(containerd, pushed.ref, "/hello.sh; cat /middle.txt", cid)
     assert done.stdout.splitlines() == [HELLO_OUTPUT, MIDDLE_TEXT.strip()]
 
-    containerd.ctr("containers", "create", "--snapshotter", LAZY, pushed.ref, "tree-whole")
-    containerd.pull(pushed.ref, OVERLAY)
-    containerd.ctr("containers", "create", "--snapshotter", OVERLAY, pushed.ref, "tree-overlay")
-    trees = {}
-    for snapshotter, container in ((LAZY, "tree-whole"), (OVERLAY, "tree-overlay")):
-        with mount_snapshot(containerd, snapshotter, container, workdir / f"mnt-{snapshotter}") as root:
-            trees[snapshotter] = snapshot_tree(root)
+    trees = lazysnap_and_overlayfs_trees(containerd, pushed.ref, workdir)
     overlay = trees[OVERLAY]
     assert overlay["bin/busybox"].hardlinks == ("bin/busybox", "bin/ls")  # the reference is the real sample
     assert "data/doomed.txt" not in overlay and sorted(p for p in overlay if p.startswith("opaque/")) == [

@@ -381,6 +381,16 @@ def upgraded_copy(dest: Path) -> Path:
     return dest
 
 
+def restart_upgraded(containerd: Containerd, lazysnap: Lazysnap, workdir: Path) -> None:
+    """Restart serve from a modified copy of the package: another build, so a new data plane generation."""
+    copy = upgraded_copy(workdir / "upgrade")
+    assert _runs_from(copy), f"python -m snapshotter in {copy} would not run the copy"
+    lazysnap.kill(signal.SIGTERM)
+    lazysnap.cwd = copy
+    lazysnap.start()
+    containerd.wait_for_snapshotter(LAZY)
+
+
 def _runs_from(dest: Path) -> bool:
     """Whether `python -m snapshotter` run in `dest` imports the package from there."""
     done = subprocess.run([sys.executable, "-c", "import snapshotter; print(snapshotter.__file__)"], check=False,
@@ -395,13 +405,7 @@ def test_upgrade_starts_a_new_data_plane_and_the_old_one_keeps_serving(container
                                                                        workdir: Path, cid: str) -> None:
     containers = pull_and_start(containerd, lazysnap, restart_images, cid)
     before = lazysnap.dataplanes()
-    copy = upgraded_copy(workdir / "upgrade")
-    assert _runs_from(copy), f"python -m snapshotter in {copy} would not run the copy"
-
-    lazysnap.kill(signal.SIGTERM)
-    lazysnap.cwd = copy
-    lazysnap.start()
-    containerd.wait_for_snapshotter(LAZY)
+    restart_upgraded(containerd, lazysnap, workdir)
 
     # The containers started before the upgrade read never-fetched files through the old data plane.
     reads = read_all(containerd, [(c, data_path(i)) for i, c in enumerate(containers)])
@@ -595,12 +599,7 @@ def test_retired_data_plane_exits_once_its_layers_are_released(containerd: Conta
     assert len(mounts_at(old_fuse)) == 1, f"data plane {old_gen}'s FUSE mount is not at {old_fuse}"
 
     # Upgrade: serve runs from a copy of the package, so it retires data plane `old_gen` and starts another.
-    copy = upgraded_copy(workdir / "upgrade")
-    assert _runs_from(copy), f"python -m snapshotter in {copy} would not run the copy"
-    lazysnap.kill(signal.SIGTERM)
-    lazysnap.cwd = copy
-    lazysnap.start()
-    containerd.wait_for_snapshotter(LAZY)
+    restart_upgraded(containerd, lazysnap, workdir)
 
     # An image that shares no layer with the old one: served by the new data plane alone.
     output, rows = rpull(containerd, lazysnap, fresh_image.ref)
