@@ -66,6 +66,7 @@ MODES = {m.name: m for m in (
     Mode("overlayfs", "gzip", lazy=False),
     Mode("estargz", "estargz", lazy=True),
     Mode("soci", "soci", lazy=True),       # SOCI v2 image from `lazysnap index convert` (benchmarks/images.py)
+    Mode("whole", "gzip", lazy=True),      # the plain image, no index: every layer pulled whole by lazysnap
     Mode("estargz+profile", "estargz", lazy=True, profile=True),
     Mode("soci+profile", "soci", lazy=True, profile=True),
 )}
@@ -220,6 +221,8 @@ def markdown(report: dict) -> str:
 
 
 TARGETS = {"python-app": 5.0, "big-file": 20.0, "many-files": 8.0}
+MODE_TARGETS = {"whole": 1.5}
+"""Layers pulled whole cannot skip bytes: the target is issue 13's, whatever the image."""
 
 
 def targets(report: dict) -> str:
@@ -234,7 +237,7 @@ def targets(report: dict) -> str:
             if mode == "overlayfs":
                 continue
             sp = base["total_s"]["median"] / s["total_s"]["median"]
-            want = TARGETS.get(image, 1.0)
+            want = MODE_TARGETS.get(mode) or TARGETS.get(image, 1.0)
             fr = s["registry_bytes"]["median"] / read["median"] if read else None
             wr = s["warm_s"]["median"] / base["warm_s"]["median"]
             out.append(f"| {image} | {mode} | {sp:.1f}× ({'met' if sp >= want else 'MISSED'}, ≥{want:g}×) | "

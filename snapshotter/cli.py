@@ -290,7 +290,9 @@ def status_command(args: argparse.Namespace) -> int:
     for layer in reply.layers:
         size = human_size(layer.size) if layer.size or layer.mode != "fallback" else "-"  # containerd pulls it
         rows.append((layer.digest[:19], layer.mode, size, human_size(layer.fetched_bytes),
-                     f"{layer.resolve_seconds:.2f}s", layer.fetch_state or "-", layer.reason or layer.image_ref))
+                     f"{layer.resolve_seconds:.2f}s",
+                     f"pulled in {layer.pull_seconds:.2f}s" if layer.mode == "whole" else layer.fetch_state or "-",
+                     layer.reason or layer.image_ref))
     widths = [max(len(r[i]) for r in rows) for i in range(6)]
     for row in rows:
         print("  ".join(c.ljust(widths[i]) for i, c in enumerate(row[:6])) + "  " + row[6])

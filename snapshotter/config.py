@@ -69,10 +69,6 @@ class Config:
     """Seconds without a read going to the registry before background fetch starts or resumes."""
     background_rate_mib: float = 32.0
     """MiB/s background fetch may take at most; 0 means no limit."""
-    pull_whole: bool = False
-    """Fetch a layer that cannot be served lazily (no usable index) in lazysnap itself, streamed
-    into its snapshot, instead of leaving it to containerd: on the CRI and ctr-remote paths
-    containerd would otherwise download it and every layer above it."""
     metrics_address: str = ""
     """host:port to serve Prometheus metrics on (/metrics); empty: no metrics endpoint."""
 
@@ -126,7 +122,6 @@ _KINDS: dict[str, type] = {
     "fetch_concurrency": int, "readahead_max_mib": int, "background_fetch": bool,
     "background_quiet_seconds": float,
     "background_rate_mib": float,
-    "pull_whole": bool,
     "metrics_address": str,
 }
 

@@ -50,8 +50,7 @@ async def serve(config: Config) -> None:
             remote = None
             if config.lazy:
                 remote = await stack.enter_async_context(_open_lazy_side(config, store))
-            snapshotter = Snapshotter(config.root, store, index_off=overlay_index_off(), remote=remote,
-                                      pull_whole=config.pull_whole)
+            snapshotter = Snapshotter(config.root, store, index_off=overlay_index_off(), remote=remote)
             await trio.to_thread.run_sync(snapshotter.cleanup)
             puller = Puller(nursery, remote.registry if remote else None, remote.explain if remote else None)
             server = service.start_server(snapshotter, config.address, config.grpc_workers, status=remote,

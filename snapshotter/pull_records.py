@@ -13,9 +13,8 @@ from .registry.options import RegistryOptions
 from .sizes import human_size
 
 LAZY = "lazy"
-WHOLE = "pulled whole"
 WHOLE_BY_LAZYSNAP = "pulled whole by lazysnap"
-"""A layer without a usable index that lazysnap fetched itself (`pull_whole`), so containerd did not."""
+"""A layer without a usable index that lazysnap fetched itself, so containerd did not."""
 
 
 @dataclass(frozen=True)

@@ -62,9 +62,8 @@ class RemoteLayers(Protocol):
 class Snapshotter:
     """Snapshots under `<root>/snapshots`, lazily served layers under `<root>/fuse`, metadata in `store`."""
 
-    def __init__(self, root: Path, store: Store, *, index_off: bool = False, remote: RemoteLayers | None = None,
-                 pull_whole: bool = False) -> None:
-        """`pull_whole`: a layer `remote` cannot serve lazily is fetched by `remote` whole, not by containerd."""
+    def __init__(self, root: Path, store: Store, *, index_off: bool = False, remote: RemoteLayers | None = None
+                 ) -> None:
         self.root = root
         self.dir = root / "snapshots"
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -72,7 +71,6 @@ class Snapshotter:
         self.store = store
         self.index_off = index_off
         self.remote = remote
-        self.pull_whole = pull_whole
 
     # -- creating ------------------------------------------------------------------
 
@@ -80,10 +78,11 @@ class Snapshotter:
         """An active snapshot; or, for a layer that can be served lazily, AlreadyExists.
 
         The remote-snapshot handshake: a Prepare whose labels name a target chain id
-        and a layer asks the snapshotter to provide that layer itself. If it can, the
-        layer is committed under the target name and the answer is AlreadyExists, so
-        containerd skips downloading it; if not, the ordinary active snapshot is made
-        and containerd pulls the layer into it.
+        and a layer asks the snapshotter to provide that layer itself. The layer is served
+        lazily, or else pulled whole by lazysnap (so that containerd, which would pull every
+        layer above it too, pulls none), committed under the target name, and the answer is
+        AlreadyExists. Only if both fail is the ordinary active snapshot made, and
+        containerd pulls the layer into it.
         """
         request = L.LayerRequest.from_labels(labels) if self.remote is not None else None
         if request is not None:
@@ -91,15 +90,15 @@ class Snapshotter:
         return self._create(Kind.ACTIVE, key, parent, labels)
 
     def _serve_remotely(self, parent: str, labels: dict[str, str], request: L.LayerRequest) -> None:
-        """Raise AlreadyExists when the target is (now) a lazily served snapshot; return to fall back."""
+        """Raise AlreadyExists when the target is (now) a lazily served snapshot or one lazysnap pulled
+        whole; return to leave the layer to containerd (lazysnap could not pull it either)."""
         assert self.remote is not None
         with self.store.transaction() as tx:
             if tx.exists(request.target):
                 raise AlreadyExists(f"target snapshot {request.target!r} already exists")
         layer_id = self.remote.mount(request)
         if layer_id is None:
-            if self.pull_whole:
-                self._pull_whole(parent, labels, request)
+            self._pull_whole(parent, labels, request)
             return
         with self.store.transaction() as tx:
             snap = tx.create_remote(request.target, parent, checked_labels(labels | {L.REMOTE: "lazysnap"}), layer_id)

@@ -16,7 +16,6 @@ import grpc
 from google.protobuf import field_mask_pb2
 
 from ..api.containerd.services.content.v1 import content_pb2, content_pb2_grpc
-from ..api.containerd.services.diff.v1 import diff_pb2, diff_pb2_grpc
 from ..api.containerd.services.images.v1 import images_pb2, images_pb2_grpc
 from ..api.containerd.services.leases.v1 import leases_pb2, leases_pb2_grpc
 from ..api.containerd.services.snapshots.v1 import snapshots_pb2, snapshots_pb2_grpc
@@ -50,7 +49,6 @@ class ContainerdClient:
         self._content = content_pb2_grpc.ContentStub(self._channel)
         self._images = images_pb2_grpc.ImagesStub(self._channel)
         self._leases = leases_pb2_grpc.LeasesStub(self._channel)
-        self._diff = diff_pb2_grpc.DiffStub(self._channel)
         self._snapshots = snapshots_pb2_grpc.SnapshotsStub(self._channel)
 
     def close(self) -> None:
@@ -173,16 +171,6 @@ class ContainerdClient:
         except SnapshotterError:
             return False
         return True
-
-    # -- diff ----------------------------------------------------------------------
-
-    def apply(self, layer: Descriptor, mounts: list[Mount]) -> str:
-        """Unpack a layer blob (already in the content store) onto `mounts`; returns its diff id."""
-        req = diff_pb2.ApplyRequest(
-            diff=to_pb(layer),
-            mounts=[mount_pb2.Mount(type=m.type, source=m.source, options=m.options) for m in mounts],
-        )
-        return self._call(self._diff.Apply, req, timeout=3600).applied.digest
 
 
 def _mounts(pbs: Iterable[mount_pb2.Mount]) -> list[Mount]:

@@ -1,12 +1,12 @@
 """`lazysnap rpull`: pull an image into containerd so that its layers can be served lazily.
 
 It does what containerd's own unpacker does, with the remote-snapshot labels on every
-Prepare: containerd passes them to lazysnap, which either serves the layer lazily
-(Prepare answers AlreadyExists and no byte of the layer is downloaded) or returns
-ordinary mounts, into which rpull applies the downloaded layer through containerd's
-diff service.
+Prepare: containerd passes them to lazysnap, which serves the layer lazily or pulls it
+whole itself, and either way answers AlreadyExists, so that containerd downloads nothing.
+The same mechanism serves the ctr-remote and CRI paths; rpull adds the manifest and config
+to containerd's content store, the image record, and a report of how each layer came.
 
-Unlike containerd's unpacker, a layer that falls back does not make every layer above
+Unlike containerd's unpacker, a layer that cannot be lazy does not make every layer above
 it fall back too: each layer gets its own chance to be lazy.
 """
 
@@ -17,7 +17,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 
 import trio
@@ -25,7 +25,7 @@ import trio
 from .. import labels as L
 from ..errors import AlreadyExists, SnapshotterError
 from ..layers.saved import WHOLE as WHOLE_MODE
-from ..pull_records import LAZY, WHOLE, WHOLE_BY_LAZYSNAP, LayerOutcome, PullEvent, PullOrder, PullReport
+from ..pull_records import LAZY, WHOLE_BY_LAZYSNAP, LayerOutcome, PullEvent, PullOrder, PullReport
 from ..registry.client import RegistryClient
 from ..registry.errors import RegistryError
 from ..registry.manifest import Descriptor
@@ -77,15 +77,11 @@ async def rpull(ref: str, *, registry: RegistryClient, containerd: ContainerdCli
             labels = L.cri_labels(chain[i], image_name, manifest.digest, layer.digest,
                                   [above.digest for above in layers[i:]])
             labels |= {k: v for k, v in layer.annotations.items() if k.startswith(L.PREFIX)}
-            outcome = await _unpack_layer(registry, containerd, snapshotter, ref, layer, diff_ids[i], chain[i],
-                                          parent, labels)
+            outcome = await _unpack_layer(containerd, snapshotter, layer, chain[i], parent, labels, explain)
             if explain is not None:
                 mode, reason = explain(layer.digest)
-                if outcome.how == LAZY and mode == WHOLE_MODE:
-                    outcome.how = WHOLE_BY_LAZYSNAP
-                elif outcome.how == LAZY and mode:
-                    outcome.how = f"{LAZY} {mode}"
-                outcome.reason = reason or outcome.reason
+                outcome.how = WHOLE_BY_LAZYSNAP if mode == WHOLE_MODE else f"{LAZY} {mode}" if mode else LAZY
+                outcome.reason = reason
             outcome.seconds = time.monotonic() - layer_start
             outcomes.append(outcome)
             progress(f"  layer {i + 1}/{len(layers)} {layer.digest[:19]}: {outcome.how} in {outcome.seconds:.2f} s"
@@ -99,36 +95,26 @@ async def rpull(ref: str, *, registry: RegistryClient, containerd: ContainerdCli
     return PullReport(image_name, manifest.digest, outcomes, time.monotonic() - start)
 
 
-async def _unpack_layer(registry: RegistryClient, containerd: ContainerdClient, snapshotter: str, ref: str,
-                        layer: Descriptor, diff_id: str, chain_id: str, parent: str,
-                        labels: dict[str, str]) -> LayerOutcome:
+async def _unpack_layer(containerd: ContainerdClient, snapshotter: str, layer: Descriptor, chain_id: str,
+                        parent: str, labels: dict[str, str], explain: Callable[[str], tuple[str, str]] | None
+                        ) -> LayerOutcome:
     key = f"extract-{time.time_ns()}-{secrets.token_hex(4)} {chain_id}"
     try:
-        mounts = await trio.to_thread.run_sync(containerd.prepare, snapshotter, key, parent, labels)
+        await trio.to_thread.run_sync(containerd.prepare, snapshotter, key, parent, labels)
     except AlreadyExists:
         if not await trio.to_thread.run_sync(containerd.snapshot_exists, snapshotter, chain_id):
             raise PullError(f"snapshotter said layer {layer.digest} exists as {chain_id}, but it does not") from None
         return LayerOutcome(layer.digest, layer.size, LAZY)
-    try:
-        blob = await registry.open_blob(ref, layer.digest)
-        stream = registry.stream_blob(blob)
+    # Ordinary mounts: lazysnap neither serves the layer nor could pull it. Nothing to unpack into.
+    with trio.CancelScope(shield=True):
         try:
-            chunks = _blocking(stream, trio.lowlevel.current_trio_token())
-            await trio.to_thread.run_sync(containerd.write_content, layer, chunks, None)
-        finally:
-            await stream.aclose()  # closes the connection too if containerd stopped reading early
-        applied = await trio.to_thread.run_sync(containerd.apply, layer, mounts)
-        if applied != diff_id:
-            raise PullError(f"layer {layer.digest} unpacked to {applied}, but the config says {diff_id}")
-        await trio.to_thread.run_sync(containerd.commit, snapshotter, chain_id, key, labels)
-    except BaseException:
-        with trio.CancelScope(shield=True):
-            try:
-                await trio.to_thread.run_sync(containerd.remove_snapshot, snapshotter, key)
-            except SnapshotterError:
-                pass
-        raise
-    return LayerOutcome(layer.digest, layer.size, WHOLE)
+            await trio.to_thread.run_sync(containerd.remove_snapshot, snapshotter, key)
+        except SnapshotterError:
+            pass
+    if explain is None:
+        raise PullError(f"layer {layer.digest}: lazysnap serves no layers itself (lazy = false); "
+                        "pull with `ctr image pull --snapshotter lazysnap` instead")
+    raise PullError(f"layer {layer.digest}: lazysnap could not obtain it: {explain(layer.digest)[1]}")
 
 
 @asynccontextmanager
@@ -141,15 +127,6 @@ async def _leased(containerd: ContainerdClient) -> AsyncIterator[None]:
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(lease.__exit__, None, None, None)
-
-
-def _blocking(chunks: AsyncIterator[bytes], token: trio.lowlevel.TrioToken) -> Iterator[bytes]:
-    """An async byte stream as a plain iterator, for gRPC's request-streaming thread."""
-    while True:
-        try:
-            yield trio.from_thread.run(chunks.__anext__, trio_token=token)
-        except StopAsyncIteration:
-            return
 
 
 class Puller:

@@ -38,17 +38,18 @@ from ..registry.client import RegistryClient
 from ..registry.errors import RegistryError
 from ..soci.local import LocalIndexes
 from ..store import LayerRecord, Store
-from ..whole.pull import pull_layer
+from ..whole.apply import copy_up_parents
 from .background import BackgroundFetcher, BackgroundOptions, Target
 from .estargz import EStargzLayer
 from .fetch import FetchableLayer, FetchActivity, Progress, Recording, Unit, batches
 from .images import Image, ImageOptions, Images, prefetch_units
 from .prefetch import FetchQueue, prefetch
 from .readahead import Readahead
-from .resolver import Fallback, Resolver
+from .resolver import SETTLED, Fallback, Resolution, Resolver
 from .saved import WHOLE, FallbackCause, build_layer
 from .served import AttachError, DataPlane, LayerStatus, Report, ServedLayers
 from .soci import SociLayer
+from .whole_pulls import WholePulls
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,7 @@ class LayerManager:
                              ImageOptions(options.prefetch, options.record_profiles, options.profile_seconds,
                                           options.fetch_concurrency), self._stop_recording)
         self.resolver = Resolver(registry, local, self.images, nursery, options.resolve_timeout)
+        self.wholes = WholePulls(registry, root, nursery)
         if options.readahead_max > 0:
             self.activity.on_miss = Readahead(self._spawn_readahead, maximum=options.readahead_max).miss
         self._readahead = FetchQueue(trio.CapacityLimiter(READAHEAD_GETS))
@@ -145,8 +147,9 @@ class LayerManager:
             return served.id
         status = self.served.status_of(request)
         for other in request.image_layers:
-            if other != request.layer_digest:
-                self.resolver.start(request, other, retry_after=RETRY_FAILED_AFTER)
+            if other != request.layer_digest and self.served.serving(other) is None:
+                ahead = self.resolver.start(request, other, retry_after=RETRY_FAILED_AFTER)
+                self.nursery.start_soon(self._pull_ahead_if_settled, request.image_ref, other, ahead)
         resolution = self.resolver.start(request, request.layer_digest, retry_after=0.0)
         with trio.move_on_after(self.options.resolve_timeout):
             await resolution.done.wait()
@@ -197,19 +200,27 @@ class LayerManager:
         self.resolver.forget(request.layer_digest)
         return record.id
 
+    async def _pull_ahead_if_settled(self, image_ref: str, digest: str, resolution: Resolution) -> None:
+        """Start pulling a layer whole as soon as it is known to have no usable index."""
+        await resolution.done.wait()
+        if resolution.error and resolution.cause in SETTLED:
+            self.wholes.start(image_ref, digest)
+
     async def _pull_whole(self, request: LayerRequest, dest: Path, parents: list[Path]) -> bool:
         status = self.served.status_of(request)
+        ahead = self.wholes.started(request.layer_digest)
         try:
-            pulled = await pull_layer(self.registry, request.image_ref, request.layer_digest, dest, parents)
+            pulled = await self.wholes.claim(request.image_ref, request.layer_digest, dest)
+            await trio.to_thread.run_sync(copy_up_parents, dest, pulled.applied, parents)
         except (RegistryError, FormatError, OSError) as e:
             log.warning("layer %s of %s: pulling it whole failed (%s); containerd pulls it", request.layer_digest,
                         request.image_ref, e)
             status.reason = f"{status.reason}; lazysnap could not pull it whole either: {e}"
             return False
-        status.mode, status.size = WHOLE, pulled.compressed_bytes
-        log.info("layer %s of %s pulled whole by lazysnap in %.2f s (%s, %d bytes, %d entries): %s",
-                 request.layer_digest, request.image_ref, pulled.seconds, pulled.compression, pulled.compressed_bytes,
-                 pulled.applied.entries, status.reason)
+        status.mode, status.size, status.pull_seconds = WHOLE, pulled.compressed_bytes, pulled.seconds
+        log.info("layer %s of %s pulled whole by lazysnap in %.2f s%s (%s, %d bytes, %d entries): %s",
+                 request.layer_digest, request.image_ref, pulled.seconds, " (started ahead)" if ahead else "",
+                 pulled.compression, pulled.compressed_bytes, pulled.applied.entries, status.reason)
         return True
 
     async def _prefetch(self, image: Image, digest: str, layer: EStargzLayer | SociLayer,
@@ -253,6 +264,7 @@ async def open_manager(root: Path, store: Store, registry: RegistryClient, cache
     when it ends: their data planes serve them on, and the next control plane adopts them."""
     async with trio.open_nursery() as nursery:
         manager = LayerManager(root, store, registry, cache, planes, nursery, options)
+        await trio.to_thread.run_sync(manager.wholes.clear)
         await manager.served.probe_kernel_metadata(options.kernel_metadata)
         yield manager
         nursery.cancel_scope.cancel()

@@ -30,6 +30,11 @@ log = logging.getLogger(__name__)
 
 RESOLUTION_TTL = 300.0
 """Seconds a fetched index waits for its layer's Prepare before it is dropped from memory."""
+SETTLED = frozenset({FallbackCause.NO_INDEX, FallbackCause.BROKEN_INDEX})
+"""Failures that trying again at once would repeat (unlike a registry error or a timeout): the
+layer's pull whole may start before its Prepare (`whole_pulls.py`)."""
+SETTLED_RETRY_AFTER = 30.0
+"""A settled failure is looked up again only after this long (an index may be pushed later)."""
 
 
 class Fallback(Exception):
@@ -76,6 +81,8 @@ class Resolver:
         """The layer's resolution, started if there is none, or if it failed over `retry_after` s ago."""
         self._expire()
         resolution = self._resolutions.get(digest)
+        if resolution is not None and resolution.cause in SETTLED:
+            retry_after = max(retry_after, SETTLED_RETRY_AFTER)
         if resolution is None or (resolution.done.is_set() and resolution.error
                                   and time.monotonic() - resolution.finished >= retry_after):
             resolution = self._resolutions[digest] = Resolution()

@@ -105,6 +105,8 @@ class LayerStatus:
     """Why it is pulled whole, as a class (None while it is served lazily)."""
     size: int = 0
     resolve_seconds: float = 0.0
+    pull_seconds: float = 0.0
+    """How long lazysnap took to pull it whole (mode WHOLE)."""
     path: str = ""
     layer: EStargzLayer | SociLayer | None = field(default=None, repr=False)
     progress: Progress = field(default_factory=Progress)
@@ -343,7 +345,8 @@ class ServedLayers:
             {"digest": s.digest, "image_ref": s.image_ref, "mode": s.mode, "reason": s.reason, "size": s.size,
              "resolve_seconds": s.resolve_seconds, "path": s.path, "fetched_bytes": s.fetched_bytes,
              "fetch_state": s.progress.state if s.layer is not None else "",
-             "prefetched_bytes": s.progress.prefetched_bytes, "background_bytes": s.progress.background_bytes}
+             "prefetched_bytes": s.progress.prefetched_bytes, "background_bytes": s.progress.background_bytes,
+             "pull_seconds": s.pull_seconds}
             for s in reversed(self.status.values()) if not wanted or s.digest in wanted
         ]
         planes = await self.planes.stats()

@@ -75,7 +75,7 @@ from typing import BinaryIO
 
 from .errors import ApplyError
 from .headers import Reader, member_ids, member_times, member_xattrs
-from .paths import DIR_FLAGS, Resolver, split_name
+from .paths import DIR_FLAGS, Resolver, copy_up, split_name
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,8 @@ class Applied:
     """`.wh..wh..opq` markers turned into `trusted.overlay.opaque=y`."""
     ignored_xattrs: int = 0
     """Xattrs not set: `trusted.*` ones, or ones the filesystem or entry type does not support."""
+    implicit_dirs: tuple[tuple[str, ...], ...] = ()
+    """Parent directories the layer did not list, created 0755: `copy_up_parents` completes them."""
 
 
 def apply_layer(stream: BinaryIO, target: Path, *, parents: Sequence[Path] = ()) -> Applied:
@@ -120,13 +122,10 @@ def apply_layer(stream: BinaryIO, target: Path, *, parents: Sequence[Path] = ())
     faults, `ValueError` if `target` is not empty, and passes `stream`'s own exceptions through.
     """
     root = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    lowers: list[int] = []
     try:
         if os.listdir(root):
             raise ValueError(f"{target} is not an empty directory")
-        for parent in parents:
-            lowers.append(os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
-        applier = _Applier(root, lowers)
+        applier = _Applier(root)
         source = _Source(stream)
         try:
             try:
@@ -137,9 +136,28 @@ def apply_layer(stream: BinaryIO, target: Path, *, parents: Sequence[Path] = ())
                 pass  # what follows the end marker: read so the caller's digest covers it, ignored
         except _SourceFailed as failed:
             raise failed.error from None
-        return applier.result()
     finally:
-        for fd in (root, *lowers):
+        os.close(root)
+    applied = applier.result()
+    if parents:
+        copy_up_parents(target, applied, parents)
+    return applied
+
+
+def copy_up_parents(target: Path, applied: Applied, parents: Sequence[Path]) -> None:
+    """Give the parent directories the layer at `target` did not list their lower layers' attributes.
+
+    Separate from `apply_layer` so that a layer can be applied before the layers below it
+    are in place (`parents`: the overlay's lower directories, nearest first)."""
+    if not applied.implicit_dirs:
+        return
+    fds: list[int] = []
+    try:
+        for path in (target, *parents):
+            fds.append(os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+        copy_up(fds[0], applied.implicit_dirs, fds[1:])
+    finally:
+        for fd in fds:
             os.close(fd)
 
 
@@ -167,15 +185,17 @@ class _Source:
 class _Applier:
     """One layer being applied: the target's root fd, the paths resolved in it, and the counts."""
 
-    def __init__(self, root: int, lowers: list[int]) -> None:
+    def __init__(self, root: int) -> None:
         self.root = root
         self.entries = self.bytes_written = self.whiteouts = self.opaque_dirs = self.ignored_xattrs = 0
         self.dir_times: dict[tuple[str, ...], tuple[int, int]] = {}
-        self.paths = Resolver(root, lowers)
+        self.paths = Resolver(root)
 
     def result(self) -> Applied:
+        implicit = self.paths.created - self.dir_times.keys()  # a directory member names its own attributes
         return Applied(entries=self.entries, bytes_written=self.bytes_written, whiteouts=self.whiteouts,
-                       opaque_dirs=self.opaque_dirs, ignored_xattrs=self.ignored_xattrs)
+                       opaque_dirs=self.opaque_dirs, ignored_xattrs=self.ignored_xattrs,
+                       implicit_dirs=tuple(sorted(implicit)))
 
     def close(self) -> None:
         self.paths.close()

@@ -20,11 +20,14 @@ from continuity (`fs.RootPath`).
   uses directory fds and `O_NOFOLLOW`, reading links with `readlink`. A member `evil -> /etc`
   followed by `evil/passwd` therefore writes `target/etc/passwd`, as containerd does, and
   never `/etc/passwd`. More than 255 links in one walk is refused, as `RootPath` refuses it.
-- Missing parents are created with mode 0755 (`mkparent`). If `parents` (the overlay
-  lowerdirs, nearest first) are given, a new parent takes its owner, mode, times and
-  non-`trusted.*` xattrs from the nearest lower layer that has that path, as
-  `mkparent` / `copyDirInfo` / `copyUpXAttrs` do. A lower layer where the path is not a
-  directory stops the search.
+- Missing parents are created with mode 0755 (`mkparent`) and remembered. Once the layer is
+  applied, `copy_up` gives each one the layer never named itself the owner, mode and
+  non-`trusted.*` xattrs of the nearest lower layer (overlay lowerdir, nearest first) that
+  has that path, as `mkparent` / `copyDirInfo` / `copyUpXAttrs` do; a lower layer where the
+  path is not a directory stops the search. Done afterwards rather than on creation, a layer
+  can be applied before the layers below it exist (concurrent whole pulls), with the same
+  result. Times are not copied: containerd's copy is overwritten by the children it creates
+  next, so its directory ends with the time of its last change, as ours does.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import errno
 import os
 import stat
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from .errors import ApplyError
 
@@ -68,9 +71,10 @@ class Resolver:
     Keeps the last parent resolved open, since tar members of one directory come together.
     """
 
-    def __init__(self, root: int, lowers: Sequence[int]) -> None:
+    def __init__(self, root: int) -> None:
         self.root = root
-        self.lowers = lowers
+        self.created: set[tuple[str, ...]] = set()
+        """Real paths of the parent directories `_mkparent` made (for `copy_up`)."""
         # The last parent directory resolved: (name parts, fd, real parts). Dropped after a removal.
         self._cached: tuple[tuple[str, ...], int, tuple[str, ...]] | None = None
         self._stale = False
@@ -142,36 +146,52 @@ class Resolver:
                 os.close(fd)
 
     def _mkparent(self, here: int, part: str, real_above: list[str]) -> int:
-        """Create a missing parent directory (0755, or as in the nearest lower layer); its fd."""
+        """Create a missing parent directory (0755); its fd."""
         os.mkdir(part, 0o755, dir_fd=here)
         fd = os.open(part, DIR_FLAGS, dir_fd=here)
         try:
-            os.fchmod(fd, 0o755)
-            self._copy_up(fd, [*real_above, part])
+            os.fchmod(fd, 0o755)  # whatever the umask
         except BaseException:
             os.close(fd)
             raise
+        self.created.add((*real_above, part))
         return fd
 
-    def _copy_up(self, fd: int, parts: list[str]) -> None:
-        for lower in self.lowers:
-            try:
-                found, _ = self.walk(lower, parts, create=False)
-            except FileNotFoundError:
-                continue
-            except OSError as e:
-                if e.errno in (errno.ENOTDIR, errno.ELOOP):
-                    return  # replaced in that layer: keep the defaults
-                raise
-            try:
-                st = os.fstat(found)
-                os.fchown(fd, st.st_uid, st.st_gid)
-                os.fchmod(fd, stat.S_IMODE(st.st_mode))
-                os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
-                _copy_xattrs(found, fd)
-            finally:
-                os.close(found)
-            return
+
+def copy_up(target: int, dirs: Iterable[tuple[str, ...]], lowers: Sequence[int]) -> None:
+    """Give each created parent directory in `dirs` (real paths below `target`) the owner, mode and
+    xattrs of the nearest lower layer that has that path as a directory."""
+    resolver = Resolver(target)
+    for parts in sorted(dirs):
+        try:
+            fd, real = resolver.walk(target, parts, create=False)
+        except OSError:
+            continue  # removed or replaced later in the layer
+        try:
+            if real == parts:  # not reached through a link the layer made afterwards
+                _copy_from_lower(resolver, fd, parts, lowers)
+        finally:
+            os.close(fd)
+
+
+def _copy_from_lower(resolver: Resolver, fd: int, parts: tuple[str, ...], lowers: Sequence[int]) -> None:
+    for lower in lowers:
+        try:
+            found, _ = resolver.walk(lower, parts, create=False)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            if e.errno in (errno.ENOTDIR, errno.ELOOP):
+                return  # replaced in that layer: keep the defaults
+            raise
+        try:
+            st = os.fstat(found)
+            os.fchown(fd, st.st_uid, st.st_gid)
+            os.fchmod(fd, stat.S_IMODE(st.st_mode))
+            _copy_xattrs(found, fd)
+        finally:
+            os.close(found)
+        return
 
 
 def _copy_xattrs(src: int, dst: int) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -54,16 +53,17 @@ class PulledLayer:
     seconds: float
 
 
-async def pull_layer(registry: RegistryClient, image_ref: str, digest: str, dest: Path,
-                     parents: Sequence[Path] = ()) -> PulledLayer:
-    """Stream blob `digest` of `image_ref` into the empty directory `dest` (an overlay upper dir)."""
+async def pull_layer(registry: RegistryClient, image_ref: str, digest: str, dest: Path) -> PulledLayer:
+    """Stream blob `digest` of `image_ref` into the empty directory `dest` (an overlay upper dir).
+
+    The layers below need not exist yet: `apply.copy_up_parents` completes the result once they do."""
     start = time.monotonic()
     location = await registry.open_blob(image_ref, digest)
     send, receive = trio.open_memory_channel[bytes](BUFFERED_CHUNKS)
     reader = _ChannelReader(receive, trio.lowlevel.current_trio_token())
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_produce, registry, location, send, reader)
-        result = await outcome.acapture(trio.to_thread.run_sync, _apply, reader, dest, parents)
+        result = await outcome.acapture(trio.to_thread.run_sync, _apply, reader, dest)
         nursery.cancel_scope.cancel()  # the applier gave up early: stop the download too
     compression, applied = result.unwrap()  # outside the nursery: the error itself, not a group of one
     return PulledLayer(digest, reader.total, compression, applied, time.monotonic() - start)
@@ -113,7 +113,7 @@ async def _segments(registry: RegistryClient, location: BlobLocation, send: trio
     digests.check(hasher, location.digest, f"{location.what}")
 
 
-def _apply(reader: _ChannelReader, dest: Path, parents: Sequence[Path]) -> tuple[str, Applied]:
+def _apply(reader: _ChannelReader, dest: Path) -> tuple[str, Applied]:
     buffered = io.BufferedReader(reader, CHUNK_SIZE)
     magic = buffered.peek(4)[:4]
     stream: BinaryIO
@@ -125,7 +125,7 @@ def _apply(reader: _ChannelReader, dest: Path, parents: Sequence[Path]) -> tuple
     else:
         compression, stream = "none", buffered  # type: ignore[assignment]
     try:
-        applied = apply_layer(stream, dest, parents=parents)
+        applied = apply_layer(stream, dest)
         while reader.readinto(bytearray(CHUNK_SIZE)):  # what follows the tar's end: the digest covers it too
             pass
     except Exception as e:

@@ -49,12 +49,12 @@ def test_metrics_after_a_lazy_run(containerd: Containerd, lazysnap: Lazysnap, me
     done, _ = run_script(containerd, lazy.ref, "/hello.sh", cid)
     assert done.stdout.splitlines() == [HELLO_OUTPUT]
     output, rows = rpull(containerd, lazysnap, whole.ref)
-    assert all(row.how == "pulled whole" for row in rows.values()), output
+    assert all(row.how == "pulled whole by lazysnap" for row in rows.values()), output
 
     after = scrape(metrics_port)
     layers = len(lazy.layer_digests)
     assert after[("lazysnap_layers", (("mode", "estargz"),))] == layers
-    assert after[("lazysnap_layers", (("mode", "fallback"),))] == len(whole.layer_digests)
+    assert after[("lazysnap_layers", (("mode", "whole"),))] == len(whole.layer_digests)
     assert after[("lazysnap_fallback_layers", (("cause", "no_index"),))] == len(whole.layer_digests)
     assert after[("lazysnap_fetch_seconds_count", ())] > 0
     assert after[("lazysnap_fetch_bytes_total", ())] >= after[("lazysnap_layer_fetched_bytes", ())] > 0

@@ -1,4 +1,4 @@
-"""Layers without a usable index, fetched whole by lazysnap itself (`pull_whole = true`).
+"""Layers without a usable index, fetched whole by lazysnap itself.
 
 containerd then never downloads them, and on the ctr-remote (and CRI) path the layers
 above them stay lazy. The tree must be the one containerd's own overlayfs pull makes.
@@ -7,6 +7,7 @@ above them stay lazy. The tree must be the one containerd's own overlayfs pull m
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import pytest
@@ -14,18 +15,18 @@ import pytest
 from tests.harness.containerd import Containerd
 from tests.harness.lazysnap import Lazysnap
 from tests.harness.procs import run
+from tests.harness.registry import Registry
 from tests.harness.tree import diff_trees
 
 from .conftest import SociImage
 from .test_lazy import (  # noqa: F401  (lazy_images: a fixture)
     HELLO_OUTPUT, LAZY, MIDDLE_TEXT, OVERLAY, LazyImages, content_digests, lazy_images, lazysnap_and_overlayfs_trees,
-    rpull, run_script, short, status,
+    lazysnap_cli, rpull, run_script, short, snapshot_keys, status,
 )
 
 WHOLE = "pulled whole by lazysnap"
 
 
-@pytest.mark.lazysnap_config("pull_whole = true")
 def test_plain_gzip_layers_are_pulled_whole_by_lazysnap_with_overlayfs_trees(
         containerd: Containerd, lazysnap: Lazysnap, workdir: Path, cid: str, request: pytest.FixtureRequest) -> None:
     images: LazyImages = request.getfixturevalue("lazy_images")
@@ -36,6 +37,9 @@ def test_plain_gzip_layers_are_pulled_whole_by_lazysnap_with_overlayfs_trees(
         assert row.how == WHOLE and "not an eStargz layer" in row.why, output
     _, layers = status(lazysnap)
     assert all(layers[short(d)]["mode"] == "whole" for d in pushed.layer_digests), layers
+    assert all(re.match(r"pulled in \d+\.\d\ds ", layers[short(d)]["rest"]) for d in pushed.layer_digests), layers
+    # The first Prepare found every layer without an index: the ones above it were pulled before their Prepare.
+    assert lazysnap.log_text().count("(started ahead)") >= 1, lazysnap.log_tail()
     downloaded = set(pushed.layer_digests) & content_digests(containerd)
     assert not downloaded, f"containerd downloaded layers lazysnap pulled: {sorted(downloaded)}"
     done, _ = run_script(containerd, pushed.ref, "/hello.sh; cat /middle.txt", cid)
@@ -49,7 +53,7 @@ def test_plain_gzip_layers_are_pulled_whole_by_lazysnap_with_overlayfs_trees(
     assert diff_trees(overlay, trees[LAZY], OVERLAY, LAZY) == []
 
 
-@pytest.mark.lazysnap_config("pull_whole = true", "background_fetch = false")
+@pytest.mark.lazysnap_config("background_fetch = false")
 def test_ctr_remote_keeps_the_layers_above_an_unindexed_one_lazy(containerd: Containerd, lazysnap: Lazysnap,
                                                                  soci_image: SociImage, cid: str) -> None:
     """containerd's unpacker gives up on every layer above the first one that falls back; with
@@ -67,3 +71,25 @@ def test_ctr_remote_keeps_the_layers_above_an_unindexed_one_lazy(containerd: Con
     lines = done.stdout.splitlines()
     assert lines[0] == "small"
     assert lines[1].split()[0] == hashlib.sha256(soci_image.data).hexdigest()
+
+
+def test_a_blob_that_does_not_match_its_digest_fails_rpull_and_commits_nothing(
+        containerd: Containerd, lazysnap: Lazysnap, own_registry: Registry, request: pytest.FixtureRequest) -> None:
+    images: LazyImages = request.getfixturevalue("lazy_images")
+    ref = images.push_to(images.gzip, own_registry)
+    top = images.gzip.layer_digests[-1]
+    blob = own_registry.workdir / "storage/docker/registry/v2/blobs/sha256" / top[7:9] / top[7:] / "data"
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, other bytes: only the digest tells
+    blob.write_bytes(bytes(data))
+
+    done = lazysnap_cli("rpull", ref, "--plain-http", "--containerd", str(containerd.address),
+                        "--address", str(lazysnap.address))
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output
+    assert top in output and "digest mismatch" in output, output
+    assert "Traceback" not in output, output
+    keys = snapshot_keys(containerd)
+    assert len(keys) == len(images.gzip.layer_digests) - 1, f"only the layers below it are committed: {keys}"
+    assert not [p.name for p in (lazysnap.root / "snapshots").iterdir() if p.name.startswith("new-")]
+    assert list((lazysnap.root / "whole").iterdir()) == [], "a failed pull leaves nothing behind"

@@ -49,6 +49,7 @@ from pathlib import Path
 import pytest
 
 import snapshotter
+from snapshotter.fuse.filesystem import DEFAULT_FAIL_FAST
 from tests.harness.containerd import Containerd
 from tests.harness.estargz import build_estargz
 from tests.harness.faultproxy import FaultProxy
@@ -454,6 +455,7 @@ def test_registry_down_across_a_restart_fails_with_eio_then_recovers(containerd:
         f"the failing read took {down.seconds:.1f} s (read_timeout {REGISTRY_DOWN_TIMEOUT} s)")
 
     own_registry.start()
+    time.sleep(2 * DEFAULT_FAIL_FAST)  # reads within DEFAULT_FAIL_FAST of a failure fail at once, by design
     assert_right([read_file(containerd, container, path)], restart_images, lazysnap)
 
 

@@ -92,9 +92,10 @@ def test_disk_usage_counts_hardlinks_once(tmp_path: Path) -> None:
 class FakeRemote:
     """Serves every layer whose digest is in `lazy`; records what it was asked."""
 
-    def __init__(self, store: Store, lazy: set[str], mnt_dir: Path) -> None:
-        self.store, self.lazy, self.mnt_dir = store, lazy, mnt_dir
+    def __init__(self, store: Store, lazy: set[str], mnt_dir: Path, whole: frozenset[str] = frozenset()) -> None:
+        self.store, self.lazy, self.mnt_dir, self.whole = store, lazy, mnt_dir, whole
         self.released: list[str] = []
+        self.parents: list[list[Path]] = []
 
     def mount(self, request):  # type: ignore[no-untyped-def]
         if request.layer_digest not in self.lazy:
@@ -103,6 +104,13 @@ class FakeRemote:
             layer_id = tx.put_layer(request.layer_digest, request.image_ref, "estargz", 100, "sha256:toc", 50).id
         (self.mnt_dir / str(layer_id)).mkdir(parents=True, exist_ok=True)  # where the layer would be mounted
         return layer_id
+
+    def pull_whole(self, request, dest: Path, parents: list[Path]) -> bool:  # type: ignore[no-untyped-def]
+        if request.layer_digest not in self.whole:
+            return False
+        (dest / "pulled.txt").write_text(request.layer_digest)
+        self.parents.append(parents)
+        return True
 
     def release(self, layers):  # type: ignore[no-untyped-def]
         self.released += [rec.digest for rec in layers]
@@ -140,6 +148,16 @@ def test_remote_handshake_commits_target_and_answers_already_exists(tmp_path: Pa
     sn.remove("default/2/extract-2 c2")
     sn.cleanup()
     assert remote.released == []
+    # one lazysnap pulls whole itself is committed as the target too, on the layers below
+    remote.whole = frozenset({"sha256:l3"})
+    with pytest.raises(AlreadyExists, match="pulled whole by lazysnap"):
+        sn.prepare("default/4/extract-4 c3", "c1", remote_labels("c3", "sha256:l3"))
+    whole = sn.stat("c3")
+    assert (whole.kind, whole.parent, whole.layer_id) == (Kind.COMMITTED, "c1", None)
+    assert (sn.fs_path(whole.id) / "pulled.txt").read_text() == "sha256:l3"
+    assert remote.parents == [[sn.layer_path(snap.layer_id or 0)]]
+    assert not [p for p in sn.dir.iterdir() if p.name.startswith("new-")]
+    sn.remove("c3")
     sn.remove("c1")
     sn.cleanup()
     assert remote.released == ["sha256:l1"]

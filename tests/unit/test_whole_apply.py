@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from snapshotter.formats.errors import FormatError
-from snapshotter.whole.apply import ApplyError, Applied, apply_layer
+from snapshotter.whole.apply import Applied, ApplyError, apply_layer, copy_up_parents
 
 PAX = tarfile.PAX_FORMAT
 GNU = tarfile.GNU_FORMAT
@@ -492,6 +492,26 @@ def test_created_parents_copy_the_nearest_lower_directory(tmp_path: Path, target
     assert stat.S_IMODE(os.lstat(target / "opt").st_mode) == 0o755
     assert stat.S_IMODE(os.lstat(target / "etc").st_mode) == 0o755
 
+
+
+def test_parents_applied_later_give_the_same_tree_and_spare_listed_or_replaced_dirs(tmp_path: Path,
+                                                                                    target: Path) -> None:
+    """A layer applied before its lower layers exist (a concurrent whole pull) is completed afterwards
+    by `copy_up_parents`: only the parents it never listed, and never through a link it made."""
+    lower = tmp_path / "lower"
+    for name in ("usr/lib", "opt", "srv"):
+        (lower / name).mkdir(parents=True)
+        os.chmod(lower / name, 0o700)
+        os.chown(lower / name, 7, 8)
+    applied = apply(layer(f("usr/lib/x"), f("opt/y"), d("opt", mode=0o751), f("srv/z"), f("other/w"),
+                          member("srv", tarfile.SYMTYPE, linkname="other", mode=0o777)), target)
+    assert applied.implicit_dirs == (("other",), ("srv",), ("usr",), ("usr", "lib"))
+    copy_up_parents(target, applied, [lower])
+    st = os.lstat(target / "usr/lib")
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (7, 8, 0o700)
+    assert stat.S_IMODE(os.lstat(target / "opt").st_mode) == 0o751  # listed by the layer: its own mode
+    assert stat.S_IMODE(os.lstat(target / "other").st_mode) == 0o755  # no lower "other"; not reached via srv
+    assert os.path.islink(target / "srv")
 
 # -- the same tree as tarfile's own extraction, for benign layers ----------------------------
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18lazysnap/v1/status.proto\x12\x0blazysnap.v1\" \n\rLayersRequest\x12\x0f\n\x07\x64igests\x18\x01 \x03(\t\"\xdd\x01\n\x05Layer\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x11\n\timage_ref\x18\x02 \x01(\t\x12\x0c\n\x04mode\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0c\n\x04size\x18\x05 \x01(\x03\x12\x17\n\x0fresolve_seconds\x18\x06 \x01(\x01\x12\x0c\n\x04path\x18\x07 \x01(\t\x12\x15\n\rfetched_bytes\x18\x08 \x01(\x03\x12\x13\n\x0b\x66\x65tch_state\x18\t \x01(\t\x12\x18\n\x10prefetched_bytes\x18\n \x01(\x03\x12\x18\n\x10\x62\x61\x63kground_bytes\x18\x0b \x01(\x03\"Z\n\x05\x43\x61\x63he\x12\r\n\x05\x62ytes\x18\x01 \x01(\x03\x12\x11\n\tmax_bytes\x18\x02 \x01(\x03\x12\x0c\n\x04hits\x18\x03 \x01(\x03\x12\x0e\n\x06misses\x18\x04 \x01(\x03\x12\x11\n\tevictions\x18\x05 \x01(\x03\"6\n\x06\x46useOp\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\"Q\n\x04\x46use\x12 \n\x03ops\x18\x01 \x03(\x0b\x32\x13.lazysnap.v1.FuseOp\x12\x12\n\nread_bytes\x18\x02 \x01(\x03\x12\x13\n\x0bread_errors\x18\x03 \x01(\x03\"]\n\tDataPlane\x12\x12\n\ngeneration\x18\x01 \x01(\x03\x12\x0b\n\x03pid\x18\x02 \x01(\x03\x12\x10\n\x08retiring\x18\x03 \x01(\x08\x12\x0e\n\x06layers\x18\x04 \x01(\x03\x12\r\n\x05\x62uild\x18\x05 \x01(\t\"\xa5\x01\n\x0eLayersResponse\x12\"\n\x06layers\x18\x01 \x03(\x0b\x32\x12.lazysnap.v1.Layer\x12!\n\x05\x63\x61\x63he\x18\x02 \x01(\x0b\x32\x12.lazysnap.v1.Cache\x12\x1f\n\x04\x66use\x18\x03 \x01(\x0b\x32\x11.lazysnap.v1.Fuse\x12+\n\x0b\x64\x61ta_planes\x18\x04 \x03(\x0b\x32\x16.lazysnap.v1.DataPlane2K\n\x06Status\x12\x41\n\x06Layers\x12\x1a.lazysnap.v1.LayersRequest\x1a\x1b.lazysnap.v1.LayersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18lazysnap/v1/status.proto\x12\x0blazysnap.v1\" \n\rLayersRequest\x12\x0f\n\x07\x64igests\x18\x01 \x03(\t\"\xf3\x01\n\x05Layer\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x11\n\timage_ref\x18\x02 \x01(\t\x12\x0c\n\x04mode\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0c\n\x04size\x18\x05 \x01(\x03\x12\x17\n\x0fresolve_seconds\x18\x06 \x01(\x01\x12\x0c\n\x04path\x18\x07 \x01(\t\x12\x15\n\rfetched_bytes\x18\x08 \x01(\x03\x12\x13\n\x0b\x66\x65tch_state\x18\t \x01(\t\x12\x18\n\x10prefetched_bytes\x18\n \x01(\x03\x12\x18\n\x10\x62\x61\x63kground_bytes\x18\x0b \x01(\x03\x12\x14\n\x0cpull_seconds\x18\x0c \x01(\x01\"Z\n\x05\x43\x61\x63he\x12\r\n\x05\x62ytes\x18\x01 \x01(\x03\x12\x11\n\tmax_bytes\x18\x02 \x01(\x03\x12\x0c\n\x04hits\x18\x03 \x01(\x03\x12\x0e\n\x06misses\x18\x04 \x01(\x03\x12\x11\n\tevictions\x18\x05 \x01(\x03\"6\n\x06\x46useOp\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\"Q\n\x04\x46use\x12 \n\x03ops\x18\x01 \x03(\x0b\x32\x13.lazysnap.v1.FuseOp\x12\x12\n\nread_bytes\x18\x02 \x01(\x03\x12\x13\n\x0bread_errors\x18\x03 \x01(\x03\"]\n\tDataPlane\x12\x12\n\ngeneration\x18\x01 \x01(\x03\x12\x0b\n\x03pid\x18\x02 \x01(\x03\x12\x10\n\x08retiring\x18\x03 \x01(\x08\x12\x0e\n\x06layers\x18\x04 \x01(\x03\x12\r\n\x05\x62uild\x18\x05 \x01(\t\"\xa5\x01\n\x0eLayersResponse\x12\"\n\x06layers\x18\x01 \x03(\x0b\x32\x12.lazysnap.v1.Layer\x12!\n\x05\x63\x61\x63he\x18\x02 \x01(\x0b\x32\x12.lazysnap.v1.Cache\x12\x1f\n\x04\x66use\x18\x03 \x01(\x0b\x32\x11.lazysnap.v1.Fuse\x12+\n\x0b\x64\x61ta_planes\x18\x04 \x03(\x0b\x32\x16.lazysnap.v1.DataPlane2K\n\x06Status\x12\x41\n\x06Layers\x12\x1a.lazysnap.v1.LayersRequest\x1a\x1b.lazysnap.v1.LayersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,17 +34,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LAYERSREQUEST']._serialized_start=41
   _globals['_LAYERSREQUEST']._serialized_end=73
   _globals['_LAYER']._serialized_start=76
-  _globals['_LAYER']._serialized_end=297
-  _globals['_CACHE']._serialized_start=299
-  _globals['_CACHE']._serialized_end=389
-  _globals['_FUSEOP']._serialized_start=391
-  _globals['_FUSEOP']._serialized_end=445
-  _globals['_FUSE']._serialized_start=447
-  _globals['_FUSE']._serialized_end=528
-  _globals['_DATAPLANE']._serialized_start=530
-  _globals['_DATAPLANE']._serialized_end=623
-  _globals['_LAYERSRESPONSE']._serialized_start=626
-  _globals['_LAYERSRESPONSE']._serialized_end=791
-  _globals['_STATUS']._serialized_start=793
-  _globals['_STATUS']._serialized_end=868
+  _globals['_LAYER']._serialized_end=319
+  _globals['_CACHE']._serialized_start=321
+  _globals['_CACHE']._serialized_end=411
+  _globals['_FUSEOP']._serialized_start=413
+  _globals['_FUSEOP']._serialized_end=467
+  _globals['_FUSE']._serialized_start=469
+  _globals['_FUSE']._serialized_end=550
+  _globals['_DATAPLANE']._serialized_start=552
+  _globals['_DATAPLANE']._serialized_end=645
+  _globals['_LAYERSRESPONSE']._serialized_start=648
+  _globals['_LAYERSRESPONSE']._serialized_end=813
+  _globals['_STATUS']._serialized_start=815
+  _globals['_STATUS']._serialized_end=890
 # @@protoc_insertion_point(module_scope)
