@@ -89,7 +89,7 @@ def test_a_blob_that_does_not_match_its_digest_fails_rpull_and_commits_nothing(
     assert done.returncode != 0, output
     assert top in output and "digest mismatch" in output, output
     assert "Traceback" not in output, output
-    keys = snapshot_keys(containerd)
-    assert len(keys) == len(images.gzip.layer_digests) - 1, f"only the layers below it are committed: {keys}"
+    keys = snapshot_keys(containerd)  # the layers below it, until containerd collects them (no image holds them)
+    assert len(keys) < len(images.gzip.layer_digests), f"the corrupt layer must not be committed: {keys}"
     assert not [p.name for p in (lazysnap.root / "snapshots").iterdir() if p.name.startswith("new-")]
     assert list((lazysnap.root / "whole").iterdir()) == [], "a failed pull leaves nothing behind"
