@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     rpull.add_argument("--containerd", type=Path, default=Path("/run/containerd/containerd.sock"),
                        help="containerd's socket (default /run/containerd/containerd.sock)")
     rpull.add_argument("--address", type=Path, default=config.Config.address,
-                       help=f"lazysnap's socket, for per-layer outcomes (default {config.Config.address})")
+                       help=f"the lazysnap daemon's socket: the daemon pulls (default {config.Config.address})")
     rpull.add_argument("--snapshotter", default="lazysnap", help="the proxy_plugins name (default lazysnap)")
     rpull.add_argument("--plain-http", action="store_true", help="use HTTP for registries without hosts.toml")
     rpull.add_argument("--certs-dir", type=Path, default=config.Config.certs_dir, help="hosts.toml directory")
@@ -156,6 +156,11 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(trio.run(profile_command, args))
     except (SnapshotterError, RegistryError) as e:
         sys.exit(f"lazysnap: {e}")
+    except KeyboardInterrupt:
+        # No traceback for Ctrl-C; rpull's stream is closed with the process, which cancels the pull.
+        print("lazysnap: interrupted" + ("; the daemon stops the pull" if args.command == "rpull" else ""),
+              file=sys.stderr)
+        sys.exit(130)
 
 
 def rpull_command(args: argparse.Namespace) -> int:

@@ -127,6 +127,23 @@ def test_rpull_prints_progress_and_the_table(tmp_path: Path, capsys: pytest.Capt
     assert out[-1] == "reg.test/app:1: 1 of 2 layers lazy, pulled in 1.50 s"
 
 
+
+def test_ctrl_c_in_rpull_is_one_line_and_exit_130(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from snapshotter import status
+
+    def interrupted(self, request):  # type: ignore[no-untyped-def]
+        yield "resolving"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(status.StatusClient, "pull", interrupted)
+    with pytest.raises(SystemExit) as done:
+        cli.main(["rpull", "reg.test/app:1", "--address", str(tmp_path / "absent.sock")])
+    captured = capsys.readouterr()
+    assert done.value.code == 130
+    assert captured.err == "lazysnap: interrupted; the daemon stops the pull\n"
+    assert "Traceback" not in captured.out + captured.err
+
 async def test_puller_cancel_ends_the_pull_with_an_error(tmp_path: Path) -> None:
     """Waiting for an absent containerd, the pull ends at once when cancelled, and says so."""
     events: list[PullEvent] = []
