@@ -8,7 +8,7 @@ VENV   := .venv
 PYTHON := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: test demo bench deps apt-deps venv proto clean
+.PHONY: test demo bench deps apt-deps venv proto clean install
 
 test: deps
 	$(PYTHON) -m pytest -v $(PYTEST_ARGS)
@@ -43,6 +43,42 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m pip install -q --upgrade pip
 	$(PYTHON) -m pip install -q -e '.[test]'
 	touch $@
+
+# Installs lazysnap on a node (not needed for `make test` or `make demo`): a venv of its own
+# at INSTALL_VENV (Debian 12+ refuse `pip install` into the system Python, PEP 668), the
+# command linked into INSTALL_BIN, the unit into INSTALL_UNIT with ExecStart pointing at
+# both, and the example config into INSTALL_ETC only when none is there (an operator's
+# config is never overwritten). Run again to upgrade. Override on the command line only:
+#   make install INSTALL_VENV=/opt/lazysnap INSTALL_BIN=/usr/local/bin \
+#                INSTALL_ETC=/etc/lazysnap INSTALL_UNIT=/etc/systemd/system
+INSTALL_VENV := /opt/lazysnap
+INSTALL_BIN  := /usr/local/bin
+INSTALL_ETC  := /etc/lazysnap
+INSTALL_UNIT := /etc/systemd/system
+# fuse3 at run time; the rest build pyfuse3 (from source: PyPI has no wheel of it).
+INSTALL_APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3 python3-venv python3-dev
+PIP_INSTALL_ARGS ?=
+
+install:
+	$(MAKE) apt-deps APT_PACKAGES="$(INSTALL_APT_PACKAGES)"
+	test -x $(INSTALL_VENV)/bin/python || python3 -m venv $(INSTALL_VENV)
+	$(INSTALL_VENV)/bin/python -m pip install -q $(PIP_INSTALL_ARGS) --upgrade pip
+	$(INSTALL_VENV)/bin/python -m pip install -q $(PIP_INSTALL_ARGS) .   # a local path is always reinstalled
+	install -d $(INSTALL_BIN) $(INSTALL_UNIT) $(INSTALL_ETC)
+	ln -sfn $(INSTALL_VENV)/bin/lazysnap $(INSTALL_BIN)/lazysnap
+	sed -e 's|/usr/local/bin/lazysnap|$(INSTALL_BIN)/lazysnap|' \
+	    -e 's|/etc/lazysnap/config.toml|$(INSTALL_ETC)/config.toml|' \
+	    systemd/lazysnap.service > $(INSTALL_UNIT)/lazysnap.service.tmp
+	chmod 0644 $(INSTALL_UNIT)/lazysnap.service.tmp
+	mv $(INSTALL_UNIT)/lazysnap.service.tmp $(INSTALL_UNIT)/lazysnap.service
+	@if [ -e $(INSTALL_ETC)/config.toml ]; then \
+		echo "kept $(INSTALL_ETC)/config.toml (the example with every default: systemd/config.toml)"; \
+	else install -m 0644 systemd/config.toml $(INSTALL_ETC)/config.toml; fi
+	@if [ "$(INSTALL_UNIT)" = /etc/systemd/system ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+	@echo "installed $$($(INSTALL_BIN)/lazysnap --version 2>/dev/null || echo lazysnap)." \
+	      "Next: containerd's config (systemd/containerd-config.toml for 1.6/1.7," \
+	      "systemd/containerd2-config.toml for 2.x), then" \
+	      "systemctl enable --now lazysnap && systemctl restart containerd"
 
 # Regenerates snapshotter/api/ (protobuf) and snapshotter/formats/ztoc_fbs/ (flatbuffers) from proto/;
 # tests check both are current.
