@@ -37,7 +37,7 @@ class Snapshot:
     """The daemon's state for one scrape."""
 
     layers: dict[str, int] = field(default_factory=dict)
-    """Layers by mode: estargz, soci, fallback."""
+    """Layers by mode: estargz, zstd:chunked, soci, fallback, whole."""
     fallbacks: dict[str, int] = field(default_factory=dict)
     """Layers pulled whole, by `FallbackCause` value."""
     complete_layers: int = 0

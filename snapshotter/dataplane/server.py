@@ -226,9 +226,9 @@ class DataPlane:
         return Message({"metadata": metadata})
 
     async def _device(self, record: LayerRecord) -> MappedDevice | erofs.DataDevice:
-        """The layer's data device: from its device map (eStargz: no TOC to parse), else from its zTOC."""
+        """The layer's data device: from its device map (eStargz, zstd:chunked: no TOC to parse), else from its zTOC."""
         files = saved.files_of(self.settings.root, record)
-        if record.format == saved.ESTARGZ:
+        if record.format in saved.CHUNKED:
             mapped = device.decode(await trio.to_thread.run_sync(files.device.read_bytes))
             served = MappedDevice(mapped, record.digest, self.cache, self.link)
             served.recordings.append(self.link)

@@ -110,6 +110,8 @@ class TocEntry(NamedTuple):
     chunk_offset: int = 0
     chunk_size: int = 0
     chunk_digest: str = ""
+    end_offset: int = 0
+    """zstd:chunked only: where the file's last frame ends in the blob (eStargz has no such field)."""
 
     @property
     def has_payload(self) -> bool:
@@ -225,6 +227,13 @@ def parse_toc(member: bytes, *, max_size: int = DEFAULT_MAX_TOC_SIZE) -> Toc:
     """
     tar_bytes = _gunzip_all(member, max_size)
     raw, header = _tar_member(tar_bytes, TOC_TAR_NAME)
+    version, entries = toc_document(raw)
+    return Toc(raw=raw, digest=content_digest(raw), version=version, entries=entries,
+               header=header)
+
+
+def toc_document(raw: bytes) -> tuple[int, list[TocEntry]]:
+    """The version and checked entries of a TOC's JSON: eStargz and zstd:chunked share the schema."""
     doc = load_object(raw, "TOC")
     version = doc.get("version")
     if type(version) is not int:
@@ -234,9 +243,7 @@ def parse_toc(member: bytes, *, max_size: int = DEFAULT_MAX_TOC_SIZE) -> Toc:
         items = []
     if not isinstance(items, list):
         raise FormatError(f"TOC entries is a JSON {type(items).__name__}, want an array")
-    entries = [_toc_entry(i, item) for i, item in enumerate(items)]
-    return Toc(raw=raw, digest=content_digest(raw), version=version, entries=entries,
-               header=header)
+    return version, [_toc_entry(i, item) for i, item in enumerate(items)]
 
 
 def _gunzip_all(data: bytes, limit: int) -> bytes:
@@ -282,7 +289,7 @@ def _tar_member(tar_bytes: bytes, name: str) -> tuple[bytes, tarfile.TarInfo]:
 _INT_FIELDS = {
     "size": "size", "mode": "mode", "uid": "uid", "gid": "gid", "offset": "offset",
     "innerOffset": "inner_offset", "devMajor": "dev_major", "devMinor": "dev_minor",
-    "chunkOffset": "chunk_offset", "chunkSize": "chunk_size",
+    "chunkOffset": "chunk_offset", "chunkSize": "chunk_size", "endOffset": "end_offset",
 }
 _STR_FIELDS = {
     "modtime": "modtime", "linkName": "link_name", "userName": "user_name", "groupName": "group_name",
@@ -383,13 +390,18 @@ def verify_toc(toc: Toc, expected_digest: str | None, *, allow_unverified: bool)
 
 # --------------------------------------------------------------------------- entries
 
-def layer_entries(toc: Toc, toc_offset: int) -> list[LayerEntry]:
+def layer_entries(toc: Toc, toc_offset: int, *, exact_ends: bool = False) -> list[LayerEntry]:
     """The TOC as tar-member records for `build_tree`; regular files carry a tuple of `Chunk`s.
 
     Landmark files are kept: they are real members of the layer's tar stream.
+    `toc_offset` bounds the payload: every chunk lies before it. `exact_ends` is
+    zstd:chunked's rule (`formats/zstd_chunked.py`): a chunk ends where the file's next
+    chunk starts, the last at the file's `endOffset`, each chunk must carry a digest, and
+    no two chunks may share blob bytes. Without it (eStargz), a chunk ends where the
+    next payload in the blob starts, and may share its gzip member with what follows.
     """
     entries = toc.entries
-    ends = sorted({e.offset for e in entries if e.has_payload})
+    ends = [] if exact_ends else sorted({e.offset for e in entries if e.has_payload})
     out: list[LayerEntry] = []
     index, count = 0, len(entries)
     while index < count:
@@ -403,18 +415,20 @@ def layer_entries(toc: Toc, toc_offset: int) -> list[LayerEntry]:
             while following < count and entries[following].type == _CHUNK:
                 following += 1
             if entry.size > 0:
-                layer_entry.content = _file_chunks(entries, index, following, ends, toc_offset)
+                layer_entry.content = _file_chunks(entries, index, following, ends, toc_offset, exact_ends)
             elif following > index + 1:
                 raise FormatError(f"{_where(index + 1, entries[index + 1].name)}: chunk entry does not follow "
                                   "a non-empty regular file")
             else:
                 layer_entry.content = ()
         index = following
+    if exact_ends:
+        _check_disjoint(out)
     return out
 
 
-def _file_chunks(entries: list[TocEntry], first: int, end: int, ends: list[int], toc_offset: int
-                 ) -> tuple[Chunk, ...]:
+def _file_chunks(entries: list[TocEntry], first: int, end: int, ends: list[int], toc_offset: int,
+                 exact_ends: bool) -> tuple[Chunk, ...]:
     """The chunks of the file at `entries[first]` (itself the first piece, then `chunk` entries
     up to `end`), checked to tile the file [0, size) exactly and in order."""
     file = entries[first]
@@ -435,16 +449,44 @@ def _file_chunks(entries: list[TocEntry], first: int, end: int, ends: list[int],
         if size <= 0 or start + size > file.size:
             raise FormatError(f"{_where(index, entry.name)}: chunk [{start}, +{size}) does not fit in "
                               f"file {file.name!r} of {file.size} bytes")
-        after = bisect.bisect_right(ends, entry.offset)
-        compressed_end = ends[after] if after < len(ends) else toc_offset
         digest = entry.chunk_digest or None
         if digest is None and start == 0 and size == file.size and file.digest:
             digest = file.digest
+        if exact_ends:
+            compressed_end = entries[index + 1].offset if index + 1 < end else file.end_offset
+            _check_exact(index, entry, compressed_end, toc_offset, digest)
+        else:
+            after = bisect.bisect_right(ends, entry.offset)
+            compressed_end = ends[after] if after < len(ends) else toc_offset
         chunks.append(Chunk(start, size, entry.offset, compressed_end, entry.inner_offset, digest))
         covered = start + size
     if covered != file.size:
         raise FormatError(f"chunks of file {file.name!r} cover {covered} of its {file.size} bytes")
     return tuple(chunks)
+
+
+def _check_exact(index: int, entry: TocEntry, compressed_end: int, toc_offset: int, digest: str | None) -> None:
+    """A zstd:chunked chunk: its own frames [offset, end) before the TOC, and a digest to check them by."""
+    where = _where(index, entry.name)
+    if compressed_end <= entry.offset:
+        raise FormatError(f"{where}: chunk ends at {compressed_end}, not after its offset {entry.offset} "
+                          "(no endOffset, or chunks out of order)")
+    if compressed_end > toc_offset:
+        raise FormatError(f"{where}: chunk [{entry.offset}, {compressed_end}) runs past the payload end {toc_offset}")
+    if entry.inner_offset:
+        raise FormatError(f"{where}: innerOffset {entry.inner_offset}, but every chunk is its own frames")
+    if digest is None:
+        raise FormatError(f"{where}: chunk without a digest")
+
+
+def _check_disjoint(entries: list[LayerEntry]) -> None:
+    """No two chunks share blob bytes: one frame is never two files' content."""
+    chunks = sorted((c for e in entries if isinstance(e.content, tuple) for c in e.content),
+                    key=lambda c: c.compressed_offset)
+    for before, after in zip(chunks, chunks[1:]):
+        if after.compressed_offset < before.compressed_end:
+            raise FormatError(f"chunks [{before.compressed_offset}, {before.compressed_end}) and "
+                              f"[{after.compressed_offset}, {after.compressed_end}) overlap in the blob")
 
 
 def toc_file_entry(toc: Toc) -> LayerEntry | None:

@@ -8,9 +8,9 @@ Rebuilding those from a 30,000-entry TOC took the data plane ~1.4 CPU-seconds pe
 control plane, which has the layer at hand, writes this map once (`encode`) beside the
 image, and the data plane loads it with a few array copies (`decode`).
 
-eStargz layers only: a chunk's cached form is exactly its file bytes, so a device range
-maps to a range of one cached chunk. (SOCI spans need the zTOC's checkpoints to inflate,
-so a SOCI layer is still rebuilt from its zTOC.)
+eStargz and zstd:chunked layers only (`EStargzLayer`): a chunk's cached form is exactly
+its file bytes, so a device range maps to a range of one cached chunk. (SOCI spans need
+the zTOC's checkpoints to inflate, so a SOCI layer is still rebuilt from its zTOC.)
 """
 
 from __future__ import annotations

@@ -1,16 +1,23 @@
-"""eStargz layers: the TOC gives the tree, chunks are fetched, verified and cached on first read."""
+"""eStargz and zstd:chunked layers: the TOC gives the tree, chunks are fetched, verified and cached on first read.
+
+The two formats share the TOC schema, the tree and the chunk records; what differs (how
+the TOC is found and verified, where a chunk ends, how it decompresses) is in
+`formats/estargz.py` and `formats/zstd_chunked.py`, and reaches the layer through a
+`ChunkFormat`.
+"""
 
 from __future__ import annotations
 
 import bisect
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import trio
 
 from ..cache import ChunkCache, Verify, sha256_verifier
-from ..formats import estargz
+from ..formats import estargz, zstd_chunked
+from ..formats.entries import LayerEntry
 from ..formats.errors import FormatError
 from .fetch import FetchActivity, Recording, Unit
 from .layer import Blob, ReadError, UnitSource
@@ -29,36 +36,77 @@ difference between hundreds of serial round trips and a few dozen."""
 
 
 @dataclass(frozen=True)
+class ChunkFormat:
+    """What differs between the formats whose files are TOC-listed chunks of the blob."""
+
+    name: str
+    """The layer's mode, as saved and shown (`saved.ESTARGZ`, `saved.ZSTD_CHUNKED`)."""
+    layer_entries: Callable[[estargz.Toc, int], list[LayerEntry]]
+    decompress_chunk: Callable[[bytes, estargz.Chunk], bytes]
+    parse_toc: Callable[[bytes], estargz.Toc]
+    """The TOC from the bytes saved on disk (`EStargzIndex.member`)."""
+
+
+ESTARGZ_CHUNKS = ChunkFormat("estargz", estargz.layer_entries, estargz.decompress_chunk, estargz.parse_toc)
+ZSTD_CHUNKS = ChunkFormat(zstd_chunked.FORMAT, zstd_chunked.layer_entries, zstd_chunked.decompress_chunk,
+                          zstd_chunked.parse_toc)
+CHUNK_FORMATS = {f.name: f for f in (ESTARGZ_CHUNKS, ZSTD_CHUNKS)}
+
+
+@dataclass(frozen=True)
 class EStargzIndex:
-    """What resolving an eStargz layer yields: enough to serve it, and to keep it on disk."""
+    """What resolving an eStargz or zstd:chunked layer yields: enough to serve it, and to keep it on disk."""
 
     footer: estargz.Footer
+    """`toc_offset` is where the TOC starts: the payload lies before it (for zstd:chunked, the
+    TOC frame's payload; the footer's other fields are eStargz's only)."""
     toc: estargz.Toc
     member: bytes
-    """The TOC's gzip member as fetched: saved so a restart needs no registry."""
+    """The TOC as fetched (eStargz: its gzip member; zstd:chunked: its compressed bytes, which
+    its checksum covers): saved so a restart needs no registry."""
+    format: ChunkFormat = ESTARGZ_CHUNKS
 
 
-async def fetch_index(blob: Blob) -> EStargzIndex:
-    """Footer and TOC of an eStargz blob, in one range request when the TOC is small."""
+async def read_tail(blob: Blob) -> tuple[int, bytes]:
+    """(where it starts, bytes): the end of the blob, where both formats keep their footer."""
     tail_start = max(0, blob.size - TAIL_READ)
-    tail = await blob.read(tail_start, blob.size)
-    footer = estargz.parse_footer(tail[-estargz.FOOTER_READ_SIZE:], blob_size=blob.size)
-    start, end = footer.toc_range(blob.size)
+    return tail_start, await blob.read(tail_start, blob.size)
+
+
+async def _range(blob: Blob, tail: tuple[int, bytes], start: int, end: int) -> bytes:
+    """Blob bytes [start, end), from the tail already read as far as it reaches."""
+    tail_start, data = tail
     if start >= tail_start:
-        member = tail[start - tail_start:end - tail_start]
-    else:
-        member = await blob.read(start, tail_start) + tail[:end - tail_start]
+        return data[start - tail_start:end - tail_start]
+    return await blob.read(start, min(end, tail_start)) + data[:max(0, end - tail_start)]
+
+
+async def fetch_index(blob: Blob, tail: tuple[int, bytes] | None = None) -> EStargzIndex:
+    """Footer and TOC of an eStargz blob, in one range request when the TOC is small."""
+    tail = tail or await read_tail(blob)
+    footer = estargz.parse_footer(tail[1][-estargz.FOOTER_READ_SIZE:], blob_size=blob.size)
+    start, end = footer.toc_range(blob.size)
+    member = await _range(blob, tail, start, end)
     return EStargzIndex(footer, await trio.to_thread.run_sync(estargz.parse_toc, member), member)
 
 
-def parse_index(member: bytes, toc_offset: int) -> EStargzIndex:
-    """An index saved by `fetch_index`, read back from disk."""
-    toc = estargz.parse_toc(member)
-    return EStargzIndex(estargz.Footer(toc_offset, 0, False), toc, member)
+async def fetch_zstd_index(blob: Blob, tail: tuple[int, bytes], position: zstd_chunked.Position) -> EStargzIndex:
+    """The TOC of a zstd:chunked blob at `position` (from the annotation, else the footer); not yet verified."""
+    zstd_chunked.check_position(position, blob.size)
+    compressed = await _range(blob, tail, position.offset, position.end)
+    toc = await trio.to_thread.run_sync(
+        lambda: zstd_chunked.parse_toc(compressed, uncompressed_size=position.uncompressed_size or None))
+    return EStargzIndex(estargz.Footer(position.offset, 0, False), toc, compressed, ZSTD_CHUNKS)
+
+
+def parse_index(member: bytes, toc_offset: int, format: str = ESTARGZ_CHUNKS.name) -> EStargzIndex:
+    """An index saved by `fetch_index` or `fetch_zstd_index`, read back from disk."""
+    chunks = CHUNK_FORMATS[format]
+    return EStargzIndex(estargz.Footer(toc_offset, 0, False), chunks.parse_toc(member), member, chunks)
 
 
 class EStargzLayer:
-    """A `Layer` whose files are chunks of an eStargz blob."""
+    """A `Layer` whose files are chunks of an eStargz or zstd:chunked blob."""
 
     def __init__(self, index: EStargzIndex, blob: Blob, cache: ChunkCache,
                  activity: FetchActivity | None = None, source: UnitSource | None = None) -> None:
@@ -69,7 +117,8 @@ class EStargzLayer:
         self.cache = cache
         self.activity = activity or FetchActivity()
         self.recordings: list[Recording] = []
-        entries = estargz.layer_entries(index.toc, index.footer.toc_offset)
+        self._decompress = index.format.decompress_chunk
+        entries = index.format.layer_entries(index.toc, index.footer.toc_offset)
         toc_file = estargz.toc_file_entry(index.toc)
         self._tree = build_tree(entries + ([toc_file] if toc_file is not None else []))
         self._in_blob_order = sorted({c for e in entries if isinstance(e.content, tuple) for c in e.content},
@@ -92,7 +141,7 @@ class EStargzLayer:
             chunks = [by_key[k] for k in claimed]
             start = min(c.compressed_offset for c in chunks)
             compressed = await self.blob.read(start, max(c.compressed_end for c in chunks))
-            done = await trio.to_thread.run_sync(_decompress_each, compressed, start, chunks)
+            done = await trio.to_thread.run_sync(_decompress_each, compressed, start, chunks, self._decompress)
             return {self.key_of(c): data for c, data in done if isinstance(data, bytes)}
 
         return await self.cache.fill(list(by_key), fetch)
@@ -170,7 +219,8 @@ class EStargzLayer:
             compressed = await self.blob.read(start, end)
         except Exception as e:
             raise ReadError(f"fetching {self.blob.digest} [{start}, {end}): {e}") from e
-        done = await trio.to_thread.run_sync(_decompress_each, compressed, start, [chunk, *neighbours])
+        done = await trio.to_thread.run_sync(_decompress_each, compressed, start, [chunk, *neighbours],
+                                             self._decompress)
         wanted = done[0][1]
         if isinstance(wanted, FormatError):
             raise wanted
@@ -179,14 +229,15 @@ class EStargzLayer:
         return wanted
 
 
-def _decompress_each(compressed: bytes, start: int, chunks: list[estargz.Chunk]
+def _decompress_each(compressed: bytes, start: int, chunks: list[estargz.Chunk],
+                     decompress: Callable[[bytes, estargz.Chunk], bytes] = estargz.decompress_chunk
                      ) -> list[tuple[estargz.Chunk, bytes | FormatError]]:
     """Each chunk's verified bytes, or why not, from the blob bytes fetched from `start`."""
     out: list[tuple[estargz.Chunk, bytes | FormatError]] = []
     for chunk in chunks:
         piece = compressed[chunk.compressed_offset - start:chunk.compressed_end - start]
         try:
-            out.append((chunk, estargz.decompress_chunk(piece, chunk)))
+            out.append((chunk, decompress(piece, chunk)))
         except FormatError as e:
             out.append((chunk, e))
     return out

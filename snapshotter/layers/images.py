@@ -1,6 +1,10 @@
-"""What is found once per image and shared by its layers: its SOCI index, its start profile, its prefetch plan.
+"""What is found once per image and shared by its layers: its manifest's layer annotations,
+its SOCI index, its start profile, its prefetch plan.
 
-The first layer of an image to be resolved starts the search (`Images.start`); the
+The image manifest is fetched once, by the digest containerd resolved (verified against
+it): its layer descriptors carry annotations that never reach a Prepare's labels
+(containerd passes only `containerd.io/snapshot/*` ones), such as zstd:chunked's TOC
+checksum. The first layer of an image to be resolved starts the search (`Images.start`); the
 image's other layers wait on the same `Image`. A profile (this node's, else one pushed
 beside the image in the registry) says which parts of which layer the image read first
 and when; an image without one is recorded during its first start, and the recording
@@ -17,7 +21,9 @@ from dataclasses import dataclass, field
 import trio
 
 from ..formats import estargz, soci_index
+from ..formats.descriptor import Descriptor
 from ..formats.errors import FormatError
+from ..formats.jsondoc import load_object
 from ..formats.profile import Profile
 from ..labels import LayerRequest
 from ..profiles import ProfileStore, find_remote
@@ -52,6 +58,12 @@ class Image:
     queue: FetchQueue
     """The prefetch GETs of all the image's layers, most urgent first."""
     started: float = field(default_factory=time.monotonic)
+    manifest_done: trio.Event = field(default_factory=trio.Event)
+    """The manifest fetch is over (`layer_annotations`, or `manifest_problem`)."""
+    layer_annotations: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Layer digest -> its descriptor's annotations in the image manifest."""
+    manifest_problem: str = ""
+    """Why `layer_annotations` is empty when it is for want of a manifest."""
     done: trio.Event = field(default_factory=trio.Event)
     """The SOCI search is over (`result`)."""
     result: Discovery = field(default_factory=Discovery)
@@ -91,9 +103,12 @@ class Images:
     async def _discover(self, request: LayerRequest, image: Image) -> None:
         try:
             try:
-                image.manifest_digest = image.manifest_digest or (await self.registry.resolve(request.image_ref)).digest
+                try:
+                    raw = await self._manifest(request, image)
+                finally:
+                    image.manifest_done.set()
                 image.result = await find_index(self.registry, self.local, request.image_ref, image.manifest_digest,
-                                                request.soci_index_digest)
+                                                request.soci_index_digest, manifest=raw)
             except RegistryError as e:
                 image.result = Discovery(misses=[f"cannot resolve the image: {e}"])
             finally:
@@ -104,9 +119,29 @@ class Images:
             if image.manifest_digest:
                 await self._find_profile(image)
         finally:
+            image.manifest_done.set()
             image.ready.set()
         if image.recording is not None:
             await self._record_profile(image.recording)
+
+    async def _manifest(self, request: LayerRequest, image: Image) -> bytes | None:
+        """The image manifest's bytes (by its digest if the labels name one), its layers' annotations noted."""
+        try:
+            if image.manifest_digest:
+                _, raw, _ = await self.registry.fetch_manifest(request.image_ref, image.manifest_digest)
+            else:
+                resolved = await self.registry.resolve(request.image_ref)
+                image.manifest_digest, raw = resolved.digest, resolved.raw
+        except RegistryError as e:
+            if not image.manifest_digest:
+                raise
+            image.manifest_problem = f"cannot fetch the image manifest {image.manifest_digest}: {e}"
+            return None
+        try:
+            image.layer_annotations = layer_annotations(raw)
+        except FormatError as e:
+            image.manifest_problem = f"unreadable image manifest {image.manifest_digest}: {e}"
+        return raw
 
     async def _find_profile(self, image: Image) -> None:
         """What the image reads first: a profile (this node's, else its registry's), SOCI prefetch artifacts."""
@@ -147,6 +182,15 @@ class Images:
                 path = self.profiles.put(recording.profile())
                 log.info("saved the start profile of %s (%d units) to %s", recording.image, len(recording.touched),
                          path)
+
+
+def layer_annotations(raw: bytes) -> dict[str, dict[str, str]]:
+    """Layer digest -> annotations, from an image manifest's bytes (an index has no layers: {})."""
+    layers = load_object(raw, "image manifest").get("layers") or []
+    if not isinstance(layers, list):
+        raise FormatError("image manifest: layers is not an array")
+    descriptors = [Descriptor.parse(item, f"image manifest layer {i}") for i, item in enumerate(layers)]
+    return {d.digest: d.annotations for d in descriptors}
 
 
 def prefetch_units(image: Image, digest: str,

@@ -30,7 +30,7 @@ import trio
 
 from .. import metrics
 from ..cache import ChunkCache
-from ..formats import estargz
+from ..formats import estargz, zstd_chunked
 from ..formats.errors import FormatError
 from ..labels import LayerRequest
 from ..profiles import ProfileStore
@@ -46,7 +46,7 @@ from .images import Image, ImageOptions, Images, prefetch_units
 from .prefetch import FetchQueue, prefetch
 from .readahead import Readahead
 from .resolver import SETTLED, Fallback, Resolution, Resolver
-from .saved import WHOLE, FallbackCause, build_layer
+from .saved import WHOLE, ZSTD_CHUNKED, FallbackCause, build_layer
 from .served import AttachError, DataPlane, LayerStatus, Report, ServedLayers
 from .soci import SociLayer
 from .whole_pulls import WholePulls
@@ -161,14 +161,19 @@ class LayerManager:
                 raise Fallback(resolution.error, resolution.cause)
             assert resolution.blob is not None
             if resolution.estargz is not None:
+                allow = self.options.allow_unverified or request.skip_verify
                 try:
-                    estargz.verify_toc(resolution.estargz.toc, request.toc_digest or None,
-                                       allow_unverified=self.options.allow_unverified or request.skip_verify)
+                    if resolution.kind == ZSTD_CHUNKED:  # its checksum comes from the manifest, not the labels
+                        zstd_chunked.verify_toc(resolution.estargz.toc, resolution.expected_digest or None,
+                                                allow_unverified=allow)
+                    else:
+                        estargz.verify_toc(resolution.estargz.toc, request.toc_digest or None, allow_unverified=allow)
                 except FormatError as e:
-                    raise Fallback(str(e), FallbackCause.VERIFICATION) from None
+                    note = f" ({resolution.note})" if resolution.note else ""
+                    raise Fallback(f"{e}{note}", FallbackCause.VERIFICATION) from None
             try:
                 # In a worker thread: building a 30,000-entry tree takes a while, and the
-                # data planes' misses must not wait for it. An eStargz TOC is already parsed.
+                # data planes' misses must not wait for it. An eStargz or zstd:chunked TOC is already parsed.
                 if resolution.estargz is not None:
                     layer = await trio.to_thread.run_sync(EStargzLayer, resolution.estargz, resolution.blob,
                                                           self.cache, self.activity)

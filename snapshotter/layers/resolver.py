@@ -1,9 +1,11 @@
 """Resolution: for one layer, its verified index, or the reason it will be pulled whole.
 
-An eStargz TOC is looked for in the blob itself (its footer); failing that, a SOCI zTOC
-beside the image (`images.py` searches for the image's SOCI index once, in parallel
-with the footer read). The first Prepare of an image starts resolving all its layers,
-so later Prepares usually find their index already fetched.
+An eStargz TOC is looked for in the blob itself (its footer); failing that, a zstd:chunked
+TOC, located by the layer's annotations in the image manifest (or, unverifiable, by its
+footer); failing that, a SOCI zTOC beside the image (`images.py` fetches the manifest and
+searches for the image's SOCI index once, in parallel with the footer read). The first
+Prepare of an image starts resolving all its layers, so later Prepares usually find
+their index already fetched.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from ..formats import estargz
+from ..formats import estargz, zstd_chunked
 from ..formats.errors import FormatError
 from ..labels import LayerRequest
 from ..registry.client import RegistryClient
@@ -22,9 +24,9 @@ from ..registry.errors import RegistryError
 from ..soci.discovery import Discovery, fetch_ztoc
 from ..soci.local import LocalIndexes
 from .blob import RegistryBlob
-from .estargz import EStargzIndex, fetch_index
-from .images import Images
-from .saved import ESTARGZ, SOCI, FallbackCause
+from .estargz import EStargzIndex, fetch_index, fetch_zstd_index, read_tail
+from .images import Image, Images
+from .saved import ESTARGZ, SOCI, ZSTD_CHUNKED, FallbackCause
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,11 @@ class Resolution:
     done: trio.Event = field(default_factory=trio.Event)
     kind: str = ""
     estargz: EStargzIndex | None = None
+    """The TOC of an eStargz or zstd:chunked layer (`kind` says which), not yet verified."""
+    expected_digest: str = ""
+    """zstd:chunked: the manifest-checksum annotation the TOC must match ("" if the layer has none)."""
+    note: str = ""
+    """zstd:chunked without a checksum: why the manifest did not give one, if it was not there to read."""
     saved: bytes = b""
     offset: int = 0
     blob: RegistryBlob | None = None
@@ -108,15 +115,22 @@ class Resolver:
                 location = await self.registry.open_blob(image_ref, digest)
                 blob = RegistryBlob(self.registry, image_ref, digest, location.size, location)
                 image = self.images.start(request)  # its SOCI search runs in parallel with the footer read
+                tail = await read_tail(blob)
                 try:
-                    resolution.estargz = await fetch_index(blob)
-                    resolution.kind, resolution.saved = ESTARGZ, resolution.estargz.member
-                    resolution.offset = resolution.estargz.footer.toc_offset
+                    resolution.estargz, resolution.kind = await fetch_index(blob, tail), ESTARGZ
                 except estargz.NotEStargz as e:
                     log.debug("layer %s of %s: %s", digest, image_ref, e)
-                    await image.done.wait()
-                    resolution.saved = await self._ztoc(request, digest, image.result)
-                    resolution.kind = SOCI
+                    chunked = await self._zstd_chunked(digest, image, blob, tail)
+                    if chunked is not None:
+                        resolution.estargz, resolution.expected_digest = chunked
+                        resolution.kind, resolution.note = ZSTD_CHUNKED, image.manifest_problem
+                    else:
+                        await image.done.wait()
+                        resolution.saved = await self._ztoc(request, digest, image.result)
+                        resolution.kind = SOCI
+                if resolution.estargz is not None:
+                    resolution.saved = resolution.estargz.member
+                    resolution.offset = resolution.estargz.footer.toc_offset
                 resolution.blob = blob
         except trio.TooSlowError:
             resolution.error = f"finding the layer's index took over {self.timeout:g} s"
@@ -135,10 +149,39 @@ class Resolver:
             resolution.seconds = resolution.finished - start
             resolution.done.set()
 
+    async def _zstd_chunked(self, digest: str, image: Image, blob: RegistryBlob, tail: tuple[int, bytes]
+                            ) -> tuple[EStargzIndex, str] | None:
+        """The zstd:chunked TOC and the checksum it must have, or None if the layer is not zstd:chunked.
+
+        The manifest's annotations locate the TOC and vouch for it; a footer without them
+        still finds it (to say why the layer is pulled whole, or to serve it unverified
+        when that is allowed).
+        """
+        try:
+            footer: zstd_chunked.Footer | None = zstd_chunked.parse_footer(
+                tail[1][-zstd_chunked.FOOTER_READ_SIZE:], blob_size=blob.size)
+        except zstd_chunked.NotZstdChunked:
+            footer = None
+        await image.manifest_done.wait()
+        annotated = zstd_chunked.parse_annotations(image.layer_annotations.get(digest, {}))
+        if annotated is None and footer is None:
+            return None
+        position = annotated.position if annotated is not None and annotated.position is not None else None
+        if position is None:
+            if footer is None:
+                raise FormatError("zstd:chunked annotations give no TOC position, and the blob has no footer")
+            position = footer.toc
+        if annotated is None or not annotated.checksum:
+            log.info("zstd:chunked layer %s has no checksum annotation%s", digest,
+                     f" ({image.manifest_problem})" if image.manifest_problem else "")
+        index = await fetch_zstd_index(blob, tail, position)
+        return index, annotated.checksum if annotated is not None else ""
+
     async def _ztoc(self, request: LayerRequest, digest: str, discovery: Discovery) -> bytes:
         index = discovery.index
         if index is None:
-            raise Fallback(f"not an eStargz layer, and {discovery.reason}", FallbackCause.NO_INDEX)
+            raise Fallback(f"not an eStargz layer nor a zstd:chunked one, and {discovery.reason}",
+                           FallbackCause.NO_INDEX)
         ref = index.ztocs.get(digest)
         if ref is None:
             raise Fallback(f"the image's SOCI index ({discovery.source}) has no zTOC for this layer "

@@ -1,10 +1,11 @@
 """A served layer's files on disk: what the control plane writes once and both planes rebuild it from.
 
 Under `<root>/layers/<layer id>/`:
-- `toc.gz` (an eStargz TOC member) or `ztoc`: the verified index, checked against the
-  layer record's index digest whenever it is loaded;
+- `toc.gz` (an eStargz TOC member), `toc.zst` (a zstd:chunked TOC, compressed as in the
+  blob) or `ztoc`: the verified index, checked against the layer record's index digest
+  whenever it is loaded;
 - `meta.erofs`: the EROFS image of the layer's tree, when the kernel serves its metadata;
-- `device.map` (eStargz) or `extents` (SOCI): where each file's bytes sit on that image's
+- `device.map` (eStargz, zstd:chunked) or `extents` (SOCI): where each file's bytes sit on that image's
   data device, so the data plane serves the device without building the image or the
   tree again (`device.py`: that is the control plane's heaviest CPU work, and the data
   plane must stay responsive).
@@ -22,29 +23,33 @@ from ..formats import ztoc
 from ..formats.erofs import Extent
 from ..formats.errors import FormatError
 from ..store import LayerRecord
-from .estargz import EStargzLayer, parse_index
+from .estargz import ESTARGZ_CHUNKS, ZSTD_CHUNKS, EStargzLayer, parse_index
 from .fetch import FetchActivity
 from .layer import Blob, UnitSource
 from .soci import SociLayer
 
 INDEX_DIR = "layers"
-ESTARGZ = "estargz"
+ESTARGZ = ESTARGZ_CHUNKS.name
+ZSTD_CHUNKED = ZSTD_CHUNKS.name
 SOCI = "soci"
 FALLBACK = "fallback"
 WHOLE = "whole"
 """The ways a layer is obtained: the formats served lazily, pulled whole by containerd
 (FALLBACK), or pulled whole by lazysnap itself (WHOLE: `whole/pull.py`)."""
+CHUNKED = frozenset({ESTARGZ, ZSTD_CHUNKED})
+"""The formats served by `EStargzLayer`: files are TOC-listed chunks, cached as their bytes."""
+_INDEX_FILES = {ESTARGZ: "toc.gz", ZSTD_CHUNKED: "toc.zst", SOCI: "ztoc"}
 
 
 class FallbackCause(enum.Enum):
     """Why a layer is pulled whole, in classes an operator can count (the reason text says more)."""
 
     NO_INDEX = "no_index"
-    """Neither an eStargz TOC nor a SOCI zTOC for it."""
+    """Neither an eStargz or zstd:chunked TOC nor a SOCI zTOC for it."""
     BROKEN_INDEX = "broken_index"
     """An index that does not parse, or describes an impossible tree."""
     VERIFICATION = "verification"
-    """The index cannot be verified (no or a wrong TOC digest annotation)."""
+    """The index cannot be verified (no or a wrong TOC digest or checksum annotation)."""
     REGISTRY = "registry"
     TIMEOUT = "timeout"
     XATTRS = "xattrs"
@@ -64,7 +69,7 @@ class LayerFiles:
 
     @property
     def index(self) -> Path:
-        return self.dir / ("toc.gz" if self.format == ESTARGZ else "ztoc")
+        return self.dir / _INDEX_FILES.get(self.format, "ztoc")
 
     @property
     def meta(self) -> Path:
@@ -80,7 +85,7 @@ class LayerFiles:
 
     def has_image(self) -> bool:
         """Whether everything a data plane needs to serve the layer through EROFS is saved."""
-        return self.meta.exists() and (self.device if self.format == ESTARGZ else self.extents).exists()
+        return self.meta.exists() and (self.device if self.format in CHUNKED else self.extents).exists()
 
 
 def files_of(root: Path, record: LayerRecord) -> LayerFiles:
@@ -90,8 +95,8 @@ def files_of(root: Path, record: LayerRecord) -> LayerFiles:
 def build_layer(kind: str, saved: bytes, offset: int, blob: Blob, cache: ChunkCache, activity: FetchActivity | None,
                 source: UnitSource | None = None) -> tuple[EStargzLayer | SociLayer, str]:
     """The layer served from a saved index, and the index's digest (to check against the record)."""
-    if kind == ESTARGZ:
-        index = parse_index(saved, offset)
+    if kind in CHUNKED:
+        index = parse_index(saved, offset, kind)
         return EStargzLayer(index, blob, cache, activity, source), index.toc.digest
     if kind == SOCI:
         return SociLayer(ztoc.parse_ztoc(saved), blob, cache, activity, source), ztoc.ztoc_digest(saved)

@@ -37,13 +37,14 @@ class Discovery:
 
 
 async def find_index(registry: RegistryClient, local: LocalIndexes | None, image_ref: str, manifest_digest: str,
-                     explicit: str = "") -> Discovery:
+                     explicit: str = "", manifest: bytes | None = None) -> Discovery:
+    """`manifest`: the image manifest's bytes, verified against `manifest_digest`, if the caller has them."""
     found = Discovery()
     if explicit:
         index = await _load(registry, local, image_ref, explicit, found, "label")
         if index is not None:
             return _found(found, index, "label")
-    raw = await _image_manifest(registry, image_ref, manifest_digest, found)
+    raw = manifest if manifest is not None else await _image_manifest(registry, image_ref, manifest_digest, found)
     if raw is not None:
         v2 = _annotation(raw, soci_index.INDEX_DIGEST)
         if v2:

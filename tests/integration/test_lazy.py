@@ -126,7 +126,7 @@ class PullRow:
 
 
 PULL_ROW = re.compile(r"^(?P<digest>sha256:[0-9a-f]{12})\s+(?P<size>[\d.]+ [KMG]?i?B)\s+"
-                      r"(?P<how>lazy(?: [a-z]+)?|pulled whole(?: by lazysnap)?)\s+(?P<seconds>\d+\.\d+)(?:\s+(?P<why>.*))?$")
+                      r"(?P<how>lazy(?: [a-z:]+)?|pulled whole(?: by lazysnap)?)\s+(?P<seconds>\d+\.\d+)(?:\s+(?P<why>.*))?$")
 STATUS_ROW = re.compile(r"^(?P<digest>sha256:[0-9a-f]{12})\s+(?P<mode>\S*)\s+(?P<size>[\d.]+ [KMG]?i?B|-)\s+"
                         r"(?P<fetched>[\d.]+ [KMG]?i?B)\s+(?P<resolve>[\d.]+s)\s+(?P<rest>.*)$")
 

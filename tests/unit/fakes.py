@@ -75,6 +75,7 @@ class _Location:
 @dataclass
 class _Manifest:
     digest: str
+    raw: bytes
 
 
 class FakeRegistry:
@@ -87,6 +88,8 @@ class FakeRegistry:
     def __init__(self, blobs: dict[str, bytes], manifest_digest: str = "sha256:" + "d" * 64) -> None:
         self.blobs = blobs
         self.manifest_digest = manifest_digest
+        self.manifest = b'{"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json", "layers": []}'
+        """The image manifest's bytes (a test may give its layers annotations); served as `manifest_digest`."""
         self.open_error: Exception | None = None
         self.hang_open = False
         self.opened: list[tuple[str, str]] = []
@@ -121,14 +124,13 @@ class FakeRegistry:
     async def resolve(self, ref: str) -> _Manifest:
         self.calls.append("resolve")
         await trio.lowlevel.checkpoint()
-        return _Manifest(self.manifest_digest)
+        return _Manifest(self.manifest_digest, self.manifest)
 
     async def fetch_manifest(self, ref: str, digest_or_tag: str, accept: str = "") -> tuple[str, bytes, str]:
         self.calls.append("fetch_manifest")
         await trio.lowlevel.checkpoint()
         if digest_or_tag == self.manifest_digest:
-            raw = b'{"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json", "layers": []}'
-            return "application/vnd.oci.image.manifest.v1+json", raw, self.manifest_digest
+            return "application/vnd.oci.image.manifest.v1+json", self.manifest, self.manifest_digest
         raise NotFoundError(f"manifest {digest_or_tag} of {ref}: not found")
 
     async def referrers(self, ref: str, subject_digest: str, artifact_type: str | None = None) -> list[object]:
