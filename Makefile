@@ -3,7 +3,7 @@
 
 APT_PACKAGES := containerd runc docker-registry skopeo umoci busybox-static fuse3 \
                 libfuse3-dev pkg-config stargz-snapshotter python3 python3-venv python3-dev gcc openssl \
-                flatbuffers-compiler pigz zlib1g-dev erofs-utils
+                flatbuffers-compiler pigz zlib1g-dev erofs-utils apache2-utils
 VENV   := .venv
 PYTHON := $(VENV)/bin/python
 PYTEST_ARGS ?=

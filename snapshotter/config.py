@@ -53,6 +53,11 @@ class Config:
     """containerd's hosts.toml directory: mirrors, plain-HTTP registries, TLS settings."""
     docker_config: Path | None = None
     """Docker config.json with registry credentials (default $DOCKER_CONFIG or ~/.docker)."""
+    image_credential_provider_config: Path | None = None
+    """The kubelet's CredentialProviderConfig file (same as its --image-credential-provider-config);
+    None: no credential provider plugins."""
+    image_credential_provider_bin_dir: Path | None = None
+    """The directory of those plugins (the kubelet's --image-credential-provider-bin-dir)."""
     prefetch: bool = True
     """Prefetch at mount what an image reads first: its start profile, eStargz landmark, SOCI prefetch artifact."""
     record_profiles: bool = True
@@ -100,6 +105,13 @@ class Config:
                 parse_address(self.metrics_address)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
+        providers = (self.image_credential_provider_config, self.image_credential_provider_bin_dir)
+        if (providers[0] is None) != (providers[1] is None):
+            raise ConfigError("image_credential_provider_config and image_credential_provider_bin_dir "
+                              "go together: set both or neither")
+        for name, path in zip(("image_credential_provider_config", "image_credential_provider_bin_dir"), providers):
+            if path is not None and not path.is_absolute():
+                raise ConfigError(f"{name} must be an absolute path, got {path}")
         if self.cache_max_mib < 1:
             raise ConfigError(f"cache_max_mib must be at least 1, got {self.cache_max_mib}")
         return self
@@ -118,7 +130,9 @@ _KINDS: dict[str, type] = {
     "allow_unverified": bool, "resolve_timeout": float, "read_timeout": float, "fuse_xattrs": bool,
     "kernel_metadata": bool,
     "cache_max_mib": int,
-    "certs_dir": Path, "docker_config": Path, "prefetch": bool, "record_profiles": bool, "profile_seconds": float,
+    "certs_dir": Path, "docker_config": Path,
+    "image_credential_provider_config": Path, "image_credential_provider_bin_dir": Path,
+    "prefetch": bool, "record_profiles": bool, "profile_seconds": float,
     "fetch_concurrency": int, "readahead_max_mib": int, "background_fetch": bool,
     "background_quiet_seconds": float,
     "background_rate_mib": float,
@@ -150,7 +164,7 @@ def _build(values: dict[str, Any], source: Path) -> Config:
     for name, value in values.items():
         kind = _KINDS[name]
         if kind is Path and isinstance(value, (str, Path)):
-            value = Path(value)
+            value = None if value == "" and fields[name].default is None else Path(value)  # "": unset
         elif kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         elif not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):

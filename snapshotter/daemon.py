@@ -34,6 +34,7 @@ from .layers.background import BackgroundOptions
 from .layers.manager import LayerManager, ManagerOptions, open_manager, start_background
 from .mounts import overlay_index_off
 from .registry.client import RegistryClient
+from .registry.keychain import Keychain
 from .registry.options import RegistryOptions
 from .sdnotify import notify
 from .snapshots import Snapshotter
@@ -43,18 +44,19 @@ log = logging.getLogger(__name__)
 
 
 async def serve(config: Config) -> None:
+    keychain = Keychain.for_options(registry_options(config))  # a broken credential provider config stops us here
     lock = root_lock.claim(config.root, config.address)
     store = Store(config.root / "metadata.db")
     try:
         async with trio.open_nursery() as nursery, AsyncExitStack() as stack:
             remote = None
             if config.lazy:
-                remote = await stack.enter_async_context(_open_lazy_side(config, store))
+                remote = await stack.enter_async_context(_open_lazy_side(config, store, keychain))
             snapshotter = Snapshotter(config.root, store, index_off=overlay_index_off(), remote=remote)
             await trio.to_thread.run_sync(snapshotter.cleanup)
             puller = Puller(nursery, remote.registry if remote else None, remote.explain if remote else None)
             server = service.start_server(snapshotter, config.address, config.grpc_workers, status=remote,
-                                          puller=puller)
+                                          puller=puller, registry=registry_options(config))
             log.info("serving containerd snapshots API on %s (root %s, lazy %s)", config.address, config.root,
                      "on" if config.lazy else "off")
             if config.metrics_address and remote is not None:
@@ -77,10 +79,9 @@ async def serve(config: Config) -> None:
 
 
 @asynccontextmanager
-async def _open_lazy_side(config: Config, store: Store) -> AsyncIterator[LayerManager]:
+async def _open_lazy_side(config: Config, store: Store, keychain: Keychain) -> AsyncIterator[LayerManager]:
     """Registry client, chunk cache, data planes and layer manager, torn down in reverse (data planes stay)."""
-    options = RegistryOptions(certs_dir=config.certs_dir, docker_config=config.docker_config)
-    async with RegistryClient(options) as registry:
+    async with RegistryClient(registry_options(config), keychain=keychain) as registry:
         cache = ChunkCache(config.root / "cache", config.cache_max_mib << 20)
         planes = DataPlanes(PlaneOptions(config.root, read_timeout=config.read_timeout,
                                          fuse_xattrs=config.fuse_xattrs, log_level=config.log_level))
@@ -100,6 +101,13 @@ async def _open_lazy_side(config: Config, store: Store) -> AsyncIterator[LayerMa
             await manager.served.restore()
             manager.nursery.start_soon(start_background, manager)
             yield manager
+
+
+def registry_options(config: Config) -> RegistryOptions:
+    """The registry settings of `config`: where hosts.toml files and credentials are."""
+    return RegistryOptions(certs_dir=config.certs_dir, docker_config=config.docker_config,
+                           credential_provider_config=config.image_credential_provider_config,
+                           credential_provider_bin_dir=config.image_credential_provider_bin_dir)
 
 
 def run(config: Config) -> None:

@@ -9,6 +9,7 @@ the one table `STATUS_CODES`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -169,8 +170,10 @@ class PullStarter(Protocol):
 
 
 class ImagesService(pull_pb2_grpc.ImagesServicer):
-    def __init__(self, puller: PullStarter | None) -> None:
+    def __init__(self, puller: PullStarter | None, registry: RegistryOptions | None = None) -> None:
         self.puller = puller
+        self.registry = registry or RegistryOptions()
+        """The daemon's registry settings; a request overrides where hosts.toml and config.json are."""
 
     def Pull(self, request: pull_pb2.PullRequest, context: grpc.ServicerContext) -> Iterator[pull_pb2.PullEvent]:
         if self.puller is None:
@@ -178,9 +181,10 @@ class ImagesService(pull_pb2_grpc.ImagesServicer):
         order = PullOrder(
             ref=request.ref, namespace=request.namespace or "default", containerd=request.containerd_address,
             snapshotter=request.snapshotter or "lazysnap",
-            registry=RegistryOptions(plain_http=request.plain_http,
-                                     certs_dir=Path(request.certs_dir) if request.certs_dir else None,
-                                     docker_config=Path(request.docker_config) if request.docker_config else None))
+            registry=dataclasses.replace(
+                self.registry, plain_http=request.plain_http,
+                certs_dir=Path(request.certs_dir) if request.certs_dir else None,
+                docker_config=Path(request.docker_config) if request.docker_config else None))
         log.info("Pull %s for %s in namespace %s", order.ref, order.snapshotter, order.namespace)
         events: queue.SimpleQueue[PullEvent] = queue.SimpleQueue()
         context.add_callback(self.puller.start(order, events.put))  # the call ending early cancels the pull
@@ -230,14 +234,15 @@ def _brief(request: Any) -> str:
 
 
 def start_server(snapshotter: Snapshotter, address: Path, workers: int = 16,
-                 status: LayerReport | None = None, puller: PullStarter | None = None) -> grpc.Server:
+                 status: LayerReport | None = None, puller: PullStarter | None = None,
+                 registry: RegistryOptions | None = None) -> grpc.Server:
     """Serve on a unix socket only root can reach (mode 0600), replacing a stale socket."""
     address.parent.mkdir(parents=True, exist_ok=True)
     address.unlink(missing_ok=True)
     server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"))
     pb_grpc.add_SnapshotsServicer_to_server(SnapshotsService(snapshotter), server)
     status_pb2_grpc.add_StatusServicer_to_server(StatusService(status), server)
-    pull_pb2_grpc.add_ImagesServicer_to_server(ImagesService(puller), server)
+    pull_pb2_grpc.add_ImagesServicer_to_server(ImagesService(puller, registry), server)
     old_umask = os.umask(0o177)
     try:
         server.add_insecure_port(f"unix:{address}")

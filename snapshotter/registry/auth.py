@@ -1,4 +1,4 @@
-"""Registry authentication: Docker `config.json` credentials and the distribution token flow.
+"""Registry authentication: the distribution token flow, with credentials from the keychain.
 
 A registry that wants authentication answers 401 with `WWW-Authenticate`. For
 `Basic` we send the user's credentials; for `Bearer realm=...,service=...,scope=...`
@@ -6,26 +6,25 @@ we get a token from the realm (anonymously, with basic credentials, or with an
 identity token as an OAuth2 refresh token) and send it as `Authorization: Bearer`.
 Tokens are cached per (registry host, scope) until shortly before they expire,
 fetched by one task at a time, and dropped when the registry rejects them, so a
-revoked or expired token costs exactly one extra round trip.
+revoked or expired token costs exactly one extra round trip. Credentials that the
+registry or its token server refuse (401 or 403) are looked up afresh once, as the
+keychain's helpers and providers may have rotated them.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode
 
 import trio
 
+from .credentials import Credentials, Lookup, repository_of
 from .errors import BadResponse, Unauthorized
-from .options import default_docker_config
+from .keychain import Keychain
 
 log = logging.getLogger(__name__)
 
@@ -33,96 +32,6 @@ CLIENT_ID = "lazysnap"
 DEFAULT_TOKEN_LIFETIME = 60
 """Seconds a token lives when the token server does not say (the distribution spec's default)."""
 MAX_EXPIRY_MARGIN = 30.0
-_HUB_ALIASES = {"docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"}
-
-
-@dataclass(frozen=True)
-class Credentials:
-    """What config.json holds for one registry."""
-
-    username: str = ""
-    password: str = ""
-    identity_token: str = ""
-
-    def basic(self) -> str:
-        raw = f"{self.username}:{self.password}".encode()
-        return "Basic " + base64.b64encode(raw).decode()
-
-
-def registry_key(key: str) -> str:
-    """A config.json `auths` key or a registry host, reduced to `host[:port]`; Hub aliases become docker.io."""
-    text = key.strip().lower()
-    host = urlsplit(text).netloc if "://" in text else text.split("/", 1)[0]
-    return "docker.io" if host in _HUB_ALIASES else host
-
-
-class Keychain:
-    """Credentials from a Docker config.json, re-read on every lookup so rotated secrets apply at once."""
-
-    def __init__(self, path: Path | None = None) -> None:
-        self.path = path if path is not None else default_docker_config()
-        self._helper_logged: set[str] = set()
-
-    def lookup(self, host: str) -> Credentials | None:
-        """Credentials for registry `host`, or None (anonymous)."""
-        doc = self._read()
-        if doc is None:
-            return None
-        wanted = registry_key(host)
-        auths = doc.get("auths")
-        entry: Any = None
-        if isinstance(auths, dict):
-            entry = auths.get(host)
-            if entry is None:
-                entry = next((v for k, v in auths.items() if registry_key(k) == wanted), None)
-        creds = self._decode(entry, host) if isinstance(entry, dict) else None
-        if creds is None:
-            self._log_helper(doc, host, wanted)
-        return creds
-
-    def _read(self) -> dict[str, Any] | None:
-        try:
-            doc = json.loads(self.path.read_bytes())
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as e:
-            log.warning("ignoring unreadable Docker config %s: %s", self.path, e)
-            return None
-        if not isinstance(doc, dict):
-            log.warning("ignoring Docker config %s: not a JSON object", self.path)
-            return None
-        return doc
-
-    def _decode(self, entry: dict[str, Any], host: str) -> Credentials | None:
-        username = entry.get("username") or ""
-        password = entry.get("password") or ""
-        token = entry.get("identitytoken") or ""
-        encoded = entry.get("auth") or ""
-        if encoded:
-            try:
-                user, sep, secret = base64.b64decode(encoded, validate=True).decode().partition(":")
-            except (binascii.Error, UnicodeDecodeError):
-                log.warning("%s: auths entry for %s has an invalid `auth` value; ignoring it", self.path, host)
-                user, sep, secret = "", "", ""
-            if sep:
-                username, password = username or user, password or secret
-        if not all(isinstance(v, str) for v in (username, password, token)):
-            log.warning("%s: auths entry for %s has non-string fields; ignoring it", self.path, host)
-            return None
-        if not (username or password or token):
-            return None
-        return Credentials(username, password, token)
-
-    def _log_helper(self, doc: dict[str, Any], host: str, wanted: str) -> None:
-        helpers = doc.get("credHelpers")
-        helper = None
-        if isinstance(helpers, dict):
-            helper = next((v for k, v in helpers.items() if registry_key(k) == wanted), None)
-        helper = helper or doc.get("credsStore")
-        if isinstance(helper, str) and helper and host not in self._helper_logged:
-            self._helper_logged.add(host)
-            log.info("credential helper docker-credential-%s (from %s) is not supported; "
-                     "using anonymous access to %s", helper, self.path, host)
 
 
 @dataclass(frozen=True)
@@ -184,6 +93,7 @@ class Authenticator:
         self._bearer: dict[str, Challenge] = {}
         self._basic: dict[str, str] = {}
         self._locks: dict[tuple[str, str], trio.Lock] = {}
+        self._looked_up: dict[str, Lookup] = {}
         self.token_fetches = 0
 
     def cached(self, host: str, scope: str) -> str | None:
@@ -198,14 +108,17 @@ class Authenticator:
         return host in self._bearer
 
     def describe(self, host: str, header: str | None) -> str:
-        """What we sent as `header`, in words for an error message (never the secret)."""
+        """What we sent as `header`, and where credentials were looked for, in words (never the secret)."""
+        found = self._looked_up.get(host)
+        creds = found.credentials if found is not None else None
         if header is None:
-            return "anonymous access"
-        if header.startswith("Basic "):
-            creds = self.keychain.lookup(host)
-            user = creds.username if creds is not None else "?"
-            return f"the credentials of {user!r} from {self.keychain.path}"
-        return "a fresh bearer token"
+            sent = "anonymous access"
+        elif header.startswith("Basic "):
+            sent = creds.described() if creds is not None else "basic credentials"
+        else:
+            sent = f"a bearer token got with {creds.described()}" if creds is not None else \
+                "a bearer token got anonymously"
+        return f"{sent} (credentials looked for: {found.explain()})" if found is not None else sent
 
     async def authorization(self, host: str, scope: str, send: TokenRequest) -> str | None:
         """The header for a first request to `host` for `scope` (None: try without)."""
@@ -225,16 +138,40 @@ class Authenticator:
             self._bearer[host] = bearer
             return await self._refresh(host, scope, bearer, rejected, send)
         if any(c.scheme == "basic" for c in challenges):
-            creds = self.keychain.lookup(host)
+            found = await self._look_up(host, scope, fresh=rejected is not None)
+            creds = found.credentials
             if creds is None or not (creds.username or creds.password):
-                raise Unauthorized(f"{host} wants basic authentication and {self.keychain.path} "
-                                   f"has no username/password for it")
+                raise Unauthorized(f"{host} wants basic authentication and no username/password was found for it "
+                                   f"(credentials looked for: {found.explain()})")
             header = creds.basic()
             if header == rejected:
-                raise Unauthorized(f"{host} rejected the credentials of {creds.username!r} from {self.keychain.path}")
+                raise Unauthorized(f"{host} rejected {creds.described()} (credentials looked for: {found.explain()})")
             self._basic[host] = header
             return header
         raise Unauthorized(f"{host} answered 401 without a usable challenge (WWW-Authenticate: {www_authenticate})")
+
+    async def forbidden(self, host: str, scope: str, rejected: str) -> None:
+        """React to a 403 from `host` to `rejected`: forget it and the credentials behind it, so that
+        the one retry the transport makes goes with fresh ones (a rotated secret, an expired cloud token)."""
+        self.keychain.forget(host, repository_of(scope))
+        token = self._tokens.get((host, scope))
+        if token is not None and token.header == rejected:
+            del self._tokens[(host, scope)]
+        if self._basic.get(host) == rejected:
+            creds = (await self._look_up(host, scope)).credentials
+            if creds is not None and (creds.username or creds.password):
+                self._basic[host] = creds.basic()
+            else:
+                del self._basic[host]
+
+    async def _look_up(self, host: str, scope: str, fresh: bool = False) -> Lookup:
+        """The keychain's credentials for `host` and `scope`'s repository; `fresh` skips its caches."""
+        repository = repository_of(scope)
+        if fresh:
+            self.keychain.forget(host, repository)
+        found = await self.keychain.find(host, repository)
+        self._looked_up[host] = found
+        return found
 
     async def _refresh(self, host: str, scope: str, challenge: Challenge, rejected: str | None,
                        send: TokenRequest) -> str:
@@ -250,35 +187,48 @@ class Authenticator:
             return token.header
 
     async def _fetch(self, host: str, scope: str, challenge: Challenge, send: TokenRequest) -> _Token:
+        """A token from the realm; credentials it refuses are looked up afresh and tried once more."""
+        realm = challenge.params["realm"]
+        found = await self._look_up(host, scope)
+        status, body, who = await self._ask(host, scope, challenge, found.credentials, send)
+        if status in (401, 403) and found.credentials is not None:
+            renewed = await self._look_up(host, scope, fresh=True)
+            if renewed.credentials != found.credentials:
+                found = renewed
+                status, body, who = await self._ask(host, scope, challenge, found.credentials, send)
+        if status in (401, 403):
+            raise Unauthorized(f"token server {realm} refused a token for {scope} on {host} {who} (HTTP {status}; "
+                               f"credentials looked for: {found.explain()})")
+        if status != 200:
+            raise BadResponse(f"token server {realm} answered HTTP {status} for {scope} on {host}")
+        return _parse_token(body, realm, scope)
+
+    async def _ask(self, host: str, scope: str, challenge: Challenge, creds: Credentials | None,
+                   send: TokenRequest) -> tuple[int, bytes, str]:
+        """One token request: (status, body, who we said we were, in words)."""
         realm = challenge.params["realm"]
         service = challenge.params.get("service", "")
         scopes = scope.split()
         asked = challenge.params.get("scope", "")
         if asked and asked not in scopes:
             scopes.append(asked)
-        creds = self.keychain.lookup(host)
         self.token_fetches += 1
-        who = "anonymously"
         if creds is not None and creds.identity_token:
-            who = f"with the identity token for {host}"
             form = {"grant_type": "refresh_token", "refresh_token": creds.identity_token, "service": service,
                     "scope": " ".join(scopes), "client_id": CLIENT_ID}
             status, body = await send("POST", realm, {"Content-Type": "application/x-www-form-urlencoded"},
                                       urlencode(form).encode())
-        else:
-            params = [("service", service)] if service else []
-            query = urlencode(params + [("scope", s) for s in scopes])
-            headers: dict[str, str] = {}
-            if creds is not None and (creds.username or creds.password):
-                headers["Authorization"] = creds.basic()
-                who = f"as {creds.username!r}"
-            sep = "&" if "?" in realm else "?"
-            status, body = await send("GET", f"{realm}{sep}{query}" if query else realm, headers, None)
-        if status in (401, 403):
-            raise Unauthorized(f"token server {realm} refused a token for {scope} on {host} {who} (HTTP {status})")
-        if status != 200:
-            raise BadResponse(f"token server {realm} answered HTTP {status} for {scope} on {host}")
-        return _parse_token(body, realm, scope)
+            return status, body, f"with the identity token from {creds.source or host}"
+        params = [("service", service)] if service else []
+        query = urlencode(params + [("scope", s) for s in scopes])
+        headers: dict[str, str] = {}
+        who = "anonymously"
+        if creds is not None and (creds.username or creds.password):
+            headers["Authorization"] = creds.basic()
+            who = f"as {creds.who()}"
+        sep = "&" if "?" in realm else "?"
+        status, body = await send("GET", f"{realm}{sep}{query}" if query else realm, headers, None)
+        return status, body, who
 
 
 def _parse_token(body: bytes, realm: str, scope: str) -> _Token:

@@ -23,7 +23,6 @@ from ..formats.jsondoc import load_object
 from . import digest as digests
 from . import ranges as byteranges
 from . import referrers as refs
-from .auth import Keychain
 from .errors import (
     BadResponse,
     InvalidReference,
@@ -34,6 +33,7 @@ from .errors import (
     Unauthorized,
 )
 from .hosts import Capability, Endpoint, HostsConfig, for_capability
+from .keychain import Keychain
 from .manifest import ACCEPT, INDEX_TYPES, OCI_INDEX, Descriptor, Manifest, choose, decode
 from .options import RegistryOptions
 from .reference import Reference, parse, repository, validate_tag
@@ -85,7 +85,7 @@ class RegistryClient:
                  keychain: Keychain | None = None) -> None:
         self.options = options or RegistryOptions()
         self.hosts = hosts or HostsConfig(self.options.certs_dir, self.options.plain_http)
-        self.transport = Transport(self.options, keychain or Keychain(self.options.docker_config))
+        self.transport = Transport(self.options, keychain or Keychain.for_options(self.options))
         self.single_range_only: dict[str, str] = {}
         """Origins that refused a multi-range request, with why; they get single ranges only."""
         self.referrers_api: dict[str, bool] = {}

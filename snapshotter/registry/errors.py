@@ -23,6 +23,10 @@ class HostsConfigError(RegistryError):
     """A `hosts.toml` file that cannot be used (bad TOML, wrong types, unknown capability)."""
 
 
+class CredentialConfigError(RegistryError):
+    """A kubelet `CredentialProviderConfig` (or its plugin directory) that cannot be used."""
+
+
 class Unauthorized(RegistryError):
     """The registry refused us: no credentials, rejected credentials, or access denied."""
 

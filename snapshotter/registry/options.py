@@ -61,6 +61,10 @@ class RegistryOptions:
     """Plain HTTP for registries without hosts.toml (`rpull --plain-http`)."""
     docker_config: Path | None = None
     """Credentials file; None means `$DOCKER_CONFIG/config.json` or `~/.docker/config.json`."""
+    credential_provider_config: Path | None = None
+    """The kubelet's `CredentialProviderConfig` (its `--image-credential-provider-config`); None: no providers."""
+    credential_provider_bin_dir: Path | None = None
+    """The directory of that config's plugins (the kubelet's `--image-credential-provider-bin-dir`)."""
     platform: Platform = field(default_factory=Platform)
     user_agent: str = "lazysnap/0.1"
     max_manifest_size: int = 4 * MiB

@@ -25,9 +25,10 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 import trio
 
-from .auth import Authenticator, Keychain
+from .auth import Authenticator
 from .errors import BadResponse, HostsConfigError, RegistryUnavailable, Unauthorized
 from .hosts import Endpoint, TLSSettings
+from .keychain import Keychain
 from .options import RegistryOptions
 
 log = logging.getLogger(__name__)
@@ -169,7 +170,8 @@ class Transport:
 
     @asynccontextmanager
     async def _open(self, req: Request) -> AsyncIterator[httpx.Response]:
-        """One attempt: send, answer one auth challenge, follow redirects; yield the final response."""
+        """One attempt: send, answer one auth challenge (401, or 403 to credentials we sent),
+        follow redirects; yield the final response."""
         url = req.url
         hops = 0
         reauthenticated = False
@@ -188,12 +190,16 @@ class Transport:
             client = self._client(endpoint.tls if same_origin else TLSSettings())
             request = client.build_request(req.method, url, headers=headers, content=req.body)
             challenge: list[str] | None = None
+            forbidden = False
             location: str | None = None
             async with self._slot(url):
                 response = await client.send(request, stream=True)
                 status = response.status_code
                 if status == 401 and same_origin and req.scope is not None and not reauthenticated:
                     challenge = response.headers.get_list("www-authenticate")
+                    await response.aclose()
+                elif status == 403 and same_origin and sent_auth is not None and not reauthenticated:
+                    forbidden = True  # maybe expired or rotated credentials: one retry with fresh ones
                     await response.aclose()
                 elif status in _REDIRECTS and req.follow_redirects and response.headers.get("location"):
                     location = urljoin(url, response.headers["location"])
@@ -216,6 +222,9 @@ class Transport:
             if challenge is not None:
                 await self.auth.challenged(endpoint.host, req.scope or "", challenge, sent_auth,
                                            self._token_sender(endpoint))
+                reauthenticated = True
+            elif forbidden and sent_auth is not None:
+                await self.auth.forbidden(endpoint.host, req.scope or "", sent_auth)
                 reauthenticated = True
             elif location is not None:
                 hops += 1

@@ -9,6 +9,7 @@ oci-layout) that `push` copies to a registry without recompressing.
 
 from __future__ import annotations
 
+import base64
 import gzip
 import hashlib
 import io
@@ -279,7 +280,8 @@ def push(layout_dir: Path, tag: str, registry: Registry, repo_ref: str, image: I
     dest_tag = dest_tag or tag
     ref = f"{registry.host}/{repo}:{dest_tag}"
     digestfile = Path(layout_dir) / f".pushed-{repo.replace('/', '_')}-{dest_tag}"
-    run([skopeo, "copy", "--quiet", "--preserve-digests", "--dest-tls-verify=false",
+    creds = ["--dest-creds", ":".join(registry.credentials)] if registry.credentials else []
+    run([skopeo, "copy", "--quiet", "--preserve-digests", "--dest-tls-verify=false", *creds,
          "--digestfile", str(digestfile), f"oci:{layout_dir}:{tag}", f"docker://{ref}"], timeout=120)
     pushed = digestfile.read_text().strip()
     digestfile.unlink()
@@ -298,12 +300,13 @@ def _local_manifest_digest(layout_dir: Path, tag: str) -> str:
     raise HarnessError(f"no tag {tag!r} in {layout_dir}/index.json")
 
 
-def fetch_manifest(host: str, repo: str, reference: str) -> tuple[str, bytes]:
-    """(Docker-Content-Digest, body) of a manifest from a plain-HTTP registry."""
-    req = urllib.request.Request(
-        f"http://{host}/v2/{repo}/manifests/{reference}",
-        headers={"Accept": f"{MEDIA_MANIFEST}, {MEDIA_INDEX}"},
-    )
+def fetch_manifest(host: str, repo: str, reference: str,
+                   credentials: tuple[str, str] | None = None) -> tuple[str, bytes]:
+    """(Docker-Content-Digest, body) of a manifest from a plain-HTTP registry (basic auth if given)."""
+    headers = {"Accept": f"{MEDIA_MANIFEST}, {MEDIA_INDEX}"}
+    if credentials is not None:
+        headers["Authorization"] = "Basic " + base64.b64encode(":".join(credentials).encode()).decode()
+    req = urllib.request.Request(f"http://{host}/v2/{repo}/manifests/{reference}", headers=headers)
     with urllib.request.urlopen(req, timeout=10) as resp:
         body = resp.read()
         return resp.headers.get("Docker-Content-Digest", ""), body

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
 import tempfile
 import time
 import urllib.error
@@ -83,12 +84,22 @@ http:
 """
 
 
+HTPASSWD_AUTH = """\
+auth:
+  htpasswd:
+    realm: lazysnap-test
+    path: {path}
+"""
+
+
 @dataclass
 class Registry:
-    """`docker-registry serve` with filesystem storage in a temp dir, no auth, plain HTTP."""
+    """`docker-registry serve` with filesystem storage in a temp dir, plain HTTP; no auth, or
+    with `users`, basic auth from an htpasswd file (bcrypt, made with apache2-utils' htpasswd)."""
 
     workdir: Path | None = None
     port: int = 0
+    users: dict[str, str] = field(default_factory=dict)
     proc: ManagedProcess | None = field(default=None, init=False)
     _own_workdir: bool = field(default=False, init=False)
 
@@ -115,15 +126,34 @@ class Registry:
         storage = self.workdir / "storage"
         storage.mkdir(parents=True, exist_ok=True)
         config = self.workdir / "config.yml"
-        config.write_text(CONFIG_TEMPLATE.format(storage=storage, port=self.port))
+        text = CONFIG_TEMPLATE.format(storage=storage, port=self.port)
+        if self.users:
+            text += HTPASSWD_AUTH.format(path=self._htpasswd())
+        config.write_text(text)
         self.proc = ManagedProcess("docker-registry", [binary, "serve", str(config)], self.log_path).start()
         wait_until(self._answers, timeout, f"registry on {self.host}", self.proc)
         return self
+
+    @property
+    def credentials(self) -> tuple[str, str] | None:
+        """A (user, password) the registry accepts, when it wants any."""
+        return next(iter(self.users.items()), None)
+
+    def _htpasswd(self) -> Path:
+        assert self.workdir is not None
+        tool = require_tool("htpasswd", "apache2-utils")
+        lines = [subprocess.run([tool, "-Bbn", user, password], check=True, capture_output=True, text=True,
+                                timeout=30).stdout.strip() for user, password in self.users.items()]
+        path = self.workdir / "htpasswd"
+        path.write_text("\n".join(lines) + "\n")
+        return path
 
     def _answers(self) -> bool:
         try:
             with urllib.request.urlopen(f"{self.url}/v2/", timeout=1) as resp:
                 return resp.status == 200
+        except urllib.error.HTTPError as e:
+            return e.code == 401 and bool(self.users)
         except (OSError, urllib.error.URLError):
             return False
 
@@ -176,7 +206,7 @@ class Registry:
 
     def manifest_digest(self, repo: str, reference: str) -> str:
         from .images import fetch_manifest
-        digest, _ = fetch_manifest(self.host, repo, reference)
+        digest, _ = fetch_manifest(self.host, repo, reference, self.credentials)
         return digest
 
     def log_tail(self) -> str:

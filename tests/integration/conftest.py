@@ -142,14 +142,16 @@ def lazysnap(workdir: Path, request: pytest.FixtureRequest) -> Iterator[Lazysnap
     yield from serving(workdir, request, list(marker.args) if marker is not None else [])
 
 
-def serving(workdir: Path, request: pytest.FixtureRequest, settings: list[str]) -> Iterator[Lazysnap]:
-    """A `lazysnap` fixture's body: the daemon with `settings` (config lines), its log shown if the test failed."""
+def serving(workdir: Path, request: pytest.FixtureRequest, settings: list[str],
+            env: dict[str, str] | None = None) -> Iterator[Lazysnap]:
+    """A `lazysnap` fixture's body: the daemon with `settings` (config lines) and `env` (None: ours),
+    its log shown if the test failed."""
     config = None
     if settings:
         config = workdir / "lazysnap.toml"
         config.write_text("\n".join(settings) + "\n")
     daemon = Lazysnap(root=workdir / "root", address=workdir / "ls.sock", log_path=workdir / "lazysnap.log",
-                      config=config)
+                      config=config, env=env)
     try:
         daemon.start()
         yield daemon
