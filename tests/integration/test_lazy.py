@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from snapshotter.fuse.filesystem import DEFAULT_FAIL_FAST
 from tests.harness.containerd import Containerd
 from tests.harness.estargz import TOC_DIGEST_ANNOTATION, build_estargz
 from tests.harness.faultproxy import FaultProxy
@@ -439,6 +440,7 @@ def test_registry_hanging_read_fails_within_read_timeout(containerd: Containerd,
         f"the read of a file whose registry hangs took {seconds:.1f} s to fail (read_timeout {READ_TIMEOUT} s)")
 
     proxy.delay = 0.0
+    time.sleep(2 * DEFAULT_FAIL_FAST)  # reads within DEFAULT_FAIL_FAST of a failure fail at once, by design
     done, _ = run_script(containerd, ref, READ_SECRET, cid + "-answers")
     assert_secret_reads(done.stdout, lazy_images.secret)
 
