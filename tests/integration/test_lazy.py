@@ -254,14 +254,16 @@ def test_rpull_lazily_and_run(containerd: Containerd, lazysnap: Lazysnap, lazy_i
 
 # ---------------------------------------------------------------------------- 2. same tree as overlayfs
 
-def lazysnap_and_overlayfs_trees(containerd: Containerd, ref: str, workdir: Path) -> dict[str, dict]:
+def lazysnap_and_overlayfs_trees(containerd: Containerd, ref: str, workdir: Path,
+                                 namespace: str = "default") -> dict[str, dict]:
     """The root tree of a container of `ref` on lazysnap (pulled already) and on containerd's overlayfs."""
-    containerd.ctr("containers", "create", "--snapshotter", LAZY, ref, "tree-lazy")
-    containerd.pull(ref, OVERLAY)
-    containerd.ctr("containers", "create", "--snapshotter", OVERLAY, ref, "tree-overlay")
+    containerd.ctr("containers", "create", "--snapshotter", LAZY, ref, "tree-lazy", namespace=namespace)
+    containerd.pull(ref, OVERLAY, namespace=namespace)
+    containerd.ctr("containers", "create", "--snapshotter", OVERLAY, ref, "tree-overlay", namespace=namespace)
     trees = {}
     for snapshotter, container in ((LAZY, "tree-lazy"), (OVERLAY, "tree-overlay")):
-        with mount_snapshot(containerd, snapshotter, container, workdir / f"mnt-{snapshotter}") as root:
+        with mount_snapshot(containerd, snapshotter, container, workdir / f"mnt-{snapshotter}",
+                            namespace=namespace) as root:
             trees[snapshotter] = snapshot_tree(root)
     return trees
 

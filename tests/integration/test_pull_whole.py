@@ -6,13 +6,19 @@ above them stay lazy. The tree must be the one containerd's own overlayfs pull m
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import io
+import os
 import re
+import tarfile
+import time
 from pathlib import Path
 
 import pytest
 
 from tests.harness.containerd import Containerd
+from tests.harness.images import Layer, OCILayout, push, sample_layers, sha256_digest
 from tests.harness.lazysnap import Lazysnap
 from tests.harness.procs import run
 from tests.harness.registry import Registry
@@ -93,3 +99,38 @@ def test_a_blob_that_does_not_match_its_digest_fails_rpull_and_commits_nothing(
     assert len(keys) < len(images.gzip.layer_digests), f"the corrupt layer must not be committed: {keys}"
     assert not [p.name for p in (lazysnap.root / "snapshots").iterdir() if p.name.startswith("new-")]
     assert list((lazysnap.root / "whole").iterdir()) == [], "a failed pull leaves nothing behind"
+
+
+def hostile_layer(canary: str) -> Layer:
+    """A symlink out of the layer followed by a file through it, then a name that climbs out."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        link = tarfile.TarInfo("evil")
+        link.type, link.linkname = tarfile.SYMTYPE, "/tmp"
+        tar.addfile(link)
+        for name in (f"evil/{canary}", f"../../../../../../../tmp/{canary}"):
+            info = tarfile.TarInfo(name)
+            info.size = 6
+            tar.addfile(info, io.BytesIO(b"owned\n"))
+    raw = buf.getvalue()
+    return Layer(gzip.compress(raw), sha256_digest(raw))
+
+
+def test_a_hostile_tar_is_refused_and_writes_nothing_outside(containerd: Containerd, lazysnap: Lazysnap,
+                                                             registry: Registry, workdir: Path) -> None:
+    canary = f"lzs-escape-{os.getpid()}-{time.monotonic_ns()}"
+    layout = OCILayout(workdir / "layout")
+    base = Layer.from_entries(sample_layers()[0])
+    image = layout.add_image("hostile-tar", [base, hostile_layer(canary)], cmd=["/hello.sh"])
+    ref = push(layout.root, image.tag, registry, "lazysnap/hostile-tar:latest", image=image)
+
+    done = lazysnap_cli("rpull", ref, "--plain-http", "--containerd", str(containerd.address),
+                        "--address", str(lazysnap.address))
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output
+    assert "climbs out of the layer" in output and image.layers[1].digest in output, output
+    assert not Path("/tmp", canary).exists(), "a member was written outside the layer"
+    snapshots = lazysnap.root / "snapshots"
+    written = [p for p in snapshots.rglob(canary)]
+    assert all(snapshots in p.parents for p in written), written
+    assert not [p.name for p in snapshots.iterdir() if p.name.startswith("new-")], "the half-applied layer is left"
