@@ -85,7 +85,8 @@ def test_a_blob_that_does_not_match_its_digest_fails_rpull_and_commits_nothing(
     ref = images.push_to(images.gzip, own_registry)
     top = images.gzip.layer_digests[-1]
     blob = own_registry.workdir / "storage/docker/registry/v2/blobs/sha256" / top[7:9] / top[7:] / "data"
-    data = bytearray(blob.read_bytes())
+    good = blob.read_bytes()
+    data = bytearray(good)
     data[len(data) // 2] ^= 0xFF  # same size, other bytes: only the digest tells
     blob.write_bytes(bytes(data))
 
@@ -99,6 +100,11 @@ def test_a_blob_that_does_not_match_its_digest_fails_rpull_and_commits_nothing(
     assert len(keys) < len(images.gzip.layer_digests), f"the corrupt layer must not be committed: {keys}"
     assert not [p.name for p in (lazysnap.root / "snapshots").iterdir() if p.name.startswith("new-")]
     assert list((lazysnap.root / "whole").iterdir()) == [], "a failed pull leaves nothing behind"
+
+    blob.write_bytes(good)  # the registry is mended: the same pull now works
+    output, rows = rpull(containerd, lazysnap, ref)
+    assert list(rows) == [short(d) for d in images.gzip.layer_digests], output
+    assert all(row.how == WHOLE for row in rows.values()), output
 
 
 def hostile_layer(canary: str) -> Layer:
