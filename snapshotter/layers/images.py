@@ -179,9 +179,13 @@ class Images:
         finally:
             self.stop_recording(recording)
             if recording.touched:
-                path = self.profiles.put(recording.profile())
-                log.info("saved the start profile of %s (%d units) to %s", recording.image, len(recording.touched),
-                         path)
+                try:
+                    path = self.profiles.put(recording.profile())
+                except OSError as e:  # a full disk costs this profile, never the daemon
+                    log.warning("could not save the start profile of %s: %s", recording.image, e)
+                else:
+                    log.info("saved the start profile of %s (%d units) to %s", recording.image,
+                             len(recording.touched), path)
 
 
 def layer_annotations(raw: bytes) -> dict[str, dict[str, str]]:
