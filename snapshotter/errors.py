@@ -25,6 +25,10 @@ class InvalidArgument(SnapshotterError):
     """The request itself is malformed (empty key, bad filter, oversize label)."""
 
 
+class ResourceExhausted(SnapshotterError):
+    """No room left: the disk under lazysnap's root is full (containerd's errdefs has no better class)."""
+
+
 class ConfigError(SnapshotterError):
     """The configuration file or flags are invalid."""
 

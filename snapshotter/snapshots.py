@@ -10,16 +10,19 @@ the transaction commits, and anything the store does not know is deleted by
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from . import filters, labels as L
-from .errors import AlreadyExists, InvalidArgument
+from .errors import AlreadyExists, InvalidArgument, ResourceExhausted
 from .mounts import Mount, compose
 from .store import Kind, LayerRecord, Parent, Snapshot, Store
 
@@ -113,7 +116,8 @@ class Snapshotter:
         does not remove. Layers above stay lazy: containerd never downloads this one.
         """
         assert self.remote is not None
-        staging = Path(tempfile.mkdtemp(prefix="new-", dir=self.dir))
+        with _no_space_is_exhausted(f"layer {request.layer_digest}", self.dir):
+            staging = Path(tempfile.mkdtemp(prefix="new-", dir=self.dir))
         try:
             (staging / "fs").mkdir(0o755)
             lowers = []
@@ -142,7 +146,7 @@ class Snapshotter:
 
     def _create(self, kind: Kind, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
         labels = checked_labels(labels)
-        with self.store.transaction() as tx:
+        with self.store.transaction() as tx, _no_space_is_exhausted(f"snapshot {key!r}", self.dir):
             staging = Path(tempfile.mkdtemp(prefix="new-", dir=self.dir))
             try:
                 (staging / "fs").mkdir(0o755)
@@ -267,6 +271,17 @@ class Snapshotter:
                 path.unlink(missing_ok=True)
         except OSError as e:
             log.warning("could not delete %s (Cleanup will retry): %s", path, e)
+
+
+@contextmanager
+def _no_space_is_exhausted(what: str, where: Path) -> Iterator[None]:
+    """A full disk is the caller's ResourceExhausted with the reason, not an internal error."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise ResourceExhausted(f"no room for {what} under {where}: {e.strerror}") from None
 
 
 def checked_labels(labels: dict[str, str]) -> dict[str, str]:

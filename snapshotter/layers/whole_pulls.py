@@ -67,9 +67,13 @@ class WholePulls:
         self.dir.mkdir(parents=True, exist_ok=True)
 
     def start(self, image_ref: str, digest: str) -> None:
-        """Start pulling layer `digest` of `image_ref`, unless it is under way or waiting to be claimed."""
+        """Start pulling layer `digest` of `image_ref`, unless it is under way or waiting to be claimed.
+
+        A pull that failed is started afresh: its Prepare never came (the image's pull stopped
+        at a layer below), and what failed it (a full disk, a registry) may be mended now."""
         self._expire()
-        if digest in self._pulls:
+        earlier = self._pulls.get(digest)
+        if earlier is not None and not (earlier.done.is_set() and isinstance(earlier.result, outcome.Error)):
             return
         self._pulls[digest] = pull = _Pull(image_ref, self.dir / f"{digest.partition(':')[2][:16]}-"
                                                                f"{secrets.token_hex(4)}")
@@ -89,7 +93,7 @@ class WholePulls:
                 assert pull.result is not None
                 try:
                     pulled = pull.result.unwrap()
-                except RegistryUnavailable as e:  # transient: try again now, the Prepare waits anyway
+                except (RegistryUnavailable, OSError) as e:  # may be mended: try again now, the Prepare waits anyway
                     log.info("layer %s: the pull started ahead failed (%s); pulling it again", digest, e)
                 else:
                     await trio.to_thread.run_sync(_move, pull.dir, dest)
@@ -107,6 +111,7 @@ class WholePulls:
             if isinstance(pull.result, outcome.Error):
                 log.warning("layer %s of %s: pulling it whole ahead of its Prepare failed: %s", digest,
                             pull.image_ref, pull.result.error)
+                await trio.to_thread.run_sync(shutil.rmtree, pull.dir, True)  # half applied: of no use
         finally:
             if pull.result is None:  # cancelled: the daemon is stopping
                 pull.result = outcome.Error(RegistryUnavailable("the pull was cancelled"))

@@ -168,3 +168,22 @@ def test_without_remote_labels_are_just_labels(tmp_path: Path) -> None:
     sn = Snapshotter(tmp_path, store, remote=FakeRemote(store, lazy={"sha256:l1"}, mnt_dir=tmp_path / "mnt"))
     sn.prepare("k", "", {"containerd.io/snapshot.ref": "c1"})  # no image/layer: not a remote request
     assert sn.stat("k").kind == Kind.ACTIVE
+
+
+def test_a_full_disk_is_resource_exhausted_not_internal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import tempfile
+
+    from snapshotter.errors import ResourceExhausted
+
+    sn = Snapshotter(tmp_path, Store(tmp_path / "metadata.db"))
+
+    def full(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", full)
+    with pytest.raises(ResourceExhausted, match="No space left on device"):
+        sn.prepare("k", "", {})
+    monkeypatch.undo()
+    with pytest.raises(NotFound):
+        sn.stat("k")  # nothing recorded
