@@ -22,6 +22,13 @@ its pulls is of a new 30,000-file layer.
 SOCI (tag `soci`): `lazysnap index convert` of the gzip tag, a SOCI v2 image (the same
 gzip layers plus zTOCs, found through the `com.amazon.soci.index-digest` annotation).
 
+Rebuilds (tag `estargz-v2`, python-app only): the next build of a deploy that changed
+only its app. The eStargz tag's layers but the top one, byte for byte, under a new top
+layer (another app/main.py, made eStargz by the test harness's builder), with a config of
+its own; what a build on an eStargz base image pushes. `benchmarks.run`'s
+`estargz+rebuilt-profile` mode starts it cold with only the eStargz tag's start profile in
+the registry.
+
     python -m benchmarks.images [--images python-app,big-file,many-files] [--rebuild]
 """
 
@@ -58,6 +65,7 @@ from tests.harness.images import (
     sha256_digest,
 )
 from tests.harness.procs import require_tool, run
+from tests.harness.registry import Registry
 
 CACHE = Path(os.environ.get("LAZYSNAP_BENCH_CACHE", "/var/tmp/lazysnap-bench"))
 STORAGE = CACHE / "registry"
@@ -85,6 +93,8 @@ class BenchImage:
     cmd: tuple[str, ...]
     build: Callable[[], tuple[list[Layer], str]]
     """Returns the layers and a string the workload's output must contain."""
+    rebuilt_top: Callable[[], list[Entry]] | None = None
+    """The top layer of the image's next build (`REBUILDS`), when it has one."""
 
     @property
     def repo(self) -> str:
@@ -166,6 +176,7 @@ import numpy, pandas
 df = pandas.DataFrame({"x": numpy.arange(1000)})
 print("python-app ok", numpy.__version__, pandas.__version__, int(df.x.sum()))
 """
+PYTHON_APP_V2 = PYTHON_APP + "# build 2: the next commit changed only the app\n"
 
 
 def rootfs_tarball() -> Path:
@@ -237,7 +248,8 @@ def build_python_app() -> tuple[list[Layer], str]:
 
 IMAGES: dict[str, BenchImage] = {i.name: i for i in (
     BenchImage("python-app", "Debian bookworm + python3, numpy, pandas; imports both",
-               ("python3", "/app/main.py"), build_python_app),
+               ("python3", "/app/main.py"), build_python_app,
+               lambda: [Dir("app"), File("app/main.py", PYTHON_APP_V2)]),
     BenchImage("big-file", f"busybox + one {BIG_FILE_MIB} MiB incompressible file; dd reads 4 × 1 MiB",
                ("/bench.sh",), build_big_file),
     BenchImage("many-files", f"busybox + {MANY_FILES} small files (node_modules-like); find, du, read 5",
@@ -307,6 +319,30 @@ VARIANTS: dict[str, Callable[[Containerd, str, str], None] | None] = {
     "estargz": _estargz,
     "soci": _soci,
 }
+REBUILDS = {"estargz-v2": "estargz"}
+"""A rebuild variant -> the variant whose layers but the top one it keeps."""
+
+
+def _rebuild(registry: Registry, image: BenchImage, info: dict, variant: str, layout_dir: Path) -> None:
+    """Push `variant`: the layers of the variant `info` describes but the top one, byte for
+    byte (read from the registry's storage), under the image's rebuilt top layer."""
+    from tests.harness.estargz import build_estargz
+    assert image.rebuilt_top is not None, f"{image.name} has no rebuild"
+    base = STORAGE / "docker/registry/v2/blobs/sha256"
+
+    def blob(digest: str) -> bytes:
+        return (base / digest[7:9] / digest[7:] / "data").read_bytes()
+
+    _, raw = fetch_manifest(registry.host, image.repo, info["tag"])
+    manifest = json.loads(raw)
+    diff_ids = json.loads(blob(manifest["config"]["digest"]))["rootfs"]["diff_ids"]
+    kept = [Layer(blob(d["digest"]), diff_id, d["mediaType"], d.get("annotations", {}))
+            for d, diff_id in zip(manifest["layers"][:-1], diff_ids[:-1], strict=True)]
+    top = build_estargz(image.rebuilt_top()).layer()
+    layout = OCILayout(layout_dir)
+    built = layout.add_image(variant, [*kept, top], cmd=list(image.cmd))
+    push(layout.root, variant, registry, f"{image.repo}:{variant}", image=built)
+    shutil.rmtree(layout.root, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- catalog
@@ -345,7 +381,9 @@ def ensure(names: list[str], variants: list[str], rebuild: bool = False) -> dict
     catalog = {} if rebuild else load_catalog()
     if rebuild:
         shutil.rmtree(STORAGE, ignore_errors=True)
-    missing = [(n, v) for n in names for v in ["gzip", *variants] if v not in catalog.get(n, {}).get("variants", {})]
+    wanted = ["gzip", *(w for v in variants for w in ([REBUILDS[v], v] if v in REBUILDS else [v]))]
+    missing = [(n, v) for n in names for v in wanted if v not in catalog.get(n, {}).get("variants", {})
+               and (v not in REBUILDS or bench_image(n).rebuilt_top is not None)]  # only images with a next build
     missing = list(dict.fromkeys(missing))
     if not missing:
         return catalog
@@ -369,6 +407,9 @@ def ensure(names: list[str], variants: list[str], rebuild: bool = False) -> dict
                 entry.update(description=image.description, cmd=list(image.cmd), expect=expect,
                              uncompressed_bytes=sum(_tar_size(layer) for layer in layers))
                 del layers
+            elif variant in REBUILDS:
+                print(f"rebuilding {name} as {variant} ...", flush=True)
+                _rebuild(registry, image, entry["variants"][REBUILDS[variant]], variant, tmp / f"layout-{variant}")
             else:
                 convert = VARIANTS[variant]
                 assert convert is not None
@@ -401,7 +442,7 @@ def _tar_size(layer: Layer) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Build and push the benchmark images (cached).")
     p.add_argument("--images", default=",".join(IMAGES))
-    p.add_argument("--variants", default="estargz", help="besides gzip: estargz[,soci]")
+    p.add_argument("--variants", default="estargz", help="besides gzip: estargz[,soci][,estargz-v2]")
     p.add_argument("--rebuild", action="store_true", help="drop the cached registry storage and build again")
     args = p.parse_args(argv)
     catalog = ensure(args.images.split(","), [v for v in args.variants.split(",") if v], args.rebuild)

@@ -54,6 +54,13 @@ class Mode:
     profile: bool = False
     """The image's start profile is in the registry: recorded by a teaching run on another
     node and pushed with `lazysnap profile push` before the cold runs."""
+    taught: str = ""
+    """The variant the teaching run records and pushes, when not `variant` itself: a rebuild
+    (`estargz-v2`) is started with only its previous build's profile in the registry."""
+
+    @property
+    def teach_variant(self) -> str:
+        return self.taught or self.variant
 
     @property
     def config(self) -> list[str]:
@@ -69,6 +76,10 @@ MODES = {m.name: m for m in (
     Mode("whole", "gzip", lazy=True),      # the plain image, no index: every layer pulled whole by lazysnap
     Mode("estargz+profile", "estargz", lazy=True, profile=True),
     Mode("soci+profile", "soci", lazy=True, profile=True),
+    # python-app's next build (a new top layer only; benchmarks/images.py REBUILDS), cold on a node
+    # that never saw it, with only the previous build's profile in the registry: it borrows
+    # that profile's ranges of the layers the two builds share
+    Mode("estargz+rebuilt-profile", "estargz-v2", lazy=True, profile=True, taught="estargz"),
 )}
 
 
@@ -146,7 +157,7 @@ def one_run(link: ShapedLink, certs: Path, image: str, mode: Mode, catalog: dict
 def teach(link: ShapedLink, certs: Path, image: str, mode: Mode, catalog: dict, workdir: Path) -> float:
     """Record the image's start profile on a node of its own and push it; seconds taken."""
     entry = catalog[image]
-    ref = f"{link.host}/bench/{image}:{entry['variants'][mode.variant]['tag']}"
+    ref = f"{link.host}/bench/{image}:{entry['variants'][mode.teach_variant]['tag']}"
     node = Node(workdir, lazy=True, certs_dir=certs, config=["background_fetch = false", "prefetch = false",
                                                              f"profile_seconds = {TEACH_SECONDS}"])
     started = time.monotonic()
@@ -270,6 +281,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
 
     catalog = bench_images.ensure(names, sorted({m.variant for m in modes} - {"gzip"}))
+
+    def runs_on(image: str, mode: Mode) -> bool:
+        """A rebuild mode runs only for the images that have a next build."""
+        return mode.variant in catalog[image]["variants"]
     tmp = Path(tempfile.mkdtemp(prefix="lzsb-", dir="/var/tmp"))
     link = ShapedLink(storage=bench_images.STORAGE, workdir=tmp / "link", rate=args.rate,
                       rtt=parse_time(args.rtt), loopback=args.loopback)
@@ -280,14 +295,14 @@ def main(argv: list[str] | None = None) -> int:
             certs = write_certs(tmp / "certs.d", link.host)
             print(f"link: {link.describe()}; registry at {link.host}", flush=True)
             for image in names:
-                for mode in modes:
-                    if mode.profile:
-                        seconds = teach(link, certs, image, mode, catalog, tmp / f"teach-{image}-{mode.variant}")
-                        print(f"[{time.monotonic() - started:6.0f}s] taught {image} {mode.variant}: start profile "
-                              f"recorded and pushed in {seconds:.1f} s", flush=True)
+                for variant in dict.fromkeys(m.teach_variant for m in modes if m.profile and runs_on(image, m)):
+                    mode = next(m for m in modes if m.profile and m.teach_variant == variant)
+                    seconds = teach(link, certs, image, mode, catalog, tmp / f"teach-{image}-{variant}")
+                    print(f"[{time.monotonic() - started:6.0f}s] taught {image} {variant}: start profile "
+                          f"recorded and pushed in {seconds:.1f} s", flush=True)
             for i in range(args.runs):
                 for image in names:
-                    for mode in modes:
+                    for mode in (m for m in modes if runs_on(image, m)):
                         r = one_run(link, certs, image, mode, catalog, tmp / f"n{len(runs)}", args.lazysnap_config,
                                     measure_workload=(i == args.runs - 1),
                                     keep_log=args.keep_logs / f"{image}-{mode.name}-{i}.log" if args.keep_logs else None)
@@ -303,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
 
     summary: dict = {}
     for image in names:
-        for mode in modes:
+        for mode in (m for m in modes if runs_on(image, m)):
             rs = [r for r in runs if r["image"] == image and r["mode"] == mode.name]
             summary.setdefault(image, {})[mode.name] = {k: summarize([r.get(k) for r in rs]) for k in KEYS}
     link_name = "loopback" if args.loopback else f"{args.rate}-{args.rtt}"

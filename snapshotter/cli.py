@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,16 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", choices=config.LOG_LEVELS, help="default info")
 
     rpull = commands.add_parser("rpull", help="pull an image into containerd, its layers served lazily where possible")
-    rpull.add_argument("image", help="image reference, e.g. registry.example:5000/app:1")
-    rpull.add_argument("--namespace", "-n", default="default", help="containerd namespace (default: default)")
-    rpull.add_argument("--containerd", type=Path, default=Path("/run/containerd/containerd.sock"),
-                       help="containerd's socket (default /run/containerd/containerd.sock)")
-    rpull.add_argument("--address", type=Path, default=config.Config.address,
-                       help=f"the lazysnap daemon's socket: the daemon pulls (default {config.Config.address})")
-    rpull.add_argument("--snapshotter", default="lazysnap", help="the proxy_plugins name (default lazysnap)")
-    rpull.add_argument("--plain-http", action="store_true", help="use HTTP for registries without hosts.toml")
-    rpull.add_argument("--certs-dir", type=Path, default=config.Config.certs_dir, help="hosts.toml directory")
-    rpull.add_argument("--docker-config", type=Path, help="credentials file (default ~/.docker/config.json)")
+    _pull_args(rpull)
+
+    prefetch = commands.add_parser(
+        "prefetch", help="warm this node's cache with an image without running it",
+        description="Pull IMAGE as rpull does, then have the daemon fetch its lazy layers into this node's chunk "
+                    "cache now: what the image reads first (its start profile, when it has one) first, then the "
+                    "rest of every layer, as much as the cache holds. `lazysnap status` shows how much of each "
+                    "layer is complete. Ctrl-C during the pull stops the pull; once the warming has started, "
+                    "it runs on in the daemon (Ctrl-C only stops waiting for it).")
+    _pull_args(prefetch)
+    prefetch.add_argument("--wait", action="store_true",
+                          help="print progress until the layers are in the cache (default: return once the image "
+                               "is pulled and the warming has started)")
 
     status = commands.add_parser("status", help="how each layer is served, and the cache")
     status.add_argument("--address", type=Path, default=config.Config.address, help="lazysnap's socket")
@@ -108,6 +112,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _pull_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("image", help="image reference, e.g. registry.example:5000/app:1")
+    p.add_argument("--namespace", "-n", default="default", help="containerd namespace (default: default)")
+    p.add_argument("--containerd", type=Path, default=Path("/run/containerd/containerd.sock"),
+                   help="containerd's socket (default /run/containerd/containerd.sock)")
+    p.add_argument("--address", type=Path, default=config.Config.address,
+                   help=f"the lazysnap daemon's socket: the daemon pulls (default {config.Config.address})")
+    p.add_argument("--snapshotter", default="lazysnap", help="the proxy_plugins name (default lazysnap)")
+    p.add_argument("--plain-http", action="store_true", help="use HTTP for registries without hosts.toml")
+    p.add_argument("--certs-dir", type=Path, default=config.Config.certs_dir, help="hosts.toml directory")
+    p.add_argument("--docker-config", type=Path, help="credentials file (default ~/.docker/config.json)")
+
+
 def _size(text: str) -> int:
     try:
         return parse_size(text)
@@ -142,6 +159,8 @@ def main(argv: list[str] | None = None) -> None:
             daemon.run(cfg)
         elif args.command == "rpull":
             sys.exit(rpull_command(args))
+        elif args.command == "prefetch":
+            sys.exit(prefetch_command(args))
         elif args.command == "status":
             sys.exit(status_command(args))
         elif args.command in ("index", "ztoc"):
@@ -158,37 +177,85 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"lazysnap: {e}")
     except KeyboardInterrupt:
         # No traceback for Ctrl-C; rpull's stream is closed with the process, which cancels the pull.
-        print("lazysnap: interrupted" + ("; the daemon stops the pull" if args.command == "rpull" else ""),
-              file=sys.stderr)
+        print("lazysnap: interrupted" + ("; the daemon stops the pull" if args.command in ("rpull", "prefetch")
+                                         else ""), file=sys.stderr)
         sys.exit(130)
+
+
+def pull_request(args: argparse.Namespace) -> Any:
+    """The `PullRequest` that rpull and prefetch send (the daemon reads the files it names)."""
+    from .api.lazysnap.v1 import pull_pb2
+
+    return pull_pb2.PullRequest(
+        ref=args.image, namespace=args.namespace, containerd_address=str(args.containerd.absolute()),
+        snapshotter=args.snapshotter, plain_http=args.plain_http,
+        certs_dir=str(args.certs_dir.absolute()) if args.certs_dir else "",
+        docker_config=str((args.docker_config or default_docker_config()).absolute()))
 
 
 def rpull_command(args: argparse.Namespace) -> int:
     """Ask the daemon to pull; print its progress as it comes, then its report."""
     import grpc
 
-    from .api.lazysnap.v1 import pull_pb2
     from .pull_records import PullReport, format_report
     from .status import StatusClient
 
-    request = pull_pb2.PullRequest(
-        ref=args.image, namespace=args.namespace, containerd_address=str(args.containerd.absolute()),
-        snapshotter=args.snapshotter, plain_http=args.plain_http,
-        certs_dir=str(args.certs_dir.absolute()) if args.certs_dir else "",
-        docker_config=str((args.docker_config or default_docker_config()).absolute()))
     client = StatusClient(args.address)
     try:
-        for event in client.pull(request):
+        for event in client.pull(pull_request(args)):
             print(event if isinstance(event, str) else format_report(event), flush=True)
             if isinstance(event, PullReport):
                 return 0
     except grpc.RpcError as e:
-        if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNIMPLEMENTED):
-            sys.exit(f"lazysnap: cannot reach the lazysnap daemon at {args.address}: {e.details()}")
-        sys.exit(f"lazysnap: {e.details()}")
+        _daemon_error(e, args.address)
     finally:
         client.close()
     sys.exit("lazysnap: the daemon ended the pull without a report")
+
+
+def prefetch_command(args: argparse.Namespace) -> int:
+    """Ask the daemon to pull and warm; print the pull, then the warming's progress and report.
+
+    Ctrl-C once the pull is done leaves the warming to the daemon, and says so.
+    """
+    import grpc
+
+    from .api.lazysnap.v1 import pull_pb2
+    from .pull_records import PullReport, WarmReport, format_report, format_warm_report
+    from .status import StatusClient
+
+    client = StatusClient(args.address)
+    pulled = False
+    try:
+        for event in client.prefetch(pull_pb2.PrefetchRequest(pull=pull_request(args), wait=args.wait)):
+            if isinstance(event, str):
+                print(event, flush=True)
+            elif isinstance(event, PullReport):
+                pulled = True
+                print(format_report(event), flush=True)
+            elif isinstance(event, WarmReport):
+                print(format_warm_report(event), flush=True)
+                return 1 if event.failed else 0
+    except KeyboardInterrupt:
+        if not pulled:
+            raise
+        print(f"lazysnap: interrupted; the daemon keeps warming {args.image} (`lazysnap status` shows how far)",
+              file=sys.stderr)
+        return 130
+    except grpc.RpcError as e:
+        _daemon_error(e, args.address)
+    finally:
+        client.close()
+    sys.exit("lazysnap: the daemon ended the prefetch without a report")
+
+
+def _daemon_error(e: Any, address: Path) -> None:
+    """Exit with what the daemon said (`e`, a grpc.RpcError), or that it is not there."""
+    import grpc
+
+    if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNIMPLEMENTED):
+        sys.exit(f"lazysnap: cannot reach the lazysnap daemon at {address}: {e.details()}")
+    sys.exit(f"lazysnap: {e.details()}")
 
 
 async def soci_command(args: argparse.Namespace) -> int:
@@ -271,7 +338,8 @@ async def profile_command(args: argparse.Namespace) -> int:
         except profiles.ProfileError as e:
             sys.exit(f"lazysnap: {e}")
     print(f"pushed the start profile of {result.image} ({result.ranges} ranges, {human_size(result.bytes)}) "
-          f"as {result.manifest_digest}")
+          f"as {result.manifest_digest}, tagged for its {len(result.layer_tags)} layers (lazysnap-profile-<layer>) "
+          "for the images that share them")
     return 0
 
 
@@ -291,16 +359,18 @@ def status_command(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(message_dict(reply), indent=1))
         return 0
-    rows = [("LAYER", "MODE", "SIZE", "FETCHED", "RESOLVE", "FETCH STATE", "IMAGE / WHY")]
+    rows = [("LAYER", "MODE", "SIZE", "FETCHED", "RESOLVE", "FETCH STATE", "CREDS RENEWED", "IMAGE / WHY")]
+    now = time.time()
     for layer in reply.layers:
         size = human_size(layer.size) if layer.size or layer.mode != "fallback" else "-"  # containerd pulls it
         rows.append((layer.digest[:19], layer.mode, size, human_size(layer.fetched_bytes),
                      f"{layer.resolve_seconds:.2f}s",
-                     f"pulled in {layer.pull_seconds:.2f}s" if layer.mode == "whole" else layer.fetch_state or "-",
+                     fetch_state(layer),
+                     f"{max(0, now - layer.credential_renewed):.0f}s ago" if layer.credential_renewed else "-",
                      layer.reason or layer.image_ref))
-    widths = [max(len(r[i]) for r in rows) for i in range(6)]
+    widths = [max(len(r[i]) for r in rows) for i in range(7)]
     for row in rows:
-        print("  ".join(c.ljust(widths[i]) for i, c in enumerate(row[:6])) + "  " + row[6])
+        print("  ".join(c.ljust(widths[i]) for i, c in enumerate(row[:7])) + "  " + row[7])
     c = reply.cache
     ratio = c.hits / (c.hits + c.misses) if c.hits + c.misses else 0.0
     print(f"cache: {human_size(c.bytes)} of {human_size(c.max_bytes)}, hit rate {ratio:.0%} "
@@ -312,6 +382,20 @@ def status_command(args: argparse.Namespace) -> int:
             print(f"data plane {plane.generation}: pid {plane.pid}, {plane.layers} layers, build {plane.build[:12]}"
                   + (" (retiring: exits once its layers are released)" if plane.retiring else ""))
     return 0
+
+
+def fetch_state(layer: status_pb2.Layer) -> str:
+    """How much of a lazy layer is in the cache: "complete", or e.g. "40 %, warming"."""
+    if layer.mode == "whole":
+        return f"pulled in {layer.pull_seconds:.2f}s"
+    if not layer.content_bytes:
+        return layer.fetch_state or "-"
+    if layer.complete_bytes >= layer.content_bytes:
+        return "complete"
+    from .pull_records import percent
+
+    state = "on demand" if layer.fetch_state == "complete" else layer.fetch_state  # evicted since
+    return f"{percent(layer.complete_bytes, layer.content_bytes)}, {state}"
 
 
 def message_dict(message: Any) -> dict[str, object]:

@@ -58,6 +58,12 @@ class Config:
     None: no credential provider plugins."""
     image_credential_provider_bin_dir: Path | None = None
     """The directory of those plugins (the kubelet's --image-credential-provider-bin-dir)."""
+    cri_image_service_address: Path | None = None
+    """A unix socket on which lazysnap serves the CRI image service in front of containerd's, for
+    the kubelet's --image-service-endpoint: the credentials of each PullImage (a pod's
+    imagePullSecrets) then reach lazysnap's reads of that image. None: no CRI proxy."""
+    cri_containerd_address: Path = Path("/run/containerd/containerd.sock")
+    """containerd's socket, where the CRI proxy forwards every call."""
     prefetch: bool = True
     """Prefetch at mount what an image reads first: its start profile, eStargz landmark, SOCI prefetch artifact."""
     record_profiles: bool = True
@@ -112,6 +118,15 @@ class Config:
         for name, path in zip(("image_credential_provider_config", "image_credential_provider_bin_dir"), providers):
             if path is not None and not path.is_absolute():
                 raise ConfigError(f"{name} must be an absolute path, got {path}")
+        for name in ("cri_image_service_address", "cri_containerd_address"):
+            path = getattr(self, name)
+            if path is not None and not path.is_absolute():
+                raise ConfigError(f"{name} must be an absolute path (no unix:// prefix), got {path}")
+            if path is not None and len(str(path)) > MAX_SOCKET_PATH:
+                raise ConfigError(f"{name} {path} is longer than {MAX_SOCKET_PATH} characters")
+        if self.cri_image_service_address in (self.address, self.cri_containerd_address):
+            raise ConfigError(f"cri_image_service_address {self.cri_image_service_address} must be a socket "
+                              f"of its own, not lazysnap's address or containerd's")
         if self.cache_max_mib < 1:
             raise ConfigError(f"cache_max_mib must be at least 1, got {self.cache_max_mib}")
         return self
@@ -132,6 +147,7 @@ _KINDS: dict[str, type] = {
     "cache_max_mib": int,
     "certs_dir": Path, "docker_config": Path,
     "image_credential_provider_config": Path, "image_credential_provider_bin_dir": Path,
+    "cri_image_service_address": Path, "cri_containerd_address": Path,
     "prefetch": bool, "record_profiles": bool, "profile_seconds": float,
     "fetch_concurrency": int, "readahead_max_mib": int, "background_fetch": bool,
     "background_quiet_seconds": float,

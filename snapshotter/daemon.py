@@ -25,7 +25,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 
 import trio
 
-from . import metrics, root_lock, service
+from . import cri_proxy, metrics, root_lock, service
 from .cache import ChunkCache
 from .config import Config
 from .containerd.pull import Puller
@@ -34,8 +34,12 @@ from .layers.background import BackgroundOptions
 from .layers.manager import LayerManager, ManagerOptions, open_manager, start_background
 from .mounts import overlay_index_off
 from .registry.client import RegistryClient
+from .registry.credentials import Renewals
+from .registry.cri_credentials import CriCredentials
+from .registry.errors import RegistryError
 from .registry.keychain import Keychain
 from .registry.options import RegistryOptions
+from .registry.reference import parse as parse_reference
 from .sdnotify import notify
 from .snapshots import Snapshotter
 from .store import Store
@@ -44,7 +48,8 @@ log = logging.getLogger(__name__)
 
 
 async def serve(config: Config) -> None:
-    keychain = Keychain.for_options(registry_options(config))  # a broken credential provider config stops us here
+    cri = CriCredentials() if config.cri_image_service_address is not None else None
+    keychain = Keychain.for_options(registry_options(config), cri)  # a broken provider config stops us here
     lock = root_lock.claim(config.root, config.address)
     store = Store(config.root / "metadata.db")
     try:
@@ -54,9 +59,15 @@ async def serve(config: Config) -> None:
                 remote = await stack.enter_async_context(_open_lazy_side(config, store, keychain))
             snapshotter = Snapshotter(config.root, store, index_off=overlay_index_off(), remote=remote)
             await trio.to_thread.run_sync(snapshotter.cleanup)
-            puller = Puller(nursery, remote.registry if remote else None, remote.explain if remote else None)
-            server = service.start_server(snapshotter, config.address, config.grpc_workers, status=remote,
+            puller = Puller(nursery, remote.registry if remote else None, remote.explain if remote else None,
+                            remote.warm if remote else None)
+            status = _WithRenewals(remote, keychain.renewals) if remote is not None else None
+            server = service.start_server(snapshotter, config.address, config.grpc_workers, status=status,
                                           puller=puller, registry=registry_options(config))
+            proxy = None
+            if cri is not None and config.cri_image_service_address is not None:
+                proxy = cri_proxy.start(config.cri_image_service_address, config.cri_containerd_address, cri,
+                                        config.grpc_workers)
             log.info("serving containerd snapshots API on %s (root %s, lazy %s)", config.address, config.root,
                      "on" if config.lazy else "off")
             if config.metrics_address and remote is not None:
@@ -70,6 +81,8 @@ async def serve(config: Config) -> None:
                         break
             finally:
                 notify("STOPPING=1")
+                if proxy is not None:  # first: a pull it forwards may still need the snapshots API
+                    await trio.to_thread.run_sync(proxy.stop)
                 await trio.to_thread.run_sync(lambda: server.stop(grace=5).wait())
                 config.address.unlink(missing_ok=True)
                 nursery.cancel_scope.cancel()
@@ -101,6 +114,27 @@ async def _open_lazy_side(config: Config, store: Store, keychain: Keychain) -> A
             await manager.served.restore()
             manager.nursery.start_soon(start_background, manager)
             yield manager
+
+
+class _WithRenewals:
+    """The layer manager's report, each layer with when its registry credentials were last renewed."""
+
+    def __init__(self, manager: LayerManager, renewals: Renewals) -> None:
+        self.manager = manager
+        self.renewals = renewals
+
+    def report(self, digests: list[str]) -> tuple[list[dict[str, object]], dict[str, int], dict[str, object],
+                                                  list[dict[str, object]]]:
+        layers, *rest = self.manager.report(digests)
+        renewed = [{**layer, "credential_renewed": self._renewed(str(layer.get("image_ref", "")))} for layer in layers]
+        return (renewed, *rest)  # type: ignore[return-value]
+
+    def _renewed(self, image: str) -> float:
+        try:
+            ref = parse_reference(image)
+        except RegistryError:
+            return 0.0
+        return self.renewals.last(ref.domain, ref.path)
 
 
 def registry_options(config: Config) -> RegistryOptions:

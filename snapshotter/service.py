@@ -1,5 +1,5 @@
 """The gRPC face of lazysnap: containerd's snapshots.v1 service on a unix socket,
-and lazysnap's own Status and Images services beside it.
+and lazysnap's own Status and Images (pull, prefetch) services beside it.
 
 The only module that knows gRPC. Each handler converts the request to plain values,
 calls the `Snapshotter` (or the layer manager, or the puller), and converts the answer
@@ -27,9 +27,9 @@ from .api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from .api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from .api.containerd.types import mount_pb2
 from .api.lazysnap.v1 import pull_pb2, pull_pb2_grpc, status_pb2, status_pb2_grpc
-from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, SnapshotterError
+from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, SnapshotterError
 from .mounts import Mount
-from .pull_records import PullEvent, PullOrder, PullReport
+from .pull_records import PrefetchEvent, PullEvent, PullOrder, PullReport, WarmReport
 from .registry.options import RegistryOptions
 from .snapshots import Snapshotter
 from .store import Snapshot
@@ -41,6 +41,7 @@ STATUS_CODES: dict[type[SnapshotterError], grpc.StatusCode] = {
     AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 LIST_BATCH = 100
@@ -168,6 +169,9 @@ class PullStarter(Protocol):
 
     def start(self, order: PullOrder, emit: Callable[[PullEvent], None]) -> Callable[[], None]: ...
 
+    def start_prefetch(self, order: PullOrder, wait: bool,
+                       emit: Callable[[PrefetchEvent], None]) -> Callable[[], None]: ...
+
 
 class ImagesService(pull_pb2_grpc.ImagesServicer):
     def __init__(self, puller: PullStarter | None, registry: RegistryOptions | None = None) -> None:
@@ -175,16 +179,19 @@ class ImagesService(pull_pb2_grpc.ImagesServicer):
         self.registry = registry or RegistryOptions()
         """The daemon's registry settings; a request overrides where hosts.toml and config.json are."""
 
-    def Pull(self, request: pull_pb2.PullRequest, context: grpc.ServicerContext) -> Iterator[pull_pb2.PullEvent]:
-        if self.puller is None:
-            context.abort(grpc.StatusCode.UNIMPLEMENTED, "this lazysnap does not pull images")
-        order = PullOrder(
+    def _order(self, request: pull_pb2.PullRequest) -> PullOrder:
+        return PullOrder(
             ref=request.ref, namespace=request.namespace or "default", containerd=request.containerd_address,
             snapshotter=request.snapshotter or "lazysnap",
             registry=dataclasses.replace(
                 self.registry, plain_http=request.plain_http,
                 certs_dir=Path(request.certs_dir) if request.certs_dir else None,
                 docker_config=Path(request.docker_config) if request.docker_config else None))
+
+    def Pull(self, request: pull_pb2.PullRequest, context: grpc.ServicerContext) -> Iterator[pull_pb2.PullEvent]:
+        if self.puller is None:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "this lazysnap does not pull images")
+        order = self._order(request)
         log.info("Pull %s for %s in namespace %s", order.ref, order.snapshotter, order.namespace)
         events: queue.SimpleQueue[PullEvent] = queue.SimpleQueue()
         context.add_callback(self.puller.start(order, events.put))  # the call ending early cancels the pull
@@ -198,6 +205,38 @@ class ImagesService(pull_pb2_grpc.ImagesServicer):
             else:
                 yield pull_pb2.PullEvent(report=to_pb_report(event))
                 return
+
+    def Prefetch(self, request: pull_pb2.PrefetchRequest,
+                 context: grpc.ServicerContext) -> Iterator[pull_pb2.PrefetchEvent]:
+        if self.puller is None:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "this lazysnap does not pull images")
+        order = self._order(request.pull)
+        log.info("Prefetch %s for %s in namespace %s%s", order.ref, order.snapshotter, order.namespace,
+                 ", waiting" if request.wait else "")
+        events: queue.SimpleQueue[PrefetchEvent] = queue.SimpleQueue()
+        # The call ending early cancels the pull, or stops following the warming (which runs on).
+        context.add_callback(self.puller.start_prefetch(order, request.wait, events.put))
+        while True:
+            event = events.get()
+            if isinstance(event, str):
+                yield pull_pb2.PrefetchEvent(progress=event)
+            elif isinstance(event, PullReport):
+                yield pull_pb2.PrefetchEvent(pulled=to_pb_report(event))
+            elif isinstance(event, SnapshotterError):
+                log.info("Prefetch %s failed: %s", order.ref, event)
+                context.abort(status_code(event), str(event))
+            else:
+                yield pull_pb2.PrefetchEvent(report=to_pb_warm_report(event))
+                return
+
+
+def to_pb_warm_report(report: WarmReport) -> pull_pb2.WarmReport:
+    return pull_pb2.WarmReport(
+        image=report.image, manifest_digest=report.manifest_digest, seconds=report.seconds,
+        sources=list(report.sources), note=report.note, finished=report.finished,
+        layers=[pull_pb2.WarmedLayer(digest=layer.digest, content_bytes=layer.content_bytes,
+                                     complete_bytes=layer.complete_bytes, fetched_bytes=layer.fetched_bytes,
+                                     state=layer.state) for layer in report.layers])
 
 
 def to_pb_report(report: PullReport) -> pull_pb2.PullReport:

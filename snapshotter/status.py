@@ -1,5 +1,5 @@
 """lazysnap's own API as a client, for the command line: how each layer is served
-(`lazysnap status`), and pulls run by the daemon (`lazysnap rpull`).
+(`lazysnap status`), and pulls run by the daemon (`lazysnap rpull`, `lazysnap prefetch`).
 
 Light on imports on purpose: the command line starts a fresh process for every call.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 
 from .api.lazysnap.v1 import pull_pb2, pull_pb2_grpc, status_pb2, status_pb2_grpc
-from .pull_records import LayerOutcome, PullReport
+from .pull_records import LayerOutcome, PullReport, WarmedLayer, WarmReport
 
 
 class StatusClient:
@@ -40,6 +40,28 @@ class StatusClient:
                 yield from_pb_report(event.report)
             else:
                 yield event.progress
+
+    def prefetch(self, request: pull_pb2.PrefetchRequest) -> Iterator[str | PullReport | WarmReport]:
+        """The pull's lines and report, then warming progress (with `wait`) and the warming's report.
+
+        No deadline, like `pull`; closing the iterator cancels the pull, or stops following
+        the warming, which the daemon carries on.
+        """
+        for event in self._images.Prefetch(request):
+            kind = event.WhichOneof("event")
+            if kind == "pulled":
+                yield from_pb_report(event.pulled)
+            elif kind == "report":
+                yield from_pb_warm_report(event.report)
+            else:
+                yield event.progress
+
+
+def from_pb_warm_report(report: pull_pb2.WarmReport) -> WarmReport:
+    return WarmReport(report.image, report.manifest_digest,
+                      tuple(WarmedLayer(layer.digest, layer.content_bytes, layer.complete_bytes, layer.fetched_bytes,
+                                        layer.state) for layer in report.layers),
+                      report.seconds, tuple(report.sources), report.note, report.finished)
 
 
 def from_pb_report(report: pull_pb2.PullReport) -> PullReport:

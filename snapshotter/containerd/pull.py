@@ -12,24 +12,38 @@ it fall back too: each layer gets its own chance to be lazy.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
+from typing import TYPE_CHECKING
 
 import trio
 
 from .. import labels as L
 from ..errors import AlreadyExists, SnapshotterError
 from ..layers.saved import WHOLE as WHOLE_MODE
-from ..pull_records import LAZY, WHOLE_BY_LAZYSNAP, LayerOutcome, PullEvent, PullOrder, PullReport
+from ..pull_records import (
+    LAZY,
+    WHOLE_BY_LAZYSNAP,
+    LayerOutcome,
+    PrefetchEvent,
+    PullEvent,
+    PullOrder,
+    PullReport,
+    WarmReport,
+)
 from ..registry.client import RegistryClient
 from ..registry.errors import RegistryError
 from ..registry.manifest import Descriptor
 from .client import ContainerdClient
+
+if TYPE_CHECKING:
+    from ..layers.warming import Warming
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +144,7 @@ async def _leased(containerd: ContainerdClient) -> AsyncIterator[None]:
 
 
 class Puller:
-    """Runs `rpull` inside the daemon, on its trio loop, for `lazysnap rpull`.
+    """Runs `rpull` inside the daemon, on its trio loop, for `lazysnap rpull` and `lazysnap prefetch`.
 
     The daemon has the pull machinery imported (a fresh client process spends ~0.5 s on
     that before its first request), its registry connections warm, and each layer's
@@ -138,19 +152,36 @@ class Puller:
     """
 
     def __init__(self, nursery: trio.Nursery, registry: RegistryClient | None,
-                 explain: Callable[[str], tuple[str, str]] | None) -> None:
+                 explain: Callable[[str], tuple[str, str]] | None,
+                 warm: Callable[[PullReport], Warming] | None = None) -> None:
+        """`warm` starts warming a pulled image's lazy layers (the layer manager's; None when lazy is off)."""
         self.nursery = nursery
         self.token = trio.lowlevel.current_trio_token()
         self.registry = registry
         self.explain = explain
+        self.warm = warm
 
     def start(self, order: PullOrder, emit: Callable[[PullEvent], None]) -> Callable[[], None]:
         """From any thread: start pulling; `emit` gets every event on the trio thread.
 
         Returns a function that cancels the pull (the caller went away), safe from any thread.
         """
+        return self._start(order, functools.partial(self._pull, order, emit), emit, "pull")
+
+    def start_prefetch(self, order: PullOrder, wait: bool,
+                       emit: Callable[[PrefetchEvent], None]) -> Callable[[], None]:
+        """`start`, then warm the image's layers; with `wait`, follow the warming to its end.
+
+        The returned function cancels the pull, or stops following the warming: a warming
+        once started is the daemon's (the operator asked for it), and runs on.
+        """
+        return self._start(order, functools.partial(self._prefetch, order, wait, emit), emit, "prefetch")
+
+    def _start(self, order: PullOrder, job: Callable[[], Awaitable[PullReport | WarmReport]],
+               emit: Callable[[PrefetchEvent], None], what: str) -> Callable[[], None]:
         scope = trio.CancelScope()
-        trio.from_thread.run_sync(self.nursery.start_soon, self._run, order, emit, scope, trio_token=self.token)
+        trio.from_thread.run_sync(self.nursery.start_soon, self._run, order, job, emit, scope, what,
+                                  trio_token=self.token)
 
         def cancel() -> None:
             try:
@@ -160,13 +191,14 @@ class Puller:
 
         return cancel
 
-    async def _run(self, order: PullOrder, emit: Callable[[PullEvent], None], scope: trio.CancelScope) -> None:
+    async def _run(self, order: PullOrder, job: Callable[[], Awaitable[PullReport | WarmReport]],
+                   emit: Callable[[PrefetchEvent], None], scope: trio.CancelScope, what: str) -> None:
         """Always ends with one report or error, so the client's stream always ends."""
-        outcome: PullEvent = PullError(f"the pull of {order.ref} was cancelled")
+        outcome: PrefetchEvent = PullError(f"the {what} of {order.ref} was cancelled")
         try:
             with scope:
                 try:
-                    outcome = await self._pull(order, emit)
+                    outcome = await job()
                 except SnapshotterError as e:
                     outcome = e
                 except RegistryError as e:
@@ -176,6 +208,18 @@ class Puller:
                     outcome = PullError(f"internal error: {e!r}")
         finally:
             emit(outcome)
+
+    async def _prefetch(self, order: PullOrder, wait: bool, emit: Callable[[PrefetchEvent], None]) -> WarmReport:
+        if self.warm is None:
+            raise PullError("this lazysnap serves no layers lazily (lazy = false): there is nothing to warm")
+        pulled = await self._pull(order, emit)
+        emit(pulled)
+        warming = self.warm(pulled)
+        if wait:
+            await warming.follow(emit)
+        else:
+            await warming.planned.wait()
+        return warming.report()
 
     async def _pull(self, order: PullOrder, progress: Callable[[str], None]) -> PullReport:
         async with AsyncExitStack() as stack:

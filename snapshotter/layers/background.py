@@ -71,8 +71,8 @@ class BackgroundFetcher:
 
     def _next(self) -> Target | None:
         for name, layer, progress in self.targets():
-            if progress.state in ("complete", "prefetching") or progress.state.startswith(("background skipped",
-                                                                                            "background stopped")):
+            if progress.warming or progress.state in ("complete", "prefetching") or progress.state.startswith(
+                    ("background skipped", "background stopped")):
                 continue
             size = self._sizes.get(layer)
             if size is None:

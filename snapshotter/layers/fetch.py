@@ -72,6 +72,13 @@ class Progress:
     background_bytes: int = 0
     cursor: int = 0
     """Background fetch has checked every unit before this index."""
+    warming: bool = False
+    """`lazysnap prefetch` is fetching the layer now (background fetch leaves it alone)."""
+    content_bytes: int = 0
+    complete_bytes: int = 0
+    """The last `completeness` count: compressed bytes of every unit, and of those in the cache."""
+    counted_at: tuple[int, ...] = ()
+    """The cache's state (size, evictions, corrupt entries) when they were counted."""
 
 
 @dataclass
@@ -97,6 +104,33 @@ class FetchActivity:
 
     def quiet_for(self) -> float:
         return time.monotonic() - self.last_foreground
+
+
+SCAN_STEP = 4096
+"""Units checked between two yields to other tasks (~3 ms), so a count never holds up a read."""
+
+
+async def completeness(layer: FetchableLayer, progress: Progress, cache_state: Callable[[], tuple[int, ...]]
+                       ) -> tuple[int, int]:
+    """(compressed bytes of the layer's units in the cache, of all its units), for `lazysnap status`.
+
+    Counted again only when the cache changed since (`cache_state`: size, evictions, corrupt
+    entries); a complete layer only when something left the cache.
+    """
+    state = cache_state()
+    if progress.counted_at == state or (progress.counted_at[1:] == state[1:] and progress.content_bytes
+                                        and progress.complete_bytes == progress.content_bytes):
+        return progress.complete_bytes, progress.content_bytes
+    done = total = 0
+    for i, unit in enumerate(layer.units):
+        size = unit.end - unit.start
+        total += size
+        if layer.is_cached(unit):
+            done += size
+        if i % SCAN_STEP == SCAN_STEP - 1:
+            await trio.lowlevel.checkpoint()
+    progress.complete_bytes, progress.content_bytes, progress.counted_at = done, total, state
+    return done, total
 
 
 def units_in(units: Sequence[Unit], ranges: Iterable[tuple[int, int]]) -> list[Unit]:

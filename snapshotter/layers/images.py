@@ -8,7 +8,9 @@ checksum. The first layer of an image to be resolved starts the search (`Images.
 image's other layers wait on the same `Image`. A profile (this node's, else one pushed
 beside the image in the registry) says which parts of which layer the image read first
 and when; an image without one is recorded during its first start, and the recording
-saved as its profile.
+saved as its profile. Until then it borrows, for the layers it shares with other images
+(a rebuild keeps all but its top layer), what their profiles read of those layers
+(`profiles.find_shared`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from ..formats.errors import FormatError
 from ..formats.jsondoc import load_object
 from ..formats.profile import Profile
 from ..labels import LayerRequest
-from ..profiles import ProfileStore, find_remote
+from ..profiles import Borrowed, ProfileStore, borrowed_profile, describe_borrowed, find_remote, find_shared
 from ..registry.client import RegistryClient
 from ..registry.errors import RegistryError
 from ..soci.discovery import Discovery, find_index
@@ -62,6 +64,8 @@ class Image:
     """The manifest fetch is over (`layer_annotations`, or `manifest_problem`)."""
     layer_annotations: dict[str, dict[str, str]] = field(default_factory=dict)
     """Layer digest -> its descriptor's annotations in the image manifest."""
+    layer_sizes: dict[str, int] = field(default_factory=dict)
+    """Layer digest -> its size in the image manifest, bottom layer first."""
     manifest_problem: str = ""
     """Why `layer_annotations` is empty when it is for want of a manifest."""
     done: trio.Event = field(default_factory=trio.Event)
@@ -70,6 +74,9 @@ class Image:
     ready: trio.Event = field(default_factory=trio.Event)
     """The profile search is over too (`profile`, `recording`, `soci_prefetch`)."""
     profile: Profile | None = None
+    borrowed: tuple[Borrowed, ...] = ()
+    """Set when `profile` is not the image's own but other images' ranges of the layers it
+    shares with them (it is then recorded as well, to get one of its own)."""
     recording: Recording | None = None
     soci_prefetch: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
     """Layer digest -> span id ranges (inclusive) from the SOCI index's prefetch artifacts."""
@@ -139,25 +146,50 @@ class Images:
             return None
         try:
             image.layer_annotations = layer_annotations(raw)
+            image.layer_sizes = layer_sizes(raw)
         except FormatError as e:
             image.manifest_problem = f"unreadable image manifest {image.manifest_digest}: {e}"
         return raw
 
     async def _find_profile(self, image: Image) -> None:
-        """What the image reads first: a profile (this node's, else its registry's), SOCI prefetch artifacts."""
+        """What the image reads first: a profile (this node's, else its registry's, else other
+        images' of the layers it shares with them), SOCI prefetch artifacts."""
         if self.options.prefetch:
             image.profile = self.profiles.get(image.manifest_digest)
             source = "this node"
             if image.profile is None:
-                image.profile = await find_remote(self.registry, image.ref, image.manifest_digest)
+                image.profile = await self._remote_or_borrowed(image)
                 source = "the registry"
-            if image.profile is not None:
+            if image.borrowed:
+                log.info("no start profile of %s: prefetching the %s (%d bytes)", image.ref,
+                         describe_borrowed(image.borrowed), image.profile.bytes if image.profile else 0)
+            elif image.profile is not None:
                 log.info("start profile of %s from %s: %d bytes in %d layers", image.ref, source,
                          image.profile.bytes, len(image.profile.layers))
             if image.result.index is not None:
                 image.soci_prefetch = await self._soci_prefetch(image, image.result.index)
-        if image.profile is None and self.options.record_profiles:
+        if (image.profile is None or image.borrowed) and self.options.record_profiles:
             image.recording = Recording(image.manifest_digest, image.layers, self.options.profile_seconds)
+
+    async def _remote_or_borrowed(self, image: Image) -> Profile | None:
+        """The image's own profile in the registry, else what other images' profiles read of its
+        layers (`image.borrowed`). Both are looked for at once; the borrowing stops once the
+        image's own is found."""
+        layers = list(image.layer_sizes.items()) or [(digest, 0) for digest in image.layers]
+        shared: dict[str, Borrowed] = {}
+
+        async def borrow() -> None:
+            shared.update(await find_shared(self.registry, self.profiles, image.ref, layers))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(borrow)
+            own = await find_remote(self.registry, image.ref, image.manifest_digest)
+            if own is not None:
+                nursery.cancel_scope.cancel()
+        if own is not None or not shared:
+            return own
+        image.borrowed = tuple(shared[digest] for digest, _ in layers if digest in shared)
+        return borrowed_profile(image.manifest_digest, image.borrowed)
 
     async def _soci_prefetch(self, image: Image, index: soci_index.SociIndex) -> dict[str, list[tuple[int, int]]]:
         out: dict[str, list[tuple[int, int]]] = {}
@@ -197,6 +229,23 @@ def layer_annotations(raw: bytes) -> dict[str, dict[str, str]]:
     return {d.digest: d.annotations for d in descriptors}
 
 
+def layer_sizes(raw: bytes) -> dict[str, int]:
+    """Layer digest -> size, from an image manifest's bytes, bottom layer first."""
+    layers = load_object(raw, "image manifest").get("layers") or []
+    if not isinstance(layers, list):
+        raise FormatError("image manifest: layers is not an array")
+    descriptors = [Descriptor.parse(item, f"image manifest layer {i}") for i, item in enumerate(layers)]
+    return {d.digest: d.size for d in descriptors}
+
+
+def borrowed_note(image: Image, digest: str) -> str:
+    """Whose profile the layer's prefetch comes from, when not the image's own ("" then)."""
+    mine = [b for b in image.borrowed if b.layer.digest == digest]
+    if not mine:
+        return ""
+    return describe_borrowed([b for b in image.borrowed if b.image == mine[0].image])
+
+
 def prefetch_units(image: Image, digest: str,
                    layer: EStargzLayer | SociLayer) -> tuple[list[tuple[float, Unit]], list[str]]:
     """The units to prefetch with their priorities (lower is sooner), and where the list came from.
@@ -210,7 +259,7 @@ def prefetch_units(image: Image, digest: str,
     recorded = image.profile.for_layer(digest) if image.profile is not None else None
     if recorded is not None:
         units += [(float(recorded.at[k] if recorded.at else k), u) for u, k in first_reached(layer.units, recorded.ranges)]
-        sources.append("start profile")
+        sources.append(borrowed_note(image, digest) or "start profile")
     if isinstance(layer, EStargzLayer):
         end = estargz.prefetch_end(layer.index.toc)
         if end:

@@ -34,6 +34,7 @@ from ..formats import estargz, zstd_chunked
 from ..formats.errors import FormatError
 from ..labels import LayerRequest
 from ..profiles import ProfileStore
+from ..pull_records import PullReport
 from ..registry.client import RegistryClient
 from ..registry.errors import RegistryError
 from ..soci.local import LocalIndexes
@@ -42,13 +43,14 @@ from ..whole.apply import copy_up_parents
 from .background import BackgroundFetcher, BackgroundOptions, Target
 from .estargz import EStargzLayer
 from .fetch import FetchableLayer, FetchActivity, Progress, Recording, Unit, batches
-from .images import Image, ImageOptions, Images, prefetch_units
+from .images import Image, ImageOptions, Images, borrowed_note, prefetch_units
 from .prefetch import FetchQueue, prefetch
 from .readahead import Readahead
 from .resolver import SETTLED, Fallback, Resolution, Resolver
 from .saved import WHOLE, ZSTD_CHUNKED, FallbackCause, build_layer
 from .served import AttachError, DataPlane, LayerStatus, Report, ServedLayers
 from .soci import SociLayer
+from .warming import Warmer, Warming
 from .whole_pulls import WholePulls
 
 log = logging.getLogger(__name__)
@@ -99,6 +101,7 @@ class LayerManager:
                                           options.fetch_concurrency), self._stop_recording)
         self.resolver = Resolver(registry, local, self.images, nursery, options.resolve_timeout)
         self.wholes = WholePulls(registry, root, nursery)
+        self.warmer = Warmer(self.served, self.images, cache, nursery)
         if options.readahead_max > 0:
             self.activity.on_miss = Readahead(self._spawn_readahead, maximum=options.readahead_max).miss
         self._readahead = FetchQueue(trio.CapacityLimiter(READAHEAD_GETS))
@@ -130,6 +133,10 @@ class LayerManager:
     def explain(self, digest: str) -> tuple[str, str]:
         """(mode, reason) for a layer: how it is served, and why not lazily. On the trio thread."""
         return self.served.explain(digest)
+
+    def warm(self, pulled: PullReport) -> Warming:
+        """Fill the cache with a pulled image's lazy layers now (`lazysnap prefetch`). On the trio thread."""
+        return self.warmer.start(pulled)
 
     # -- the data planes' calls (`dataplane.client.UnitServer`) ------------------------
 
@@ -237,6 +244,8 @@ class LayerManager:
         if not self.options.prefetch:
             return
         units, sources = prefetch_units(image, digest, layer)
+        if borrowed_note(image, digest) and not status.reason:  # `lazysnap status` says whose profile
+            status.reason = f"prefetched the {borrowed_note(image, digest)}"
         if units:
             log.info("prefetching %d units of %s (%s)", len(units), digest, ", ".join(sources))
             await prefetch(digest, layer, units, status.progress, image.queue)

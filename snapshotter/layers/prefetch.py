@@ -72,10 +72,14 @@ class FetchQueue:
         owner = _Owner(layer, progress, len(jobs))
         for priority, batch in jobs:
             heapq.heappush(self._heap, _Job(priority, next(self._seq), batch, owner))
-        async with trio.open_nursery() as nursery:
-            for _ in range(min(len(jobs), self.limiter.total_tokens)):
-                nursery.start_soon(self._work)
-        await owner.done.wait()
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(min(len(jobs), self.limiter.total_tokens)):
+                    nursery.start_soon(self._work)
+            await owner.done.wait()
+        finally:
+            if not owner.done.is_set():  # cancelled (its layer released): others skip its jobs left
+                owner.failure = owner.failure or "cancelled"
         return owner.failure
 
     async def _work(self) -> None:

@@ -34,7 +34,7 @@ from ..store import LayerRecord, Store
 from . import device, erofs, saved
 from .blob import RestoredBlob
 from .estargz import EStargzLayer
-from .fetch import FetchableLayer, FetchActivity, Progress
+from .fetch import FetchableLayer, FetchActivity, Progress, completeness
 from .layer import ReadError
 from .saved import FALLBACK, FallbackCause
 from .soci import SociLayer
@@ -340,14 +340,17 @@ class ServedLayers:
                     recording.touch(digest, int(start), int(end))
 
     async def report(self, digests: list[str]) -> Report:
-        wanted = set(digests)
+        want = set(digests)
+        wanted = [s for s in reversed(self.status.values()) if not want or s.digest in want]
+        cached = {s.digest: await completeness(s.layer, s.progress, self._cache_state) for s in wanted if s.layer}
         layers = [
             {"digest": s.digest, "image_ref": s.image_ref, "mode": s.mode, "reason": s.reason, "size": s.size,
              "resolve_seconds": s.resolve_seconds, "path": s.path, "fetched_bytes": s.fetched_bytes,
-             "fetch_state": s.progress.state if s.layer is not None else "",
+             "fetch_state": ("warming" if s.progress.warming else s.progress.state) if s.layer is not None else "",
              "prefetched_bytes": s.progress.prefetched_bytes, "background_bytes": s.progress.background_bytes,
-             "pull_seconds": s.pull_seconds}
-            for s in reversed(self.status.values()) if not wanted or s.digest in wanted
+             "pull_seconds": s.pull_seconds, "complete_bytes": cached.get(s.digest, (0, 0))[0],
+             "content_bytes": cached.get(s.digest, (0, 0))[1]}
+            for s in wanted
         ]
         planes = await self.planes.stats()
         cache = {"bytes": self.cache.size, "max_bytes": self.cache.max_bytes, "hits": planes.hits,
@@ -378,6 +381,9 @@ class ServedLayers:
             fuse_ops=ops, read_failures=dict(planes.read_failures),
             data_planes={"current": sum(1 for g in generations if not g["retiring"]),
                          "retiring": sum(1 for g in generations if g["retiring"])})
+
+    def _cache_state(self) -> tuple[int, int, int]:
+        return self.cache.size, self.cache.stats.evictions, self.cache.stats.corrupt
 
     def explain(self, digest: str) -> tuple[str, str]:
         """(mode, reason) for a layer: how it is served, and why not lazily."""

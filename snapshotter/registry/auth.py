@@ -8,7 +8,8 @@ Tokens are cached per (registry host, scope) until shortly before they expire,
 fetched by one task at a time, and dropped when the registry rejects them, so a
 revoked or expired token costs exactly one extra round trip. Credentials that the
 registry or its token server refuse (401 or 403) are looked up afresh once, as the
-keychain's helpers and providers may have rotated them.
+keychain's helpers and providers may have rotated them. Every token fetched and every
+credential found is noted in the keychain's `renewals`, for `lazysnap status`.
 """
 
 from __future__ import annotations
@@ -91,7 +92,9 @@ class Authenticator:
         self.keychain = keychain
         self._tokens: dict[tuple[str, str], _Token] = {}
         self._bearer: dict[str, Challenge] = {}
-        self._basic: dict[str, str] = {}
+        self._basic: dict[tuple[str, str], str] = {}
+        """(host, repository) -> the basic header that worked: credentials may be per repository
+        (a pod's pull secret, a provider's `matchImages`), so one repository's never go to another."""
         self._locks: dict[tuple[str, str], trio.Lock] = {}
         self._looked_up: dict[str, Lookup] = {}
         self.token_fetches = 0
@@ -101,7 +104,7 @@ class Authenticator:
         token = self._tokens.get((host, scope))
         if token is not None and token.expires > trio.current_time():
             return token.header
-        return self._basic.get(host)
+        return self._basic.get((host, repository_of(scope)))
 
     def knows(self, host: str) -> bool:
         """True when `host` is known to want a bearer token, so one can be fetched before asking."""
@@ -146,7 +149,7 @@ class Authenticator:
             header = creds.basic()
             if header == rejected:
                 raise Unauthorized(f"{host} rejected {creds.described()} (credentials looked for: {found.explain()})")
-            self._basic[host] = header
+            self._basic[(host, repository_of(scope))] = header
             return header
         raise Unauthorized(f"{host} answered 401 without a usable challenge (WWW-Authenticate: {www_authenticate})")
 
@@ -157,12 +160,13 @@ class Authenticator:
         token = self._tokens.get((host, scope))
         if token is not None and token.header == rejected:
             del self._tokens[(host, scope)]
-        if self._basic.get(host) == rejected:
+        basic = (host, repository_of(scope))
+        if self._basic.get(basic) == rejected:
             creds = (await self._look_up(host, scope)).credentials
             if creds is not None and (creds.username or creds.password):
-                self._basic[host] = creds.basic()
+                self._basic[basic] = creds.basic()
             else:
-                del self._basic[host]
+                del self._basic[basic]
 
     async def _look_up(self, host: str, scope: str, fresh: bool = False) -> Lookup:
         """The keychain's credentials for `host` and `scope`'s repository; `fresh` skips its caches."""
@@ -171,6 +175,8 @@ class Authenticator:
             self.keychain.forget(host, repository)
         found = await self.keychain.find(host, repository)
         self._looked_up[host] = found
+        if found.credentials is not None:
+            self.keychain.renewals.note(host, repository)
         return found
 
     async def _refresh(self, host: str, scope: str, challenge: Challenge, rejected: str | None,
@@ -184,6 +190,7 @@ class Authenticator:
             self._tokens.pop(key, None)
             token = await self._fetch(host, scope, challenge, send)
             self._tokens[key] = token
+            self.keychain.renewals.note(host, repository_of(scope))
             return token.header
 
     async def _fetch(self, host: str, scope: str, challenge: Challenge, send: TokenRequest) -> _Token:

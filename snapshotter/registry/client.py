@@ -3,15 +3,18 @@
 Everything lazysnap asks of a registry goes through `RegistryClient`. It tries
 the endpoints hosts.toml gives for an operation in order, verifies every digest
 it can, and remembers what it learns about servers: where a blob was redirected
-to (S3/CDN URLs are reused until they fail, then asked for again once), and
-which servers refuse multi-range requests (they get single ranges from then on).
+to (S3/CDN URLs are reused until they fail, then asked for again once), which
+servers refuse multi-range requests (they get single ranges from then on), and
+which hosts failed a read lately. A range read that fails on one host (a mirror
+that died, hangs or answers 5xx) is sent to the next host hosts.toml lists, and
+the blob's later reads stay there until the failed host has had time to recover.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import NoReturn, TypeVar
 from urllib.parse import urlencode, urljoin
 
@@ -68,6 +71,10 @@ class BlobLocation:
     """The blob's URL at the registry endpoint."""
     url: str
     """Where reads go: `registry_url`, or the redirect target the registry last sent us to."""
+    candidates: tuple[Endpoint, ...] = ()
+    """Every endpoint hosts.toml gives for pulling the blob, in its order: reads fail over along it."""
+    avoid: dict[str, float] = field(default_factory=dict)
+    """Endpoint key -> when (trio clock) it could not serve this blob's ranges; passed over for a while."""
 
     @property
     def redirected(self) -> bool:
@@ -88,6 +95,8 @@ class RegistryClient:
         self.transport = Transport(self.options, keychain or Keychain.for_options(self.options))
         self.single_range_only: dict[str, str] = {}
         """Origins that refused a multi-range request, with why; they get single ranges only."""
+        self.failed_hosts: dict[str, float] = {}
+        """Endpoint key -> when (trio clock) a blob read or lookup on it last failed as unavailable."""
         self.referrers_api: dict[str, bool] = {}
         """Endpoints (origin + API path) known to serve the referrers API (True) or not to (False)."""
         self._tag_locks: dict[tuple[str, str, str], trio.Lock] = {}
@@ -205,15 +214,28 @@ class RegistryClient:
     # ------------------------------------------------------------------ large blobs
 
     async def open_blob(self, repo_ref: Reference | str, digest: str) -> BlobLocation:
-        """Find a blob and its size (HEAD, or `GET bytes=0-0` where HEAD is refused), following redirects."""
+        """Find a blob and its size (HEAD; `GET bytes=0-0` on mirrors and where HEAD is refused), following redirects.
+
+        Hosts that failed lately are asked last. Mirrors get `GET bytes=0-0` rather
+        than HEAD: distribution's pull-through cache answers a HEAD of a blob it
+        lacks only after streaming all of it from upstream (and fetches it twice).
+        """
         ref = repository(repo_ref)
         digests.validate(digest)
-        return await self._each(self.endpoints(ref, Capability.PULL), f"blob {digest} of {ref.name}",
-                                lambda ep: self._locate(ep, ref, digest))
+        candidates = self.endpoints(ref, Capability.PULL)
+        avoid: dict[str, float] = {}
+        blob = await self._each(self._live_first(candidates), f"blob {digest} of {ref.name}",
+                                lambda ep: self._locate(ep, ref, digest),
+                                lambda ep, e: self._note_failure(ep, e, avoid))
+        blob.candidates = tuple(candidates)
+        blob.avoid.update(avoid)
+        return blob
 
     async def _locate(self, ep: Endpoint, ref: Reference, digest: str) -> BlobLocation:
         url = ep.url(ref.path, "blobs", digest)
         what = f"blob {digest} of {ref.name}"
+        if ep.mirror:
+            return await self._locate_by_get(ep, ref, digest, url, what)
         head = Request("HEAD", url, ep, what, _scope(ref))
 
         async def on_head(response: httpx.Response) -> tuple[int, str] | None:
@@ -231,27 +253,43 @@ class RegistryClient:
         found = await self.transport.call(head, on_head)
         if found is None:
             log.info("%s: HEAD refused by %s; asking for its size with GET bytes=0-0", what, ep)
-            get = Request("GET", url, ep, what, _scope(ref), {"Range": "bytes=0-0"})
+            return await self._locate_by_get(ep, ref, digest, url, what)
+        return _located(ep, ref, digest, url, *found)
 
-            async def on_get(response: httpx.Response) -> tuple[int, str]:
-                status = response.status_code
-                if status == 206 or status == 416:
-                    size = byteranges.total_size(response.headers.get("content-range"), f"{what} from {response.url}")
-                elif status == 200:
-                    _check_digest_header(response, digest, what)
-                    length = content_length(response)
-                    if length is None:
-                        raise BadResponse(f"{what} from {response.url}: neither Content-Range nor Content-Length")
-                    size = length
-                else:
-                    await _fail(response, get.what)
-                return size, str(response.url)
+    async def _locate_by_get(self, ep: Endpoint, ref: Reference, digest: str, url: str, what: str) -> BlobLocation:
+        """The blob's size from `GET bytes=0-0`; a 200 (the whole blob) is not read, only its length taken.
 
-            found = await self.transport.call(get, on_get)
-        size, final = found
-        if final != url:
-            log.debug("%s: registry %s redirects to %s", what, ep, origin(final))
-        return BlobLocation(ref, digest, size, ep, url, final)
+        A mirror that answers a large blob with 200 is a pull-through cache that
+        has not stored it yet (it is fetching it now): the blob's reads pass it
+        over for `blob_avoid_seconds`, rather than each costing a whole-blob
+        answer cut short (measured with distribution v2.8: about 4 MiB written per
+        cut answer, and as much again pulled from upstream for nothing).
+        """
+        get = Request("GET", url, ep, what, _scope(ref), {"Range": "bytes=0-0"})
+        whole = False
+
+        async def on_get(response: httpx.Response) -> tuple[int, str]:
+            nonlocal whole
+            status = response.status_code
+            whole = status == 200
+            if status == 206 or status == 416:
+                size = byteranges.total_size(response.headers.get("content-range"), f"{what} from {response.url}")
+            elif status == 200:
+                _check_digest_header(response, digest, what)
+                length = content_length(response)
+                if length is None:
+                    raise BadResponse(f"{what} from {response.url}: neither Content-Range nor Content-Length")
+                size = length
+            else:
+                await _fail(response, get.what)
+            return size, str(response.url)
+
+        blob = _located(ep, ref, digest, url, *await self.transport.call(get, on_get))
+        if whole and ep.mirror and blob.size > self.options.whole_body_limit:
+            log.info("%s: mirror %s does not have it yet (HTTP 200 to a range); reading it elsewhere for %g s",
+                     what, ep, self.options.blob_avoid_seconds)
+            blob.avoid[ep.key] = trio.current_time()
+        return blob
 
     async def read_range(self, blob: BlobLocation, start: int, end: int) -> bytes:
         """Bytes `[start, end)` of the blob, in one ranged GET."""
@@ -330,7 +368,7 @@ class RegistryClient:
                     return None
                 raise BadResponse(f"{where}: server sent bytes {got} (wrong Content-Range)")
             if status == 200:
-                return await self._whole_answer(blob, response, wanted, where, multi)
+                return await self._whole_answer(blob, response, wanted, where)
             if status in (400, 416) and multi:
                 self._single_ranges_from_now(blob, f"answered a multi-range request with HTTP {status}")
                 return None
@@ -338,25 +376,42 @@ class RegistryClient:
                 raise BadResponse(f"{where}: HTTP 416 for a range inside the {blob.size}-byte blob")
             await _fail(response, what)
 
-        return await self._blob_get(blob, {"Range": byteranges.header(requested)}, what, consume)
-
-    async def _whole_answer(self, blob: BlobLocation, response: httpx.Response, wanted: Sequence[tuple[int, int]],
-                            where: str, multi: bool) -> list[bytes] | None:
-        """A 200 to a ranged GET: the server ignores Range. Small blobs are sliced, verified first."""
-        length = content_length(response)
-        if length is not None and length != blob.size:
-            raise BadResponse(f"{where}: 200 with {length} bytes for a {blob.size}-byte blob")
-        if blob.size > self.options.whole_body_limit:
+        headers = {"Range": byteranges.header(requested)}
+        try:
+            return await self._failover(blob, what, lambda budget: self._blob_get(blob, headers, what, consume,
+                                                                                  budget))
+        except _RangeIgnored as e:  # and no other host to ask
             if multi:
                 self._single_ranges_from_now(blob, "answered a multi-range request with the whole blob")
                 return None
-            raise BadResponse(f"{where}: the server ignores Range and the blob is {blob.size} bytes, "
-                              f"more than the {self.options.whole_body_limit} we download for a read")
-        body = await read_body(response, blob.size, where)
-        if len(body) != blob.size:
-            raise BadResponse(f"{where}: whole-blob answer has {len(body)} of {blob.size} bytes")
-        digests.verify(body, blob.digest, where)
-        return [body[s:e] for s, e in wanted]
+            raise BadResponse(str(e)) from None
+
+    async def _whole_answer(self, blob: BlobLocation, response: httpx.Response, wanted: Sequence[tuple[int, int]],
+                            where: str) -> list[bytes]:
+        """A 200 to a ranged GET: the server ignores Range, or (a pull-through cache) does not have the blob yet.
+
+        Small blobs are read whole and verified, then sliced. Of a larger blob only
+        the prefix up to the last wanted byte is read, when that is within
+        `whole_body_limit` (its bytes are checked above, like a 206's); otherwise
+        `_RangeIgnored`, and the connection is closed without reading on.
+        """
+        length = content_length(response)
+        if length is not None and length != blob.size:
+            raise BadResponse(f"{where}: 200 with {length} bytes for a {blob.size}-byte blob")
+        limit = self.options.whole_body_limit
+        if blob.size <= limit:
+            body = await read_body(response, blob.size, where)
+            if len(body) != blob.size:
+                raise BadResponse(f"{where}: whole-blob answer has {len(body)} of {blob.size} bytes")
+            digests.verify(body, blob.digest, where)
+            return [body[s:e] for s, e in wanted]
+        reach = max(e for _, e in wanted)
+        if reach > limit:
+            raise _RangeIgnored(f"{where}: the server ignores Range and the blob is {blob.size} bytes, "
+                                f"more than the {limit} we download for a read")
+        prefix = await _read_prefix(response, reach, where)
+        log.debug("%s: whole blob sent; read its first %d bytes and closed the connection", where, reach)
+        return [prefix[s:e] for s, e in wanted]
 
     def _single_ranges_from_now(self, blob: BlobLocation, why: str) -> None:
         key = origin(blob.url)
@@ -365,49 +420,125 @@ class RegistryClient:
             self.single_range_only[key] = why
 
     async def _blob_get(self, blob: BlobLocation, headers: dict[str, str], what: str,
-                        consume: Callable[[httpx.Response], Awaitable[T]]) -> T:
+                        consume: Callable[[httpx.Response], Awaitable[T]], budget: float | None = None) -> T:
         """GET from the blob's current URL; if a remembered redirect target fails, ask the registry once more."""
         scope = _scope(blob.ref)
+        ep, registry_url, target = blob.endpoint, blob.registry_url, blob.url
 
         async def tracking(response: httpx.Response) -> T:
             final = str(response.url)
-            if final != blob.url:
+            if blob.endpoint == ep and final != blob.url:  # unless another read moved the blob to another host
                 blob.url = final
             return await consume(response)
 
-        if not blob.redirected:
-            return await self.transport.call(Request("GET", blob.url, blob.endpoint, what, scope, headers), tracking)
+        if target == registry_url:
+            return await self.transport.call(Request("GET", target, ep, what, scope, headers), tracking, budget)
 
         async def stale_aware(response: httpx.Response) -> T:
             if response.status_code in _STALE_REDIRECT:
                 raise _StaleRedirect(f"HTTP {response.status_code}{await error_detail(response)}")
             return await consume(response)
 
-        target = blob.url
         try:
-            return await self.transport.call(Request("GET", target, blob.endpoint, what, scope, headers), stale_aware)
+            return await self.transport.call(Request("GET", target, ep, what, scope, headers), stale_aware, budget)
         except (_StaleRedirect, RegistryUnavailable) as e:
-            log.info("%s: redirect target %s failed (%s); asking %s again", what, origin(target), e, blob.endpoint)
-        return await self.transport.call(Request("GET", blob.registry_url, blob.endpoint, what, scope, headers),
-                                         tracking)
+            log.info("%s: redirect target %s failed (%s); asking %s again", what, origin(target), e, ep)
+        return await self.transport.call(Request("GET", registry_url, ep, what, scope, headers), tracking, budget)
+
+    # ------------------------------------------------------------------ failover within a blob
+
+    async def _failover(self, blob: BlobLocation, what: str, read: Callable[[float | None], Awaitable[T]]) -> T:
+        """`read` on the blob's host; if it fails there, on the next host hosts.toml lists, and so on.
+
+        The host that answers becomes the blob's host for later reads. A host
+        that failed is passed over for a while (`failed_host_seconds` for every
+        blob when it was unavailable, `blob_avoid_seconds` for this blob when it
+        could not serve it), then preferred again in hosts.toml order, so reads
+        go back to a mirror that recovered. Every host but the last gets
+        `failover_budget` seconds. Bytes are not checked here, whichever host
+        sent them: that happens above, against chunk and span digests.
+        """
+        candidates = list(blob.candidates) or [blob.endpoint]
+        tried: list[Endpoint] = []
+        errors: list[tuple[Endpoint, RegistryError]] = []
+        while (ep := self._next_host(blob, candidates, tried)) is not None:
+            tried.append(ep)
+            last = len(tried) == len(candidates)
+            if ep != blob.endpoint:
+                self._move(blob, ep, what)
+            error: RegistryError
+            try:
+                return await read(None if last else self.options.failover_budget)
+            except _RangeIgnored as e:
+                if last:
+                    raise
+                blob.avoid[ep.key] = trio.current_time()
+                error = BadResponse(str(e))
+            except (NotFoundError, RegistryUnavailable, Unauthorized, BadResponse) as e:
+                self._note_failure(ep, e, blob.avoid)
+                error = e
+            errors.append((ep, error))
+            if not last:
+                log.warning("%s: %s failed (%s); trying the next host", what, ep, error)
+        raise _summary(what, errors)
+
+    def _next_host(self, blob: BlobLocation, candidates: list[Endpoint], tried: list[Endpoint]) -> Endpoint | None:
+        """The first candidate not tried yet that is not passed over for now; else the first not tried.
+
+        Asked afresh before each attempt, so concurrent reads of a blob see each other's failures.
+        """
+        untried = [ep for ep in candidates if ep not in tried]
+        now = trio.current_time()
+
+        def passed_over(ep: Endpoint) -> bool:
+            failed, avoided = self.failed_hosts.get(ep.key), blob.avoid.get(ep.key)
+            return (failed is not None and now - failed < self.options.failed_host_seconds
+                    or avoided is not None and now - avoided < self.options.blob_avoid_seconds)
+
+        return next((ep for ep in untried if not passed_over(ep)), untried[0] if untried else None)
+
+    def _live_first(self, endpoints: list[Endpoint]) -> list[Endpoint]:
+        """`endpoints` with those that failed within `failed_host_seconds` moved to the end."""
+        now = trio.current_time()
+        recent = {k for k, when in self.failed_hosts.items() if now - when < self.options.failed_host_seconds}
+        return sorted(endpoints, key=lambda ep: ep.key in recent)
+
+    def _note_failure(self, ep: Endpoint, error: RegistryError, avoid: dict[str, float]) -> None:
+        """Remember that `ep` failed: for every blob if it was unavailable, in `avoid` (one blob's) otherwise."""
+        if isinstance(error, RegistryUnavailable):
+            self.failed_hosts[ep.key] = trio.current_time()
+        else:
+            avoid[ep.key] = trio.current_time()
+
+    def _move(self, blob: BlobLocation, ep: Endpoint, what: str) -> None:
+        """Make `ep` the blob's host: reads go to its registry URL (redirects are learned afresh)."""
+        log.info("%s: reading from %s from now on (was %s)", what, ep, blob.endpoint)
+        blob.endpoint = ep
+        blob.registry_url = blob.url = ep.url(blob.ref.path, "blobs", blob.digest)
 
     async def stream_blob(self, blob: BlobLocation, chunk_size: int | None = None) -> AsyncGenerator[bytes, None]:
         """The whole blob as chunks of at most `chunk_size` bytes, in bounded memory.
 
-        A dropped connection resumes where it stopped (`Range: bytes=N-`). The
-        digest is checked at the end: the last step may raise `BadResponse`, so
-        consumers must not trust what they stored until the iteration finished.
-        Use it under `contextlib.aclosing` when you may stop early.
+        A dropped connection resumes where it stopped (`Range: bytes=N-`); a host
+        that keeps failing (or cannot resume) hands over to the next host
+        hosts.toml lists, from the same byte. The digest is checked at the end,
+        over every byte whichever host sent it: the last step may raise
+        `BadResponse`, so consumers must not trust what they stored until the
+        iteration finished. Use it under `contextlib.aclosing` when you may stop early.
         """
         size = chunk_size or self.options.stream_chunk_size
         hasher = digests.hasher(blob.digest)
         offset = 0
         failures = 0
         retried_registry = False
+        candidates = list(blob.candidates) or [blob.endpoint]
+        tried = [blob.endpoint]
         while offset < blob.size:
             headers = {"Range": f"bytes={offset}-"} if offset else {}
             url = blob.url
             req = Request("GET", url, blob.endpoint, blob.what, _scope(blob.ref), headers)
+            consuming = False
+            error: RegistryError
             try:
                 async with self.transport.stream(req) as response:
                     status = response.status_code
@@ -422,16 +553,35 @@ class RegistryClient:
                             raise BadResponse(f"{blob.what} from {response.url}: more than {blob.size} bytes")
                         hasher.update(chunk)
                         offset += len(chunk)
+                        consuming = True
                         yield chunk
+                        consuming = False
                     if offset < blob.size:
                         raise httpx.ReadError("body ended early")
+                continue
             except httpx.TransportError as e:
+                if consuming:
+                    raise
                 failures += 1
-                if failures > self.options.retries:
-                    raise RegistryUnavailable(f"{blob.what} from {url}: {type(e).__name__}: {e} after {offset} "
-                                              f"of {blob.size} bytes ({failures} attempts)") from e
-                log.info("%s: connection lost after %d bytes (%s); resuming", blob.what, offset, e)
-                await trio.sleep(min(self.options.backoff_max, self.options.backoff_base * 2 ** (failures - 1)))
+                if failures <= self.options.retries:
+                    log.info("%s: connection lost after %d bytes (%s); resuming", blob.what, offset, e)
+                    await trio.sleep(min(self.options.backoff_max, self.options.backoff_base * 2 ** (failures - 1)))
+                    continue
+                error = RegistryUnavailable(f"{blob.what} from {url}: {type(e).__name__}: {e} after {offset} "
+                                            f"of {blob.size} bytes ({failures} attempts)")
+            except (NotFoundError, RegistryUnavailable, Unauthorized, BadResponse) as e:
+                if consuming:
+                    raise
+                error = e
+            self._note_failure(blob.endpoint, error, blob.avoid)
+            ep = self._next_host(blob, candidates, tried)
+            if ep is None:
+                raise error
+            log.warning("%s: %s failed after %d of %d bytes (%s); going on from the next host",
+                        blob.what, blob.endpoint, offset, blob.size, error)
+            tried.append(ep)
+            self._move(blob, ep, blob.what)
+            failures, retried_registry = 0, False
         digests.check(hasher, blob.digest, f"{blob.what} from {blob.url}")
 
     async def _check_stream_start(self, blob: BlobLocation, response: httpx.Response, offset: int,
@@ -472,7 +622,7 @@ class RegistryClient:
     async def _referrers(self, ep: Endpoint, ref: Reference, subject: str,
                          artifact_type: str | None) -> list[Descriptor]:
         listed = None
-        if self.referrers_api.get(_endpoint_key(ep)) is not False:
+        if self.referrers_api.get(ep.key) is not False:
             listed = await self._referrers_from_api(ep, ref, subject, artifact_type)
         if listed is None:
             listed = await self._referrers_from_tag(ep, ref, subject)
@@ -485,7 +635,7 @@ class RegistryClient:
         url = ep.url(ref.path, "referrers", subject)
         if artifact_type is not None:
             url += ("&" if "?" in url else "?") + urlencode({"artifactType": artifact_type})
-        key = _endpoint_key(ep)
+        key = ep.key
         listed: list[Descriptor] = []
         for page in range(MAX_REFERRER_PAGES):
             req = Request("GET", url, ep, what, _scope(ref), {"Accept": OCI_INDEX})
@@ -552,7 +702,7 @@ class RegistryClient:
         """
         ref = repository(repo_ref)
         ep = self.endpoints(ref, Capability.PULL, Capability.RESOLVE)[0]
-        key = _endpoint_key(ep)
+        key = ep.key
         if key not in self.referrers_api:
             await self._referrers_from_api(ep, ref, refs.EMPTY_JSON_DIGEST, None)
         return self.referrers_api.get(key, False)
@@ -700,7 +850,7 @@ class RegistryClient:
 
         subject = await self.transport.call(req, consume)
         if subject:
-            self.referrers_api[_endpoint_key(ep)] = True
+            self.referrers_api[ep.key] = True
         return digest, subject
 
     async def push_referrer(self, repo_ref: Reference | str, raw: bytes, media_type: str) -> Descriptor:
@@ -734,7 +884,7 @@ class RegistryClient:
         digests.validate(new.digest)
         ep = self._pusher(ref)
         tag = refs.referrers_tag(subject_digest)
-        lock = self._tag_locks.setdefault((_endpoint_key(ep), ref.path, tag), trio.Lock())
+        lock = self._tag_locks.setdefault((ep.key, ref.path, tag), trio.Lock())
         async with lock:
             where = f"referrers tag {ref.name}:{tag}"
             try:
@@ -757,21 +907,55 @@ class RegistryClient:
 
     # ------------------------------------------------------------------ endpoints
 
-    async def _each(self, endpoints: list[Endpoint], what: str, attempt: Callable[[Endpoint], Awaitable[T]]) -> T:
-        """`attempt` on each endpoint in order until one succeeds; else the most telling error."""
+    async def _each(self, endpoints: list[Endpoint], what: str, attempt: Callable[[Endpoint], Awaitable[T]],
+                    failed: Callable[[Endpoint, RegistryError], None] | None = None) -> T:
+        """`attempt` on each endpoint in order until one succeeds (`failed` hears of each failure);
+        else the most telling error."""
         errors: list[tuple[Endpoint, RegistryError]] = []
         for i, ep in enumerate(endpoints):
             try:
                 return await attempt(ep)
             except (NotFoundError, RegistryUnavailable, Unauthorized, BadResponse) as e:
                 errors.append((ep, e))
+                if failed is not None:
+                    failed(ep, e)
                 if i + 1 < len(endpoints):
                     log.info("%s: %s failed (%s); trying %s", what, ep, e, endpoints[i + 1])
-        if len(errors) == 1:
-            raise errors[0][1]
-        telling = [e for _, e in errors if not isinstance(e, NotFoundError)]
-        cls = type(telling[-1]) if telling else NotFoundError
-        raise cls(f"{what}: every endpoint failed: " + "; ".join(f"{ep}: {e}" for ep, e in errors))
+        raise _summary(what, errors)
+
+
+def _summary(what: str, errors: list[tuple[Endpoint, RegistryError]]) -> RegistryError:
+    """One error for failures on several endpoints: the only one, or the last telling one's class with them all."""
+    if len(errors) == 1:
+        return errors[0][1]
+    telling = [e for _, e in errors if not isinstance(e, NotFoundError)]
+    cls = type(telling[-1]) if telling else NotFoundError
+    return cls(f"{what}: every endpoint failed: " + "; ".join(f"{ep}: {e}" for ep, e in errors))
+
+
+def _located(ep: Endpoint, ref: Reference, digest: str, url: str, size: int, final: str) -> BlobLocation:
+    if final != url:
+        log.debug("blob %s of %s: registry %s redirects to %s", digest, ref.name, ep, origin(final))
+    return BlobLocation(ref, digest, size, ep, url, final)
+
+
+async def _read_prefix(response: httpx.Response, reach: int, where: str) -> bytes:
+    """The first `reach` bytes of a body; the rest is left unread (closing the response drops the connection)."""
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in response.aiter_raw():
+        chunks.append(chunk)
+        total += len(chunk)
+        if total >= reach:
+            break
+    if total < reach:
+        raise BadResponse(f"{where}: whole-blob answer ended after {total} bytes")
+    return b"".join(chunks)[:reach]
+
+
+class _RangeIgnored(Exception):
+    """A 200 with the whole of a large blob to a range request: a pull-through cache that has not
+    stored the blob yet, or a server that ignores Range. Another host may serve the range."""
 
 
 class _StaleRedirect(Exception):
@@ -788,10 +972,6 @@ def _scope(ref: Reference) -> str:
 
 def _push_scope(ref: Reference) -> str:
     return f"repository:{ref.path}:pull,push"
-
-
-def _endpoint_key(ep: Endpoint) -> str:
-    return f"{ep.origin}{ep.path}"
 
 
 def _manifest_what(ref: Reference, obj: str) -> str:

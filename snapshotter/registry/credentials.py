@@ -8,6 +8,7 @@ users and outcomes only.
 from __future__ import annotations
 
 import base64
+import time
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -48,6 +49,23 @@ class Lookup:
 
     def explain(self) -> str:
         return "; ".join(self.tried) if self.tried else "no credential source is configured"
+
+
+class Renewals:
+    """When credentials or a token were last obtained for each registry and repository (wall clock),
+    so that `lazysnap status` can show how fresh a layer's access is. Written by the auth flow in
+    the event loop, read by the Status API's threads: single dict operations, no lock needed."""
+
+    def __init__(self) -> None:
+        self._at: dict[tuple[str, str], float] = {}
+
+    def note(self, host: str, repository: str = "") -> None:
+        self._at[(registry_key(host), repository)] = time.time()
+
+    def last(self, host: str, repository: str = "") -> float:
+        """Unix time of the last renewal for `repository` on `host` (else for the host alone); 0: never."""
+        key = registry_key(host)
+        return self._at.get((key, repository)) or self._at.get((key, ""), 0.0)
 
 
 def registry_key(key: str) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -66,6 +67,10 @@ class Endpoint:
     headers: tuple[tuple[str, str], ...] = ()
     namespace: str | None = None
     """The upstream host when this endpoint is a mirror of it: sent as `?ns=` like containerd."""
+    mirror: bool = False
+    """A `[host]` entry for another host than the registry's own: a pull-through cache or a P2P agent."""
+    dial_timeout: float | None = None
+    """Seconds to connect (hosts.toml `dial_timeout`, e.g. Spegel's); None: `Timeouts.connect`."""
 
     @property
     def origin(self) -> str:
@@ -78,6 +83,11 @@ class Endpoint:
 
     def can(self, capability: Capability) -> bool:
         return capability in self.capabilities
+
+    @property
+    def key(self) -> str:
+        """Names the endpoint in the client's memory of which hosts failed (origin + API path)."""
+        return f"{self.origin}{self.path}"
 
     def __str__(self) -> str:
         return f"{self.scheme}://{self.host}{self.path}"
@@ -171,11 +181,12 @@ def _load_dir(directory: Path, host: str, default: Endpoint) -> list[Endpoint] |
     for url, table in mirrors.items():
         if not isinstance(table, dict):
             raise HostsConfigError(f"{path}: [host.{url!r}] must be a table")
-        out.append(_parse_host(path, directory, url, table, host))
+        out.append(_parse_host(path, directory, url, table, host, mirror=True))
     server = doc.get("server")
     if server is None:
         where = f"{path}: top level"
-        out.append(replace(default, tls=_tls(where, directory, doc), headers=_headers(where, doc.get("header"))))
+        out.append(replace(default, tls=_tls(where, directory, doc), headers=_headers(where, doc.get("header")),
+                           dial_timeout=_duration(where, "dial_timeout", doc.get("dial_timeout"))))
     elif not isinstance(server, str) or not server:
         raise HostsConfigError(f"{path}: `server` must be a URL string")
     else:
@@ -183,10 +194,11 @@ def _load_dir(directory: Path, host: str, default: Endpoint) -> list[Endpoint] |
     return out
 
 
-_KNOWN_KEYS = {"capabilities", "ca", "client", "skip_verify", "header", "override_path"}
+_KNOWN_KEYS = {"capabilities", "ca", "client", "skip_verify", "header", "override_path", "dial_timeout"}
 
 
-def _parse_host(path: Path, directory: Path, url: str, table: Mapping[str, Any], upstream: str) -> Endpoint:
+def _parse_host(path: Path, directory: Path, url: str, table: Mapping[str, Any], upstream: str,
+                mirror: bool = False) -> Endpoint:
     where = f"{path}: host {url!r}"
     unknown = sorted(set(table) - _KNOWN_KEYS - {"server", "host"})
     if unknown:
@@ -207,7 +219,8 @@ def _parse_host(path: Path, directory: Path, url: str, table: Mapping[str, Any],
     netloc = parts.netloc
     namespace = None if _same_registry(netloc, upstream) else upstream
     return Endpoint(parts.scheme, netloc, api_path or "/", capabilities, tls, _headers(where, table.get("header")),
-                    namespace)
+                    namespace, mirror and namespace is not None,
+                    _duration(where, "dial_timeout", table.get("dial_timeout")))
 
 
 def _tls(where: str, directory: Path, table: Mapping[str, Any]) -> TLSSettings:
@@ -219,6 +232,20 @@ def _tls(where: str, directory: Path, table: Mapping[str, Any]) -> TLSSettings:
         ca=tuple(_abs(directory, p) for p in _strings(where, "ca", table.get("ca"))),
         client_certs=_client_pairs(where, directory, table.get("client")),
     )
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _duration(where: str, key: str, value: Any) -> float | None:
+    """Seconds of a Go duration string ("200ms", "1m30s"), as containerd reads `dial_timeout`."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or _DURATION_PART.sub("", value) != "":
+        raise HostsConfigError(f"{where}: {key} must be a duration such as \"500ms\" or \"2s\", got {value!r}")
+    seconds = sum(float(n) * _DURATION_UNITS[unit] for n, unit in _DURATION_PART.findall(value))
+    return seconds if seconds > 0 else None
 
 
 def _same_registry(netloc: str, upstream: str) -> bool:

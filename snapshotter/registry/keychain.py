@@ -2,16 +2,21 @@
 
 Sources are asked in this order, and the first with credentials wins:
 
-1. the Docker credential helper config.json names for the registry (`credHelpers`),
+1. the credentials the kubelet passed with the CRI PullImage of an image of this
+   repository (a pod's imagePullSecrets, `cri_credentials.py`), when lazysnap's CRI proxy
+   is on: they were chosen for this very image, as stargz and soci rank them;
+2. the Docker credential helper config.json names for the registry (`credHelpers`),
    else its default helper (`credsStore`): Docker's own precedence, in which a helper
    outranks a stale `auths` entry;
-2. the config.json `auths` entry for the registry;
-3. the kubelet's image credential provider plugins, when configured.
+3. the config.json `auths` entry for the registry;
+4. the kubelet's image credential provider plugins, when configured.
 
 config.json is re-read on every lookup, so an edited file applies at once; helpers and
 providers are cached by their modules and forgotten (`forget`) when the registry
-refuses what they gave. Every lookup also says what each source answered, so that a
-refusal can name all of them (never a secret).
+refuses what they gave; CRI pull credentials are not (only the kubelet's next pull can
+replace them). Every lookup also says what each source answered, so that a
+refusal can name all of them (never a secret). `renewals` records when credentials or a
+token were last obtained for each registry, for `lazysnap status`.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from typing import Any
 
 from .credential_helpers import CredentialHelpers
 from .credential_providers import CredentialProviders
-from .credentials import Credentials, Lookup, registry_key
+from .cri_credentials import CriCredentials
+from .credentials import Credentials, Lookup, Renewals, registry_key
 from .errors import CredentialConfigError
 from .options import RegistryOptions, default_docker_config
 
@@ -36,13 +42,15 @@ class Keychain:
     """Credentials per registry host (and repository, for the kubelet's providers)."""
 
     def __init__(self, path: Path | None = None, providers: CredentialProviders | None = None,
-                 helpers: CredentialHelpers | None = None) -> None:
+                 helpers: CredentialHelpers | None = None, cri: CriCredentials | None = None) -> None:
         self.path = path if path is not None else default_docker_config()
         self.providers = providers
         self.helpers = helpers if helpers is not None else CredentialHelpers()
+        self.cri = cri
+        self.renewals = Renewals()
 
     @classmethod
-    def for_options(cls, options: RegistryOptions) -> Keychain:
+    def for_options(cls, options: RegistryOptions, cri: CriCredentials | None = None) -> Keychain:
         """The keychain `options` describe; a broken provider config is an error here, at start."""
         providers = None
         if options.credential_provider_config is not None:
@@ -50,11 +58,17 @@ class Keychain:
                 raise CredentialConfigError(f"credential provider config {options.credential_provider_config} "
                                             f"is given without the directory of its plugins")
             providers = CredentialProviders(options.credential_provider_config, options.credential_provider_bin_dir)
-        return cls(options.docker_config, providers)
+        return cls(options.docker_config, providers, cri=cri)
 
     async def find(self, host: str, repository: str = "") -> Lookup:
         """Credentials for registry `host` (the image `host/repository`), or None: anonymous."""
         tried: list[str] = []
+        if self.cri is not None:
+            creds = self.cri.find(host, repository)
+            if creds is not None:
+                tried.append(f"CRI pull credentials: {creds.described()}")
+                return Lookup(creds, tuple(tried))
+            tried.append(f"CRI pull credentials: none for {image_name(host, repository)}")
         doc, problem = self._read()
         if doc is None:
             tried.append(f"{self.path}: {problem}")

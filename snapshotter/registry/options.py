@@ -73,3 +73,11 @@ class RegistryOptions:
     whole_body_limit: int = 8 * MiB
     """When a server ignores Range and sends the whole blob, accept it up to this size and slice."""
     stream_chunk_size: int = MiB
+    failover_budget: float = 10.0
+    """Seconds one blob read may spend on a host, retries included, when hosts.toml lists another host to
+    try next; the last host has all of `Timeouts.operation`. Keeps a hung mirror from eating a FUSE read's time."""
+    failed_host_seconds: float = 30.0
+    """How long blob reads pass over a host after it failed one (unreachable, 5xx, timeout), before trying it again."""
+    blob_avoid_seconds: float = 10.0
+    """How long one blob's reads pass over a host that could not serve its ranges: it answered a range with the
+    whole blob (a pull-through cache still fetching it), did not have it, or sent a broken answer."""

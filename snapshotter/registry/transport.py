@@ -92,14 +92,18 @@ class Transport:
 
     # ------------------------------------------------------------------ calls
 
-    async def call(self, req: Request, consume: Callable[[httpx.Response], Awaitable[T]]) -> T:
+    async def call(self, req: Request, consume: Callable[[httpx.Response], Awaitable[T]],
+                   within: float | None = None) -> T:
         """Send `req` and return `consume(response)`, retrying transient failures.
 
         `consume` reads the body; a connection lost while it reads is retried
         like any other transient failure, so it must be safe to run again.
+        `within` (seconds, retries included) shortens `Timeouts.operation`, for a
+        caller that has another host to go to.
         """
         start = trio.current_time()
-        deadline = start + self.options.timeouts.operation
+        operation = self.options.timeouts.operation
+        deadline = start + (operation if within is None else min(within, operation))
         failures: list[str] = []
         for attempt in range(self.options.retries + 1):
             budget = min(self.options.timeouts.request, deadline - trio.current_time())
@@ -188,7 +192,8 @@ class Transport:
                 if sent_auth is not None:
                     headers["Authorization"] = sent_auth
             client = self._client(endpoint.tls if same_origin else TLSSettings())
-            request = client.build_request(req.method, url, headers=headers, content=req.body)
+            request = client.build_request(req.method, url, headers=headers, content=req.body,
+                                           timeout=self._timeout(endpoint if same_origin else None))
             challenge: list[str] | None = None
             forbidden = False
             location: str | None = None
@@ -246,17 +251,22 @@ class Transport:
     def _client(self, tls: TLSSettings) -> httpx.AsyncClient:
         client = self._clients.get(tls)
         if client is None:
-            t = self.options.timeouts
             per_host = self.options.max_connections_per_host
             client = httpx.AsyncClient(
                 http1=True, http2=False, verify=_ssl_context(tls),
-                timeout=httpx.Timeout(connect=t.connect, read=t.read, write=t.read, pool=t.request),
+                timeout=self._timeout(None),
                 limits=httpx.Limits(max_connections=None, max_keepalive_connections=4 * per_host,
                                     keepalive_expiry=30.0),
                 follow_redirects=False,
             )
             self._clients[tls] = client
         return client
+
+    def _timeout(self, endpoint: Endpoint | None) -> httpx.Timeout:
+        """Our timeouts, with the endpoint's own `dial_timeout` (hosts.toml) for connecting when it has one."""
+        t = self.options.timeouts
+        connect = endpoint.dial_timeout if endpoint is not None and endpoint.dial_timeout else t.connect
+        return httpx.Timeout(connect=connect, read=t.read, write=t.read, pool=t.request)
 
     def _slot(self, url: str) -> trio.Semaphore:
         key = origin(url)

@@ -15,6 +15,9 @@ What containerd 1.6 and ctr put outside the configured dirs, and how we handle i
   `/run/containerd/s` directory itself stays).
 - the `opt` plugin (`/opt/containerd`) and, with CRI, the CNI dirs are pointed
   into the temp dir by the generated config.
+- CRI pod sandboxes ask runc for oom_score_adj -998, which needs CAP_SYS_RESOURCE (runc
+  fails with "can't get final child's PID from pipe" without it, as in some CI
+  containers): `restrict_oom_score_adj` keeps it no lower than containerd's own.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ disabled_plugins = [{disabled}]
 CRI_TEMPLATE = """
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "{sandbox_image}"
+  restrict_oom_score_adj = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "{snapshotter}"
     disable_snapshot_annotations = false

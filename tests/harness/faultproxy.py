@@ -10,6 +10,8 @@ time:
         proxy.redirect_blobs = True             # blob GET/HEAD answer 307 to /_redirected/<gen>/...
         proxy.require_bearer(users={"u": "p"})  # token auth with its own /token endpoint
         proxy.serve_referrers()                 # a referrers API (distribution 2.8 has none)
+        proxy.hostile(LONG_BODY, match=digest)  # ranged blob answers of that blob get extra bytes
+        proxy.calm()                            # every hostile answer switched off
 
 Bodies are streamed through in chunks, so large blobs cost the proxy no memory.
 `Location` headers naming the registry are rewritten to name the proxy, so upload
@@ -28,6 +30,7 @@ import json
 import secrets
 import socket
 import ssl
+import struct
 import sys
 import threading
 import time
@@ -36,10 +39,39 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 CHUNK = 64 * 1024
 REDIRECT_PREFIX = "/_redirected/"
+LOOP_PREFIX = "/_loop"
+
+# Hostile answers (`FaultProxy.hostile`): registries that answer a request with something else
+# than what was asked. All but REDIRECT_LOOP act on 206 answers to GETs with a Range header.
+LONG_BODY = "long_body"
+"""A 206 whose body is `extra` bytes longer than its Content-Range (Content-Length counts them)."""
+TRAILING_BYTES = "trailing_bytes"
+"""A 206 whose Content-Length agrees with its Content-Range, followed by `extra` bytes more on the
+connection (they are where the next answer on it should start)."""
+SHORT_BODY = "short_body_counted"
+"""A 206 with half the bytes its Content-Range names, and a Content-Length that agrees with the body."""
+TRUNCATED = "truncated"
+"""A 206 whose Content-Length agrees with its Content-Range, cut after half the body: connection closed."""
+WRONG_RANGE = "wrong_range"
+"""A 206 for another range than asked (the next one of the same length, or the previous one at the
+blob's end), with that range's bytes and a Content-Range that names it truthfully."""
+WRONG_BOUNDARY = "wrong_boundary"
+"""A multipart/byteranges 206 whose body is delimited by another boundary than its Content-Type
+names (a single-range answer is turned into a one-part multipart body). `variant="prefix"`: the
+body's boundary starts with the Content-Type's, as a careless `find` would accept."""
+REDIRECT_LOOP = "redirect_loop"
+"""GET and HEAD answer 307: to the same URL (`variant="self"`), or back and forth between the path and
+/_loop<path> (`variant="pair"`)."""
+SLOW_DRIP = "slow_drip"
+"""Headers at once, then the body `drip_bytes` at a time every `drip_interval` seconds: never silent
+long enough for a read timeout, far too slow to finish. `whole=True` drips 200 answers too."""
+HOSTILE_KINDS = (LONG_BODY, TRAILING_BYTES, SHORT_BODY, TRUNCATED, WRONG_RANGE, WRONG_BOUNDARY, REDIRECT_LOOP,
+                 SLOW_DRIP)
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
                "proxy-authorization", "proxy-authenticate", "host"}
 
@@ -63,6 +95,21 @@ class _Failure:
     match: str
     retry_after: str | None
     method: str | None = None
+
+
+@dataclass
+class _Hostile:
+    kind: str
+    match: str
+    times: int | None
+    """Answers left to spoil; None: until switched off."""
+    extra: int = 4096
+    variant: str = ""
+    drip_bytes: int = 512
+    drip_interval: float = 0.25
+    whole: bool = False
+    range: str | None = None
+    """Spoil only requests with exactly this Range header."""
 
 
 @dataclass
@@ -109,6 +156,9 @@ class FaultProxy:
         """Replace every `Docker-Content-Digest` the registry sends with the digest of something else."""
         self.referrers: dict[str, list[dict[str, object]]] | None = None
         """Subject digest -> referrers list, when the proxy serves the referrers API (`serve_referrers`)."""
+        self.hostile_answers: Counter[str] = Counter()
+        """Hostile kind -> answers spoilt so far (`hostile`)."""
+        self._hostile: list[_Hostile] = []
         self.requests: Counter[str] = Counter()
         """"METHOD path" -> number of requests."""
         self.bytes_sent: Counter[str] = Counter()
@@ -159,6 +209,13 @@ class FaultProxy:
         if self._thread is not None:
             self._thread.join(timeout=5)
 
+    def die(self) -> None:
+        """Stop, and reset every open connection too (`stop` lets keep-alive connections go on):
+        a server that crashed."""
+        self.stop()
+        if self._server is not None:
+            self._server.reset_connections()
+
     def __enter__(self) -> FaultProxy:
         return self.start()
 
@@ -177,6 +234,26 @@ class FaultProxy:
         """Close the connection halfway through the body of the next `times` matching answers."""
         with self._lock:
             self._drops.append(_Failure(0, times, match, None))
+
+    def hostile(self, kind: str, match: str = "/blobs/", times: int | None = None, *, extra: int = 4096,
+                variant: str = "", drip_bytes: int = 512, drip_interval: float = 0.25, whole: bool = False,
+                range: str | None = None) -> None:
+        """Spoil answers to requests whose path contains `match` (and, if `range` is given, whose Range
+        header is exactly that) the `kind` way (one of HOSTILE_KINDS): the next `times` such answers, or
+        every one until `calm`. Answers the kind does not apply to (not a 206, no Range asked) pass
+        untouched and do not count."""
+        if kind not in HOSTILE_KINDS:
+            raise ValueError(f"unknown hostile answer {kind!r}; one of {', '.join(HOSTILE_KINDS)}")
+        if kind == REDIRECT_LOOP and variant not in ("", "self", "pair"):
+            raise ValueError(f"redirect loop variant {variant!r}: 'self' or 'pair'")
+        with self._lock:
+            self._hostile.append(_Hostile(kind, match, times, extra, variant, drip_bytes, drip_interval, whole,
+                                          range))
+
+    def calm(self, kind: str | None = None) -> None:
+        """Switch off the hostile answers of `kind` (None: all). Answers already dripping go on dripping."""
+        with self._lock:
+            self._hostile = [h for h in self._hostile if kind is not None and h.kind != kind]
 
     def expire_redirects(self) -> None:
         """Make every redirect target handed out so far answer 403, as an expired S3 URL does."""
@@ -263,6 +340,37 @@ class FaultProxy:
                     return f
         return None
 
+    def _take_hostile(self, path: str, method: str, range_header: str | None) -> _Hostile | None:
+        """The first hostile answer switched on for this request, its count taken (`_spared` gives it back)."""
+        ranged = bool(range_header)
+        with self._lock:
+            for h in self._hostile:
+                if h.match not in path or (h.times is not None and h.times <= 0):
+                    continue
+                if h.range is not None and h.range != range_header:
+                    continue
+                if h.kind == REDIRECT_LOOP:
+                    applies = method in ("GET", "HEAD")
+                elif h.kind == SLOW_DRIP:
+                    applies = method == "GET" and (ranged or h.whole)
+                else:
+                    applies = method == "GET" and ranged
+                if applies:
+                    if h.times is not None:
+                        h.times -= 1
+                    return h
+        return None
+
+    def _spoilt(self, h: _Hostile) -> None:
+        with self._lock:
+            self.hostile_answers[h.kind] += 1
+
+    def _spared(self, h: _Hostile) -> None:
+        """`h` turned out not to apply to the answer: it does not count."""
+        with self._lock:
+            if h.times is not None:
+                h.times += 1
+
     def _record(self, hit: Hit, body_bytes: int) -> None:
         with self._lock:
             self.requests[f"{hit.method} {hit.path}"] += 1
@@ -273,6 +381,31 @@ class FaultProxy:
 
 
 class _Server(ThreadingHTTPServer):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._connections: set[socket.socket] = set()
+        self._connections_lock = threading.Lock()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._connections_lock:
+            self._connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._connections_lock:
+            self._connections.discard(request)
+        super().shutdown_request(request)
+
+    def reset_connections(self) -> None:
+        with self._connections_lock:
+            connections = list(self._connections)
+        for conn in connections:
+            try:
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
     def handle_error(self, request: object, client_address: object) -> None:
         """Clients hanging up (as tests make them) is not worth a traceback."""
         if not isinstance(sys.exc_info()[1], OSError):
@@ -330,15 +463,23 @@ class _Handler(BaseHTTPRequestHandler):
                     status, sent = self._send_simple(403, b"redirect URL expired\n")
                     return
                 path = "/" + rest
-            elif path.startswith("/v2/") and p._auth is not None and not self._authorized(path):
-                status, sent = self._challenge(path)
-                return
+            else:
+                if path.startswith(LOOP_PREFIX + "/v2/"):
+                    path = path[len(LOOP_PREFIX):]
+                if path.startswith("/v2/") and p._auth is not None and not self._authorized(path):
+                    status, sent = self._challenge(path)
+                    return
             if p.delay and p.delay_match in path and p._stopping.wait(p.delay):
                 return
             failure = p._take(p._failures, path, self.command)
             if failure is not None:
                 headers = {"Retry-After": failure.retry_after} if failure.retry_after else {}
                 status, sent = self._send_simple(failure.status, b'{"errors":[{"code":"INJECTED"}]}', headers)
+                return
+            hostile = p._take_hostile(path, self.command, self.headers.get("Range")) \
+                if p._hostile else None
+            if hostile is not None:
+                status, sent = self._hostile_answer(hostile, path, query)
                 return
             is_blob = "/blobs/" in path
             if is_blob and p.redirect_blobs and self.command in ("GET", "HEAD") \
@@ -576,6 +717,149 @@ class _Handler(BaseHTTPRequestHandler):
         return status, sent
 
 
+    # ------------------------------------------------------------------ hostile answers
+
+    def _hostile_answer(self, h: _Hostile, path: str, query: str) -> tuple[int, int]:
+        """Answer this request the way `h` says, from what the registry answers it."""
+        p = self.proxy
+        if h.kind == REDIRECT_LOOP:
+            p._spoilt(h)
+            if h.variant == "pair":
+                target = path if self.path.startswith(LOOP_PREFIX + "/") else LOOP_PREFIX + path
+                target += f"?{query}" if query else ""
+            else:
+                target = self.path
+            return self._send_simple(307, b"", {"Location": target})
+        asked = self.headers.get("Range")
+        if h.kind == WRONG_RANGE:
+            span = _single_range(asked)
+            if span is None:  # open-ended or multi-range: not this fault's
+                p._spared(h)
+                return self._forward(path, query, None, asked)
+            first, last = span
+            length = last - first + 1
+            status, headers, body = self._upstream(path, query, f"bytes={first + length}-{last + length}")
+            if status == 416:
+                earlier = max(0, first - length)
+                status, headers, body = self._upstream(path, query, f"bytes={earlier}-{earlier + length - 1}")
+            if status != 206 or _content_range_start(headers) == first:  # no other range to send
+                p._spared(h)
+                return self._forward(path, query, None, asked)
+            p._spoilt(h)
+            return self._send_body(status, headers, body)
+        if h.kind == SLOW_DRIP:
+            return self._drip(h, path, query, asked)
+        status, headers, body = self._upstream(path, query, asked)
+        if status != 206 or not body:
+            p._spared(h)
+            return self._send_body(status, headers, body)
+        p._spoilt(h)
+        filler = bytes((0xA5 ^ (i & 0xFF)) for i in range(h.extra))
+        if h.kind == LONG_BODY:
+            return self._send_body(status, headers, body + filler)
+        if h.kind == SHORT_BODY:
+            return self._send_body(status, headers, body[:len(body) // 2])
+        if h.kind == TRAILING_BYTES:
+            return self._send_body(status, headers, body, after=filler)
+        if h.kind == TRUNCATED:
+            return self._send_body(status, headers, body, cut_at=len(body) // 2)
+        assert h.kind == WRONG_BOUNDARY
+        content_type = _header(headers, "content-type") or ""
+        real = _boundary_of(content_type)
+        if real is not None:   # a multipart answer already: its Content-Type names another boundary
+            wrong = real[:-4] if h.variant == "prefix" and len(real) > 4 else "not-" + real
+            headers = [(k, v.replace(real, wrong) if k.lower() == "content-type" else v) for k, v in headers]
+            return self._send_body(status, headers, body)
+        named = "lazysnap0hostile0boundary"
+        used = named + "Z9x" if h.variant == "prefix" else "another0boundary0entirely"
+        part_range = _header(headers, "content-range") or ""
+        wrapped = (f"--{used}\r\nContent-Type: {content_type or 'application/octet-stream'}\r\n"
+                   f"Content-Range: {part_range}\r\n\r\n").encode() + body + f"\r\n--{used}--\r\n".encode()
+        headers = [(k, v) for k, v in headers if k.lower() not in ("content-type", "content-range")]
+        headers.append(("Content-Type", f"multipart/byteranges; boundary={named}"))
+        return self._send_body(status, headers, wrapped)
+
+    def _upstream(self, path: str, query: str, range_header: str | None
+                  ) -> tuple[int, list[tuple[str, str]], bytes]:
+        """The registry's whole answer to this GET with `range_header` (status, headers but framing, body)."""
+        conn = http.client.HTTPConnection(self.proxy.upstream, timeout=60)
+        try:
+            headers = {k: v for k, v in self.headers.items()
+                       if k.lower() not in _HOP_BY_HOP and k.lower() not in ("authorization", "range")}
+            if range_header:
+                headers["Range"] = range_header
+            conn.request(self.command, path + (f"?{query}" if query else ""), headers=headers)
+            upstream = conn.getresponse()
+            try:
+                body = upstream.read()
+            except http.client.IncompleteRead as e:  # distribution's 416 announces the blob's length
+                body = e.partial
+            out = [(k, v) for k, v in upstream.getheaders()
+                   if k.lower() not in _HOP_BY_HOP and k.lower() != "content-length"]
+            return upstream.status, out, body
+        finally:
+            conn.close()
+
+    def _send_body(self, status: int, headers: list[tuple[str, str]], body: bytes, *, after: bytes = b"",
+                   cut_at: int | None = None) -> tuple[int, int]:
+        """`body` with a Content-Length that counts it; then `after` (bytes no framing counts), or
+        only `cut_at` bytes of it and the connection closed."""
+        self.send_response(status)
+        for name, value in headers:
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        out = body + after if cut_at is None else body[:cut_at]
+        self.wfile.write(out)
+        self.wfile.flush()
+        if cut_at is not None:
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_RDWR)
+        return status, len(out)
+
+    def _drip(self, h: _Hostile, path: str, query: str, range_header: str | None) -> tuple[int, int]:
+        """The registry's answer, its body trickled `drip_bytes` every `drip_interval` seconds
+        (until the client hangs up or the proxy stops)."""
+        p = self.proxy
+        conn = http.client.HTTPConnection(p.upstream, timeout=60)
+        try:
+            headers = {k: v for k, v in self.headers.items()
+                       if k.lower() not in _HOP_BY_HOP and k.lower() not in ("authorization", "range")}
+            if range_header:
+                headers["Range"] = range_header
+            conn.request("GET", path + (f"?{query}" if query else ""), headers=headers)
+            upstream = conn.getresponse()
+            if upstream.status not in (200, 206) or upstream.getheader("Content-Length") is None:
+                p._spared(h)
+                try:
+                    body = upstream.read()
+                except http.client.IncompleteRead as e:
+                    body = e.partial
+                return self._send_body(upstream.status, [(k, v) for k, v in upstream.getheaders()
+                                                         if k.lower() not in _HOP_BY_HOP
+                                                         and k.lower() != "content-length"], body)
+            p._spoilt(h)
+            self.send_response(upstream.status)
+            for name, value in upstream.getheaders():
+                if name.lower() not in _HOP_BY_HOP:
+                    self.send_header(name, value)
+            self.end_headers()
+            self.wfile.flush()
+            sent = 0
+            for chunk in _chunks(upstream):
+                for i in range(0, len(chunk), h.drip_bytes):
+                    if p._stopping.wait(h.drip_interval):
+                        self.close_connection = True
+                        return upstream.status, sent
+                    self.wfile.write(chunk[i:i + h.drip_bytes])
+                    self.wfile.flush()
+                    sent += len(chunk[i:i + h.drip_bytes])
+            return upstream.status, sent
+        finally:
+            conn.close()
+
+
 def _chunks(response: http.client.HTTPResponse) -> Iterator[bytes]:
     while True:
         chunk = response.read(CHUNK)
@@ -607,3 +891,34 @@ def _basic_user(encoded: str, users: dict[str, str]) -> str | None:
     except ValueError:
         return None
     return user if users.get(user) == password else None
+
+
+def _single_range(value: str | None) -> tuple[int, int] | None:
+    """(first, last) of a `Range: bytes=first-last` header asking for one closed range; else None."""
+    unit, _, spec = (value or "").partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    first, _, last = spec.strip().partition("-")
+    if not first.isdigit() or not last.isdigit() or int(last) < int(first):
+        return None
+    return int(first), int(last)
+
+
+def _header(headers: list[tuple[str, str]], name: str) -> str | None:
+    return next((v for k, v in headers if k.lower() == name), None)
+
+
+def _content_range_start(headers: list[tuple[str, str]]) -> int | None:
+    value = _header(headers, "content-range") or ""
+    first = value.partition(" ")[2].partition("-")[0]
+    return int(first) if first.isdigit() else None
+
+
+def _boundary_of(content_type: str) -> str | None:
+    if not content_type.lower().startswith("multipart/"):
+        return None
+    for param in content_type.split(";")[1:]:
+        name, _, value = param.strip().partition("=")
+        if name.lower() == "boundary":
+            return value.strip('"')
+    return None

@@ -84,6 +84,13 @@ http:
 """
 
 
+PROXY = """\
+proxy:
+  remoteurl: {remoteurl}
+"""
+"""A pull-through cache of `remoteurl` (distribution's proxy mode; it refuses pushes)."""
+
+
 HTPASSWD_AUTH = """\
 auth:
   htpasswd:
@@ -95,11 +102,14 @@ auth:
 @dataclass
 class Registry:
     """`docker-registry serve` with filesystem storage in a temp dir, plain HTTP; no auth, or
-    with `users`, basic auth from an htpasswd file (bcrypt, made with apache2-utils' htpasswd)."""
+    with `users`, basic auth from an htpasswd file (bcrypt, made with apache2-utils' htpasswd);
+    with `remoteurl`, a pull-through cache of another registry."""
 
     workdir: Path | None = None
     port: int = 0
     users: dict[str, str] = field(default_factory=dict)
+    remoteurl: str | None = None
+    """When set, this registry is a pull-through cache of that registry (`proxy: remoteurl:`)."""
     proc: ManagedProcess | None = field(default=None, init=False)
     _own_workdir: bool = field(default=False, init=False)
 
@@ -127,6 +137,8 @@ class Registry:
         storage.mkdir(parents=True, exist_ok=True)
         config = self.workdir / "config.yml"
         text = CONFIG_TEMPLATE.format(storage=storage, port=self.port)
+        if self.remoteurl:
+            text += PROXY.format(remoteurl=self.remoteurl)
         if self.users:
             text += HTPASSWD_AUTH.format(path=self._htpasswd())
         config.write_text(text)

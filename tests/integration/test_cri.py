@@ -12,7 +12,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.cri import load
+from snapshotter.api.cri.runtime.v1 import api_pb2 as pb
+from snapshotter.api.cri.runtime.v1 import api_pb2_grpc as pb_grpc
 from tests.harness.containerd import Containerd
 from tests.harness.estargz import build_estargz
 from tests.harness.images import HELLO_OUTPUT, OCILayout, push, sample_layers
@@ -51,7 +52,6 @@ def cri_containerd(lazysnap: Lazysnap, workdir: Path) -> Iterator[Containerd]:
 def test_cri_pull_is_lazy_and_the_image_runs(cri_containerd: Containerd, lazysnap: Lazysnap,
                                              esgz_image: tuple[str, set[str]]) -> None:
     esgz_ref, layer_digests = esgz_image
-    pb, pb_grpc = load()
     with grpc.insecure_channel(f"unix:{cri_containerd.address}") as channel:
         images = pb_grpc.ImageServiceStub(channel)
         reply = images.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=esgz_ref)), timeout=120)

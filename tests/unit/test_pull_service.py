@@ -21,7 +21,15 @@ from snapshotter import cli
 from snapshotter.api.lazysnap.v1 import pull_pb2, pull_pb2_grpc
 from snapshotter.containerd.pull import PullError, Puller
 from snapshotter.errors import NotFound
-from snapshotter.pull_records import LayerOutcome, PullEvent, PullOrder, PullReport
+from snapshotter.pull_records import (
+    LayerOutcome,
+    PrefetchEvent,
+    PullEvent,
+    PullOrder,
+    PullReport,
+    WarmedLayer,
+    WarmReport,
+)
 from snapshotter.registry.options import RegistryOptions
 from snapshotter.service import ImagesService
 from snapshotter.status import StatusClient
@@ -37,6 +45,7 @@ class ScriptedPuller:
     def __init__(self, events: list[PullEvent], hold: threading.Event | None = None) -> None:
         self.events, self.hold = events, hold
         self.orders: list[PullOrder] = []
+        self.waits: list[bool] = []
         self.cancelled = threading.Event()
 
     def start(self, order: PullOrder, emit: Callable[[PullEvent], None]) -> Callable[[], None]:
@@ -51,6 +60,11 @@ class ScriptedPuller:
 
         threading.Thread(target=run, daemon=True).start()
         return self.cancelled.set
+
+    def start_prefetch(self, order: PullOrder, wait: bool, emit: Callable[[PrefetchEvent], None]
+                       ) -> Callable[[], None]:
+        self.waits.append(wait)
+        return self.start(order, emit)  # type: ignore[arg-type]
 
 
 @contextmanager
@@ -159,3 +173,97 @@ async def test_puller_cancel_ends_the_pull_with_an_error(tmp_path: Path) -> None
                 await trio.sleep(0.01)
     assert len(events) == 1 and isinstance(events[0], PullError)
     assert str(events[0]) == "the pull of reg.test/app:1 was cancelled"
+
+
+# ---------------------------------------------------------------- `lazysnap prefetch`
+
+WARMED = WarmReport("reg.test/app:1", "sha256:" + "a" * 64,
+                    (WarmedLayer("sha256:" + "b" * 64, 1 << 20, 1 << 20, 3 << 18, "complete"),
+                     WarmedLayer("sha256:" + "c" * 64, 0, 0, 0, "pulled whole")), 2.5, ("start profile",), "", True)
+
+
+def test_prefetch_streams_the_pull_then_the_warming(tmp_path: Path) -> None:
+    events: list[PrefetchEvent] = ["resolving", REPORT, "warming reg.test/app:1: ...", WARMED]
+    puller = ScriptedPuller(events)  # type: ignore[arg-type]
+    with images_server(tmp_path, puller) as address:
+        client = StatusClient(address)
+        try:
+            got = list(client.prefetch(pull_pb2.PrefetchRequest(pull=request(plain_http=True), wait=True)))
+        finally:
+            client.close()
+    assert got == events
+    assert puller.waits == [True] and puller.orders[0].registry.plain_http
+
+
+def test_prefetch_prints_the_pull_and_the_warming_tables(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    puller = ScriptedPuller([REPORT, "  layer 1/2 sha256:bbbbbbbbbbbb: 1.0 MiB of 1.0 MiB (100 %)", WARMED])
+    with images_server(tmp_path, puller) as address:
+        with pytest.raises(SystemExit) as done:
+            cli.main(["prefetch", "reg.test/app:1", "--wait", "--address", str(address)])
+    out = capsys.readouterr().out.splitlines()
+    assert done.value.code == 0 and puller.waits == [True]
+    table = out.index("LAYER                SIZE     CACHED  FETCHED    STATE")
+    assert out[table + 1].split() == ["sha256:bbbbbbbbbbbb", "1.0", "MiB", "100", "%", "768.0", "KiB", "complete"]
+    assert out[table + 2].split() == ["sha256:cccccccccccc", "-", "-", "-", "pulled", "whole"]
+    assert out[-1] == ("reg.test/app:1: 1.0 MiB of 1.0 MiB in the cache (100 %), 768.0 KiB fetched, "
+                       "start profile first, in 2.50 s")
+
+
+def test_prefetch_without_wait_says_the_daemon_warms_on(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    started = WarmReport(WARMED.image, WARMED.manifest_digest,
+                         (WarmedLayer("sha256:" + "b" * 64, 4 << 20, 1 << 20, 0, "warming"),), 0.1)
+    with images_server(tmp_path, ScriptedPuller([REPORT, started])) as address:
+        with pytest.raises(SystemExit) as done:
+            cli.main(["prefetch", "reg.test/app:1", "--address", str(address)])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.splitlines()[-1] == \
+        "reg.test/app:1: warming 3.0 MiB more in the daemon; `lazysnap status` shows how far"
+
+
+def test_a_failed_layer_makes_prefetch_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    failed = WarmReport(WARMED.image, WARMED.manifest_digest,
+                        (WarmedLayer("sha256:" + "b" * 64, 4 << 20, 1 << 20, 0, "failed: RegistryUnavailable: 503"),),
+                        1.0, finished=True)
+    with images_server(tmp_path, ScriptedPuller([REPORT, failed])) as address:
+        with pytest.raises(SystemExit) as done:
+            cli.main(["prefetch", "reg.test/app:1", "--wait", "--address", str(address)])
+    assert done.value.code == 1
+    assert "failed: RegistryUnavailable: 503" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("after_pull,said", [
+    (False, "lazysnap: interrupted; the daemon stops the pull\n"),
+    (True, "lazysnap: interrupted; the daemon keeps warming reg.test/app:1 (`lazysnap status` shows how far)\n"),
+])
+def test_ctrl_c_in_prefetch_is_one_line_and_exit_130(after_pull: bool, said: str, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from snapshotter import status
+
+    def interrupted(self, request):  # type: ignore[no-untyped-def]
+        yield "resolving"
+        if after_pull:
+            yield REPORT
+            yield "warming reg.test/app:1: ..."
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(status.StatusClient, "prefetch", interrupted)
+    with pytest.raises(SystemExit) as done:
+        cli.main(["prefetch", "reg.test/app:1", "--wait", "--address", str(tmp_path / "absent.sock")])
+    captured = capsys.readouterr()
+    assert done.value.code == 130
+    assert captured.err == said
+    assert "Traceback" not in captured.out + captured.err
+
+
+async def test_prefetch_needs_lazy_layers(tmp_path: Path) -> None:
+    events: list[PrefetchEvent] = []
+    order = PullOrder("reg.test/app:1", "default", str(tmp_path / "absent.sock"), "lazysnap", RegistryOptions())
+    async with trio.open_nursery() as nursery:
+        puller = Puller(nursery, None, None)
+        await trio.to_thread.run_sync(puller.start_prefetch, order, True, events.append)
+        with trio.fail_after(3):
+            while not events:
+                await trio.sleep(0.01)
+    assert len(events) == 1 and isinstance(events[0], PullError)
+    assert "lazy = false" in str(events[0])

@@ -76,6 +76,7 @@ capabilities = ["pull", "resolve"]
     assert upstream.capabilities == {Capability.PULL, Capability.RESOLVE}
     assert aa.headers == (("X-Single", "one"), ("X-Many", "a"), ("X-Many", "b"))
     assert [e.namespace for e in endpoints] == ["docker.io", "docker.io", "docker.io", None]
+    assert [e.mirror for e in endpoints] == [True, True, True, False], "mirrors are read without HEAD"
     assert aa.url("library/busybox", "manifests", "latest") == \
         "http://aa-mirror.example:5000/cache/v2/library/busybox/manifests/latest?ns=docker.io"
     assert mm.url("x/y", "blobs", "d") == "https://mm-mirror.example/custom/api/x/y/blobs/d?ns=docker.io"
@@ -161,3 +162,19 @@ def test_unknown_keys_are_ignored_with_a_warning(tmp_path: Path, caplog: pytest.
     endpoints = HostsConfig(tmp_path).endpoints("reg.example")
     assert endpoints[0].tls.skip_verify is False
     assert "skipverify" in caplog.text
+
+
+def test_dial_timeout_is_a_go_duration(tmp_path: Path) -> None:
+    """Spegel writes `dial_timeout` for its mirrors, so a dead node is given up on quickly."""
+    directory = tmp_path / "ghcr.io"
+    directory.mkdir()
+    (directory / "hosts.toml").write_text(
+        "server = 'https://ghcr.io'\n"
+        "[host.'http://10.0.0.5:30020']\ncapabilities = ['pull', 'resolve']\ndial_timeout = '200ms'\n"
+        "[host.'http://10.0.0.5:30021']\ncapabilities = ['pull']\ndial_timeout = '1m1.5s'\n")
+    spegel, other, upstream = HostsConfig(tmp_path).endpoints("ghcr.io")
+    assert (spegel.dial_timeout, other.dial_timeout, upstream.dial_timeout) == (0.2, 61.5, None)
+    assert spegel.mirror and not upstream.mirror
+    (directory / "hosts.toml").write_text("[host.'http://10.0.0.5:30020']\ndial_timeout = 'soon'\n")
+    with pytest.raises(HostsConfigError, match="dial_timeout must be a duration"):
+        HostsConfig(tmp_path).endpoints("ghcr.io")

@@ -57,3 +57,53 @@ class PullEvent(_message.Message):
     progress: str
     report: PullReport
     def __init__(self, progress: _Optional[str] = ..., report: _Optional[_Union[PullReport, _Mapping]] = ...) -> None: ...
+
+class PrefetchRequest(_message.Message):
+    __slots__ = ("pull", "wait")
+    PULL_FIELD_NUMBER: _ClassVar[int]
+    WAIT_FIELD_NUMBER: _ClassVar[int]
+    pull: PullRequest
+    wait: bool
+    def __init__(self, pull: _Optional[_Union[PullRequest, _Mapping]] = ..., wait: _Optional[bool] = ...) -> None: ...
+
+class WarmedLayer(_message.Message):
+    __slots__ = ("digest", "content_bytes", "complete_bytes", "fetched_bytes", "state")
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FETCHED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    digest: str
+    content_bytes: int
+    complete_bytes: int
+    fetched_bytes: int
+    state: str
+    def __init__(self, digest: _Optional[str] = ..., content_bytes: _Optional[int] = ..., complete_bytes: _Optional[int] = ..., fetched_bytes: _Optional[int] = ..., state: _Optional[str] = ...) -> None: ...
+
+class WarmReport(_message.Message):
+    __slots__ = ("image", "manifest_digest", "layers", "seconds", "sources", "note", "finished")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    image: str
+    manifest_digest: str
+    layers: _containers.RepeatedCompositeFieldContainer[WarmedLayer]
+    seconds: float
+    sources: _containers.RepeatedScalarFieldContainer[str]
+    note: str
+    finished: bool
+    def __init__(self, image: _Optional[str] = ..., manifest_digest: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[WarmedLayer, _Mapping]]] = ..., seconds: _Optional[float] = ..., sources: _Optional[_Iterable[str]] = ..., note: _Optional[str] = ..., finished: _Optional[bool] = ...) -> None: ...
+
+class PrefetchEvent(_message.Message):
+    __slots__ = ("progress", "pulled", "report")
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    PULLED_FIELD_NUMBER: _ClassVar[int]
+    REPORT_FIELD_NUMBER: _ClassVar[int]
+    progress: str
+    pulled: PullReport
+    report: WarmReport
+    def __init__(self, progress: _Optional[str] = ..., pulled: _Optional[_Union[PullReport, _Mapping]] = ..., report: _Optional[_Union[WarmReport, _Mapping]] = ...) -> None: ...

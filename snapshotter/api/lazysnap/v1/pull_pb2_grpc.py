@@ -39,6 +39,11 @@ class ImagesStub:
                 request_serializer=lazysnap_dot_v1_dot_pull__pb2.PullRequest.SerializeToString,
                 response_deserializer=lazysnap_dot_v1_dot_pull__pb2.PullEvent.FromString,
                 _registered_method=True)
+        self.Prefetch = channel.unary_stream(
+                '/lazysnap.v1.Images/Prefetch',
+                request_serializer=lazysnap_dot_v1_dot_pull__pb2.PrefetchRequest.SerializeToString,
+                response_deserializer=lazysnap_dot_v1_dot_pull__pb2.PrefetchEvent.FromString,
+                _registered_method=True)
 
 
 class ImagesServicer:
@@ -51,6 +56,20 @@ class ImagesServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Prefetch(self, request, context):
+        """`lazysnap prefetch`: pull as Pull does, then warm this node's chunk cache with the
+        image's lazy layers now, without waiting for reads to go quiet: what the image reads
+        first (its start profile, landmark, SOCI prefetch artifact) first, then the rest of
+        every layer, as much as the cache can hold. The pull's progress lines and report come
+        first; then, with `wait`, progress lines until the warming ends and its report; without,
+        the report as soon as the warming has started. Cancelling the call stops the pull, but
+        not a warming that has started: it runs on in the daemon (until done, or until its
+        layers are released).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ImagesServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -58,6 +77,11 @@ def add_ImagesServicer_to_server(servicer, server):
                     servicer.Pull,
                     request_deserializer=lazysnap_dot_v1_dot_pull__pb2.PullRequest.FromString,
                     response_serializer=lazysnap_dot_v1_dot_pull__pb2.PullEvent.SerializeToString,
+            ),
+            'Prefetch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Prefetch,
+                    request_deserializer=lazysnap_dot_v1_dot_pull__pb2.PrefetchRequest.FromString,
+                    response_serializer=lazysnap_dot_v1_dot_pull__pb2.PrefetchEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -87,6 +111,33 @@ class Images:
             '/lazysnap.v1.Images/Pull',
             lazysnap_dot_v1_dot_pull__pb2.PullRequest.SerializeToString,
             lazysnap_dot_v1_dot_pull__pb2.PullEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Prefetch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/lazysnap.v1.Images/Prefetch',
+            lazysnap_dot_v1_dot_pull__pb2.PrefetchRequest.SerializeToString,
+            lazysnap_dot_v1_dot_pull__pb2.PrefetchEvent.FromString,
             options,
             channel_credentials,
             insecure,

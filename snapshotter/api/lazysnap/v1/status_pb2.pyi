@@ -13,7 +13,7 @@ class LayersRequest(_message.Message):
     def __init__(self, digests: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Layer(_message.Message):
-    __slots__ = ("digest", "image_ref", "mode", "reason", "size", "resolve_seconds", "path", "fetched_bytes", "fetch_state", "prefetched_bytes", "background_bytes", "pull_seconds")
+    __slots__ = ("digest", "image_ref", "mode", "reason", "size", "resolve_seconds", "path", "fetched_bytes", "fetch_state", "prefetched_bytes", "background_bytes", "pull_seconds", "content_bytes", "complete_bytes", "credential_renewed")
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     IMAGE_REF_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +26,9 @@ class Layer(_message.Message):
     PREFETCHED_BYTES_FIELD_NUMBER: _ClassVar[int]
     BACKGROUND_BYTES_FIELD_NUMBER: _ClassVar[int]
     PULL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIAL_RENEWED_FIELD_NUMBER: _ClassVar[int]
     digest: str
     image_ref: str
     mode: str
@@ -38,7 +41,10 @@ class Layer(_message.Message):
     prefetched_bytes: int
     background_bytes: int
     pull_seconds: float
-    def __init__(self, digest: _Optional[str] = ..., image_ref: _Optional[str] = ..., mode: _Optional[str] = ..., reason: _Optional[str] = ..., size: _Optional[int] = ..., resolve_seconds: _Optional[float] = ..., path: _Optional[str] = ..., fetched_bytes: _Optional[int] = ..., fetch_state: _Optional[str] = ..., prefetched_bytes: _Optional[int] = ..., background_bytes: _Optional[int] = ..., pull_seconds: _Optional[float] = ...) -> None: ...
+    content_bytes: int
+    complete_bytes: int
+    credential_renewed: float
+    def __init__(self, digest: _Optional[str] = ..., image_ref: _Optional[str] = ..., mode: _Optional[str] = ..., reason: _Optional[str] = ..., size: _Optional[int] = ..., resolve_seconds: _Optional[float] = ..., path: _Optional[str] = ..., fetched_bytes: _Optional[int] = ..., fetch_state: _Optional[str] = ..., prefetched_bytes: _Optional[int] = ..., background_bytes: _Optional[int] = ..., pull_seconds: _Optional[float] = ..., content_bytes: _Optional[int] = ..., complete_bytes: _Optional[int] = ..., credential_renewed: _Optional[float] = ...) -> None: ...
 
 class Cache(_message.Message):
     __slots__ = ("bytes", "max_bytes", "hits", "misses", "evictions")
