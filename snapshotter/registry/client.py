@@ -358,7 +358,14 @@ class RegistryClient:
                     parts = [byteranges.Part(start, body)]
                 else:
                     limit = sum(e - s for s, e in requested) + MULTIPART_OVERHEAD * (len(requested) + 4)
-                    parts = byteranges.parse_multipart(await read_body(response, limit, where), mark, blob.size, where)
+                    try:
+                        parts = byteranges.parse_multipart(await read_body(response, limit, where), mark,
+                                                           blob.size, where)
+                    except BadResponse as e:
+                        if not multi:
+                            raise
+                        self._single_ranges_from_now(blob, f"answered a multi-range request with a broken body ({e})")
+                        return None
                 out = byteranges.assemble(parts, wanted)
                 if out is not None:
                     return out
@@ -548,7 +555,15 @@ class RegistryClient:
                         continue
                     blob.url = str(response.url)
                     await self._check_stream_start(blob, response, offset, req)
-                    async for chunk in response.aiter_raw(size):
+                    chunks = response.aiter_raw(size)
+                    while True:  # a trickled body is as good as a hung one: each chunk within Timeouts.request
+                        with trio.move_on_after(self.options.timeouts.request) as slow:
+                            try:
+                                chunk = await chunks.__anext__()
+                            except StopAsyncIteration:
+                                break
+                        if slow.cancelled_caught:
+                            raise httpx.ReadTimeout(f"under {size} bytes in {self.options.timeouts.request:g} s")
                         if offset + len(chunk) > blob.size:
                             raise BadResponse(f"{blob.what} from {response.url}: more than {blob.size} bytes")
                         hasher.update(chunk)

@@ -90,9 +90,15 @@ async def _segments(registry: RegistryClient, location: BlobLocation, send: trio
     ready = [trio.Event() for _ in bounds]
     window = trio.Semaphore(CONNECTIONS)
     hasher = digests.hasher(location.digest)
+    errors: list[Exception] = []
 
     async def fetch(i: int) -> None:
-        fetched[i] = await registry.read_range(location, *bounds[i])
+        try:
+            fetched[i] = await registry.read_range(location, *bounds[i])
+        except Exception as e:  # the first failure ends the pull as itself, not as a group of one
+            errors.append(e)
+            nursery.cancel_scope.cancel()
+            return
         ready[i].set()
 
     async def launch(nursery: trio.Nursery) -> None:
@@ -110,6 +116,8 @@ async def _segments(registry: RegistryClient, location: BlobLocation, send: trio
             for offset in range(0, len(data), CHUNK_SIZE):
                 await send.send(data[offset:offset + CHUNK_SIZE])
             window.release()
+    if errors:
+        raise errors[0]
     digests.check(hasher, location.digest, f"{location.what}")
 
 

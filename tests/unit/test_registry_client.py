@@ -25,6 +25,7 @@ from snapshotter.registry.client import RegistryClient
 from snapshotter.registry.errors import (
     BadResponse,
     NotFoundError,
+    RegistryError,
     RegistryUnavailable,
     Unauthorized,
 )
@@ -507,6 +508,23 @@ async def test_stream_resumes_after_drops_and_verifies(client: RegistryClient, p
         with pytest.raises(BadResponse, match="digest mismatch"):
             async for _ in client.stream_blob(blob):
                 pass
+
+
+async def test_a_trickled_stream_fails_within_the_request_timeout(tmp_path: Path, proxy: FaultProxy,
+                                                                  content: Content) -> None:
+    """A body sent a few bytes at a time never trips the read timeout: each chunk must come within `request`."""
+    from tests.harness.faultproxy import SLOW_DRIP
+
+    with trio.fail_after(LIMIT):
+        options = fast(tmp_path, timeouts=Timeouts(connect=1.0, read=2.0, request=1.0, operation=5.0), retries=1)
+        async with RegistryClient(options) as c:
+            blob = await c.open_blob(f"{proxy.host}/blobs/data", content.data_digest)
+            proxy.hostile(SLOW_DRIP, whole=True)
+            start = trio.current_time()
+            with pytest.raises(RegistryError):
+                async for _ in c.stream_blob(blob, chunk_size=64 * 1024):
+                    pass
+            assert trio.current_time() - start < 4.0
 
 
 # --------------------------------------------------------------------------- hosts.toml
