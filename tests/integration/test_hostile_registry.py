@@ -44,6 +44,7 @@ from tests.harness.faultproxy import (
     FaultProxy,
 )
 from tests.harness.lazysnap import Lazysnap
+from tests.harness.procs import wait_until
 
 from .conftest import SociImage
 from .test_lazy import (  # noqa: F401  (lazy_images: a fixture)
@@ -58,6 +59,7 @@ from .test_lazy import (  # noqa: F401  (lazy_images: a fixture)
     rpull,
     run_script,
     secret_outcome,
+    snapshot_keys,
     short,
 )
 
@@ -224,6 +226,9 @@ def test_hostile_registry_fails_the_pull_cleanly(kind: str, options: dict, reaso
     assert seconds < RESOLVE_TIMEOUT + 30, f"the failing pull took {seconds:.1f} s"
 
     proxy.calm()
+    # The failed pull's layers belong to no image: containerd collects them. A pull racing that
+    # collection may find a parent gone between two Prepares, so wait for it first.
+    wait_until(lambda: snapshot_keys(containerd) == [], 30, "containerd to collect the failed pull's snapshots")
     output, rows = rpull(containerd, lazysnap, ref)
     assert rows[short(data_digest)].how == "lazy estargz", output
     done, _ = run_script(containerd, ref, READ_SECRET, cid)
