@@ -17,7 +17,6 @@ the user name.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +28,7 @@ import grpc
 
 from .api.cri.runtime.v1 import api_pb2 as cri
 from .registry.cri_credentials import CriAuth, CriCredentials, Pull
+from .service import start_on_socket
 
 log = logging.getLogger(__name__)
 
@@ -164,14 +164,6 @@ def start(address: Path, containerd: Path, store: CriCredentials, workers: int =
     upstream = grpc.insecure_channel(f"unix:{containerd}", options=options)
     server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cri"),
                          handlers=[_Forwarder(upstream, store)], options=options)
-    address.parent.mkdir(parents=True, exist_ok=True)
-    address.unlink(missing_ok=True)
-    old_umask = os.umask(0o177)
-    try:
-        server.add_insecure_port(f"unix:{address}")
-        server.start()
-    finally:
-        os.umask(old_umask)
-    os.chmod(address, 0o600)
+    start_on_socket(server, address)
     log.info("serving the CRI image service on %s, forwarding to containerd's %s", address, containerd)
     return CriProxy(server, upstream, address)

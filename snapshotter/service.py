@@ -276,12 +276,19 @@ def start_server(snapshotter: Snapshotter, address: Path, workers: int = 16,
                  status: LayerReport | None = None, puller: PullStarter | None = None,
                  registry: RegistryOptions | None = None) -> grpc.Server:
     """Serve on a unix socket only root can reach (mode 0600), replacing a stale socket."""
-    address.parent.mkdir(parents=True, exist_ok=True)
-    address.unlink(missing_ok=True)
     server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"))
     pb_grpc.add_SnapshotsServicer_to_server(SnapshotsService(snapshotter), server)
     status_pb2_grpc.add_StatusServicer_to_server(StatusService(status), server)
     pull_pb2_grpc.add_ImagesServicer_to_server(ImagesService(puller, registry), server)
+    start_on_socket(server, address)
+    return server
+
+
+def start_on_socket(server: grpc.Server, address: Path) -> None:
+    """Start `server` on the unix socket `address`, mode 0600 from its creation (only root may call),
+    replacing a stale socket."""
+    address.parent.mkdir(parents=True, exist_ok=True)
+    address.unlink(missing_ok=True)
     old_umask = os.umask(0o177)
     try:
         server.add_insecure_port(f"unix:{address}")
@@ -289,4 +296,3 @@ def start_server(snapshotter: Snapshotter, address: Path, workers: int = 16,
     finally:
         os.umask(old_umask)
     os.chmod(address, 0o600)
-    return server

@@ -24,6 +24,7 @@ import pytest
 from snapshotter.formats import soci_index
 from snapshotter.soci.local import LocalIndexes
 from tests.harness.containerd import Containerd
+from tests.harness.estargz import build_estargz
 from tests.harness.faultproxy import FaultProxy
 from tests.harness.images import File, Image, Layer, OCILayout, push, sample_image, sample_layers
 from tests.harness.lazysnap import Lazysnap
@@ -249,5 +250,35 @@ def soci_image(registry: Registry) -> Iterator[SociImage]:
         indexed = {layer: ref_.digest for layer, ref_ in index.ztocs.items()}
         skipped = [layer.digest for layer in layers if layer.digest not in indexed]
         yield SociImage(ref, image, image.manifest_digest, layers, indexed, skipped, index_digest, store, data)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- a registry that wants credentials
+
+PRIVATE_USER = "robot"
+PRIVATE_SECRET = "Pr1vate-Registry-Secret-93c2"
+"""A password no log, status or error message may show (tests grep for it)."""
+
+
+@pytest.fixture(scope="module")
+def private_registry(preflight: None) -> Iterator[Registry]:
+    reg = Registry(users={PRIVATE_USER: PRIVATE_SECRET}).start()
+    try:
+        yield reg
+    finally:
+        reg.close()
+
+
+@pytest.fixture(scope="module")
+def private_image(private_registry: Registry) -> Iterator[tuple[str, list[str]]]:
+    """The sample image as eStargz, pushed with the registry's credentials: (ref, layer digests)."""
+    tmp = short_tmpdir("lzs-priv-")
+    try:
+        layout = OCILayout(tmp / "layout")
+        layers = [build_estargz(entries, chunk_size=256 << 10).layer() for entries in sample_layers()]
+        image = layout.add_image("private", layers, cmd=["/hello.sh"])
+        ref = push(layout.root, "private", private_registry, "lazysnap/private:latest", image=image)
+        yield ref, [layer.digest for layer in image.layers]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -38,39 +38,16 @@ from tests.harness.images import (
 from tests.harness.lazysnap import Lazysnap
 from tests.harness.registry import Registry
 
+from .conftest import PRIVATE_SECRET as SECRET
+from .conftest import PRIVATE_USER as USER
 from .conftest import serving, short_tmpdir
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 NS = "k8s.io"
-USER = "kubelet-robot"
-SECRET = "Cri-Pull-Secret-5e1f9a"
 WRONG = "Wrong-Pull-Secret-77d0"
 BUSYBOX_SHA256 = hashlib.sha256(busybox_bytes()).hexdigest()
 BIG = random.Random(17).randbytes(3 << 20)
-
-
-@pytest.fixture(scope="module")
-def private_registry(preflight: None) -> Iterator[Registry]:
-    reg = Registry(users={USER: SECRET}).start()
-    try:
-        yield reg
-    finally:
-        reg.close()
-
-
-@pytest.fixture(scope="module")
-def private_image(private_registry: Registry) -> Iterator[tuple[str, list[str]]]:
-    """The sample image as eStargz (256 KiB chunks), pushed with the registry's credentials."""
-    tmp = short_tmpdir("lzs-cric-")
-    try:
-        layout = OCILayout(tmp / "layout")
-        layers = [build_estargz(entries, chunk_size=256 << 10).layer() for entries in sample_layers()]
-        image = layout.add_image("private", layers, cmd=["/hello.sh"])
-        ref = push(layout.root, "private", private_registry, "lazysnap/cri-private:latest", image=image)
-        yield ref, [layer.digest for layer in image.layers]
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -11,54 +11,29 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.harness.containerd import Containerd
-from tests.harness.estargz import build_estargz
-from tests.harness.images import HELLO_OUTPUT, OCILayout, push, sample_layers
+from tests.harness.images import HELLO_OUTPUT
 from tests.harness.lazysnap import Lazysnap
 from tests.harness.registry import Registry
 
-from .conftest import serving, short_tmpdir
+from .conftest import PRIVATE_SECRET as SECRET
+from .conftest import PRIVATE_USER as USER
+from .conftest import serving
 from .test_lazy import LAZY, PULL_ROW, lazysnap_cli, short
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
-USER = "robot"
-SECRET = "Pr1vate-Registry-Secret-93c2"
 HELPER = "lzstest"
 HELPER_SCRIPT = """#!/bin/sh
 read -r url
 echo "get $url" >> {log}
 printf '{{"ServerURL":"%s","Username":"{user}","Secret":"{secret}"}}\\n' "$url"
 """
-
-
-@pytest.fixture(scope="module")
-def private_registry(preflight: None) -> Iterator[Registry]:
-    reg = Registry(users={USER: SECRET}).start()
-    try:
-        yield reg
-    finally:
-        reg.close()
-
-
-@pytest.fixture(scope="module")
-def private_image(private_registry: Registry) -> Iterator[tuple[str, list[str]]]:
-    """The sample image as eStargz, pushed with the registry's credentials: (ref, layer digests)."""
-    tmp = short_tmpdir("lzs-priv-")
-    try:
-        layout = OCILayout(tmp / "layout")
-        layers = [build_estargz(entries, chunk_size=256 << 10).layer() for entries in sample_layers()]
-        image = layout.add_image("private", layers, cmd=["/hello.sh"])
-        ref = push(layout.root, "private", private_registry, "lazysnap/private:latest", image=image)
-        yield ref, [layer.digest for layer in image.layers]
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture
