@@ -8,10 +8,17 @@ VENV   := .venv
 PYTHON := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: test demo bench deps apt-deps venv proto clean install
+.PHONY: test demo bench fuzz deps apt-deps venv proto clean install
 
 test: deps
 	$(PYTHON) -m pytest -v $(PYTEST_ARGS)
+
+# Property-based fuzzing of the parsers with the long budget (50,000 examples a test, random, with
+# hypothesis' example database in .hypothesis/; `make test` runs the same tests with a fixed CI budget).
+# Hours, not minutes: narrow it with PYTEST_ARGS, e.g. PYTEST_ARGS="-k tar_scanner".
+fuzz: deps
+	HYPOTHESIS_PROFILE=fuzz $(PYTHON) -m pytest -q -o timeout=0 --hypothesis-show-statistics \
+		tests/unit/test_fuzz_*.py $(PYTEST_ARGS)
 
 demo: deps
 	$(PYTHON) -m tests.demo

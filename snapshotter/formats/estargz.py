@@ -16,7 +16,6 @@ range -> `decompress_chunk`. Nothing here does I/O.
 from __future__ import annotations
 
 import base64
-import binascii
 import bisect
 import hashlib
 import io
@@ -281,7 +280,10 @@ def _tar_member(tar_bytes: bytes, name: str) -> tuple[bytes, tarfile.TarInfo]:
                     if len(data) != member.size:
                         raise FormatError(f"{name} is truncated: {len(data)} of {member.size} bytes")
                     return data, member
-    except (tarfile.TarError, EOFError, OSError) as e:
+    except FormatError:
+        raise
+    except (tarfile.TarError, EOFError, OSError, ValueError, LookupError, OverflowError) as e:
+        # tarfile lets a ValueError out of PAX sparse records ("GNU.sparse.map=abc"), not a TarError.
         raise FormatError(f"TOC member is not a valid tar: {e}") from None
     raise FormatError(f"TOC member holds no {name}")
 
@@ -306,7 +308,7 @@ def _toc_entry(index: int, item: Any) -> TocEntry:
     if not isinstance(name, str):
         raise FormatError(f"{_where(index, name)}: name is not a string")
     etype = item.get("type")
-    if etype != _CHUNK and etype not in ENTRY_TYPES:
+    if etype != _CHUNK and (type(etype) is not str or etype not in ENTRY_TYPES):  # a list is unhashable
         raise FormatError(f"{_where(index, name)}: unknown type {etype!r}")
     if not name and etype != _CHUNK:
         raise FormatError(f"{_where(index, name)}: empty name")
@@ -357,7 +359,7 @@ def _xattrs(value: Any, where: str) -> dict[str, bytes]:
             raise FormatError(f"{where}: xattr {key!r} is {encoded!r}, want a base64 string")
         try:
             out[key] = base64.b64decode(encoded, validate=True)
-        except binascii.Error:
+        except ValueError:  # binascii.Error, or a non-ASCII string (a plain ValueError)
             raise FormatError(f"{where}: xattr {key!r} is not valid base64") from None
     return out
 

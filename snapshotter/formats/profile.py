@@ -15,6 +15,7 @@ Pure: JSON bytes in, records out, and back. Hostile input is capped and checked.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -94,7 +95,7 @@ def parse(raw: bytes) -> Profile:
     if not isinstance(image, str) or not _DIGEST.match(image):
         raise FormatError(f"profile names no valid image digest: {image!r}")
     seconds = doc.get("seconds", 0.0)
-    if not isinstance(seconds, (int, float)) or seconds < 0:
+    if not isinstance(seconds, (int, float)) or not 0 <= seconds < math.inf:  # Python's JSON reads NaN, Infinity
         raise FormatError(f"profile has a bad recording length {seconds!r}")
     layers_doc = doc.get("layers")
     if not isinstance(layers_doc, list):

@@ -26,7 +26,8 @@ ENTRY_TYPES: dict[str, EntryType] = {t.value: t for t in EntryType}
 """Index type names (`dir`, `reg`, `symlink`, `hardlink`, `char`, `block`, `fifo`) to tree types."""
 
 _RFC3339 = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?(?:([Zz])|([+-])(\d{2}):(\d{2}))"
+    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?(?:([Zz])|([+-])(\d{2}):(\d{2}))",
+    re.ASCII,  # \d is any Unicode digit otherwise ("٢٠٢٣"), which Go's time.Parse refuses
 )
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -282,12 +283,13 @@ class TarScanner:
             elif key in (b"uname", b"gname"):
                 h[key.decode()] = value
             elif key in (b"uid", b"gid", b"size"):
-                if not _DECIMAL.fullmatch(value):
-                    raise FormatError(f"{where}: PAX {key.decode()} {value!r} is not a number")
+                number = _pax_int(value)
+                if number is None:
+                    raise FormatError(f"{where}: PAX {key.decode()} {value[:40]!r} is not an int64")
                 if key == b"size":
-                    size = int(value)
+                    size = number
                 else:
-                    h[key.decode()] = int(value)
+                    h[key.decode()] = number
             elif key == b"mtime":
                 h["mtime_ns"] = _pax_time(value, where)
             elif key.startswith(b"GNU.sparse."):
@@ -297,7 +299,7 @@ class TarScanner:
         if self._long_link:
             linkname, self._long_link = self._long_link, b""
         etype = _TAR_TYPES.get(flag)
-        if flag in (b"0", b"\0") and name.endswith(b"/"):
+        if flag == b"\0" and name.endswith(b"/"):  # as Go reads it: only type '\0' (TypeRegA) with a slash is a dir
             etype = "dir"
         if etype is None:
             raise FormatError(f"{where}: unsupported tar entry type {flag!r} for {decode_text(name)!r}")
@@ -345,9 +347,10 @@ def _parse_pax(data: bytes, where: str) -> dict[bytes, bytes]:
     rest = data
     while rest:
         space = rest.find(b" ")
-        if space <= 0 or not rest[:space].isdigit():
+        digits = rest[:space].lstrip(b"0")  # int() refuses 4,300 digits, leading zeros included
+        if space <= 0 or not rest[:space].isdigit() or len(digits) > 18:
             raise FormatError(f"{where}: malformed PAX record")
-        length = int(rest[:space])
+        length = int(digits or b"0")
         if length < 5 or length > len(rest) or rest[length - 1:length] != b"\n" or length <= space + 1:
             raise FormatError(f"{where}: malformed PAX record")
         key, eq, value = rest[space + 1:length - 1].partition(b"=")
@@ -360,11 +363,20 @@ def _parse_pax(data: bytes, where: str) -> dict[bytes, bytes]:
     return records
 
 
+def _pax_int(value: bytes) -> int | None:
+    """A PAX record's decimal number, or None unless it fits an int64 (Go's strconv.ParseInt(v, 10, 64))."""
+    digits = value.lstrip(b"+-").lstrip(b"0")
+    if not _DECIMAL.fullmatch(value) or len(digits) > 19:
+        return None  # also keeps int() from thousands of digits (leading zeros count), which it refuses
+    number = int(digits or b"0") * (-1 if value.startswith(b"-") else 1)
+    return number if -(1 << 63) <= number <= _MAX_INT64 else None
+
+
 def _pax_time(value: bytes, where: str) -> int:
     m = _PAX_TIME.fullmatch(value.decode("latin-1"))
-    if m is None:
-        raise FormatError(f"{where}: PAX time {value!r} is not a decimal number")
-    seconds = int(m[1])
+    seconds = None if m is None else _pax_int(m[1].encode())
+    if m is None or seconds is None:
+        raise FormatError(f"{where}: PAX time {value[:40]!r} is not a decimal number of seconds in int64")
     nanos = int((m[2] or "")[:9].ljust(9, "0"))
     return seconds * 1_000_000_000 + (-nanos if m[1].startswith("-") else nanos)
 

@@ -147,9 +147,10 @@ def parse_annotations(annotations: Mapping[str, str]) -> Annotations | None:
 
 def _position(key: str, value: str) -> Position:
     fields = value.split(":")
-    if len(fields) != 4 or not all(f.isdigit() and f.isascii() for f in fields):
-        raise FormatError(f"annotation {key} is {value!r}, want offset:length:uncompressed-length:type")
-    offset, size, uncompressed, toc_type = (int(f) for f in fields)
+    # int() refuses more than 4,300 digits, leading zeros included: no u64 has more than 20.
+    if len(fields) != 4 or not all(f.isdigit() and f.isascii() and len(f.lstrip("0")) <= 20 for f in fields):
+        raise FormatError(f"annotation {key} is {value[:100]!r}, want offset:length:uncompressed-length:type")
+    offset, size, uncompressed, toc_type = (int(f.lstrip("0") or "0") for f in fields)
     if toc_type != TOC_TYPE:
         raise FormatError(f"annotation {key}: TOC type {toc_type}, want {TOC_TYPE}")
     return Position(offset, size, uncompressed)

@@ -94,7 +94,11 @@ class LayerTree:
         """The node at a slash-separated path relative to the layer root, or None."""
         node = self.root
         for part in _parts(path):
-            found = self.lookup(node.ino, part.encode())
+            try:
+                name = part.encode("utf-8", "surrogateescape")
+            except UnicodeEncodeError:
+                return None  # no name in the tree is a lone surrogate (`_encode` refuses them)
+            found = self.lookup(node.ino, name)
             if found is None:
                 return None
             node = found
@@ -135,6 +139,8 @@ class _Builder:
         """Directories by path, so each entry's parent is one lookup, not a walk from the root."""
 
     def add(self, entry: LayerEntry) -> None:
+        if "\x00" in entry.path:
+            raise TreeError(f"{entry.path!r}: a name holding a NUL byte")
         parts = _parts(entry.path)
         if not parts:
             if entry.type is _DIR:
@@ -146,14 +152,16 @@ class _Builder:
             parent.xattrs[OPAQUE_XATTR] = b"y"
             return
         if name.startswith(WHITEOUT_PREFIX):
+            if name[len(WHITEOUT_PREFIX):] in ("", ".", ".."):
+                raise TreeError(f"{entry.path!r}: a whiteout of no name, of '.' or of '..'")
             whiteout = LayerEntry(entry.path, EntryType.CHAR, mode=0, uid=entry.uid, gid=entry.gid,
                                   mtime_ns=entry.mtime_ns)
-            self._place(parent, name[len(WHITEOUT_PREFIX):].encode(), whiteout)
+            self._place(parent, _encode(name[len(WHITEOUT_PREFIX):], entry.path), whiteout)
             return
         if entry.type is _HARDLINK:
             self.hardlinks.append(("/".join(parts), entry))
             return
-        self._place(parent, name.encode(), entry)
+        self._place(parent, _encode(name, entry.path), entry)
 
     def finish(self) -> None:
         """Hardlinks last: a link may come before its target in some indexes.
@@ -169,13 +177,17 @@ class _Builder:
             parts = _parts(path)
             name = parts[-1]
             parent = self._parent_dir(parts)
-            self._unlink(parent, name.encode())
+            link = _encode(name, path)
+            xattrs = _xattr_names(entry.xattrs, path)
+            self._unlink(parent, link)
+            if self.tree.resolve(entry.link_name) is not node:  # "a" -> "a", "d" -> "d/f", "f/x" -> "f"
+                raise TreeError(f"hardlink {path!r} replaces its own target {entry.link_name!r}")
             assert parent.children is not None
-            parent.children[name.encode()] = node.ino
+            parent.children[link] = node.ino
             node.nlink += 1
             node.mode = (node.mode & ~0o7777) | (entry.mode & 0o7777)
             node.uid, node.gid, node.mtime_ns = entry.uid, entry.gid, entry.mtime_ns
-            node.xattrs.update((k.encode(), v) for k, v in entry.xattrs.items())
+            node.xattrs.update(xattrs)
 
     def _place(self, parent: Node, name: bytes, entry: LayerEntry) -> None:
         assert parent.children is not None
@@ -206,17 +218,23 @@ class _Builder:
         node.uid, node.gid, node.mtime_ns = entry.uid, entry.gid, entry.mtime_ns
         if entry.xattrs or node.xattrs:
             opaque = node.xattrs.get(OPAQUE_XATTR)
-            node.xattrs = {k.encode(): v for k, v in entry.xattrs.items()}
+            node.xattrs = _xattr_names(entry.xattrs, entry.path)
             if opaque is not None:
                 node.xattrs[OPAQUE_XATTR] = opaque
         if etype is _REG:
             node.size = entry.size
             node.content = entry.content
         elif etype is _SYMLINK:
-            node.target = entry.link_name.encode()
+            if "\x00" in entry.link_name:
+                raise TreeError(f"symlink {entry.path!r}: a target holding a NUL byte")
+            node.target = _encode(entry.link_name, entry.path)
             node.size = len(node.target)
         elif etype is _CHAR or etype is _BLOCK:
-            node.rdev = os.makedev(entry.dev_major, entry.dev_minor)
+            try:
+                node.rdev = os.makedev(entry.dev_major, entry.dev_minor)
+            except (OverflowError, ValueError):
+                raise TreeError(f"device {entry.path!r}: numbers {entry.dev_major}:{entry.dev_minor} "
+                                "do not fit a dev_t") from None
 
     def _parent_dir(self, parts: list[str]) -> Node:
         """The directory holding path `parts`, made (with its ancestors) if missing."""
@@ -231,10 +249,11 @@ class _Builder:
     def _ensure_dirs(self, dirs: list[str]) -> Node:
         node = self.tree.root
         for part in dirs:
-            child = self.tree.lookup(node.ino, part.encode())
+            name = _encode(part, "/".join(dirs))
+            child = self.tree.lookup(node.ino, name)
             if child is None or not child.is_dir:
-                self._place(node, part.encode(), LayerEntry(part, EntryType.DIR, mode=0o755))
-                child = self.tree.lookup(node.ino, part.encode())
+                self._place(node, name, LayerEntry(part, EntryType.DIR, mode=0o755))
+                child = self.tree.lookup(node.ino, name)
                 assert child is not None
             node = child
         return node
@@ -245,16 +264,38 @@ class _Builder:
         ino = parent.children.pop(name, None)
         if ino is None:
             return
-        old = self.tree.nodes[ino]
-        if old.children is not None:
-            parent.nlink -= 1
-            for child_name in list(old.children):
-                self._unlink(old, child_name)
-            del self.tree.nodes[ino]
-            return
-        old.nlink -= 1
-        if old.nlink == 0:
-            del self.tree.nodes[ino]
+        doomed = [(parent, ino)]  # a stack, not recursion: an index can nest directories 100,000 deep
+        while doomed:
+            above, ino = doomed.pop()
+            old = self.tree.nodes[ino]
+            if old.children is not None:
+                above.nlink -= 1
+                doomed.extend((old, child) for child in old.children.values())
+                old.children.clear()
+                del self.tree.nodes[ino]
+                continue
+            old.nlink -= 1
+            if old.nlink == 0:
+                del self.tree.nodes[ino]
+
+
+def _encode(text: str, path: str) -> bytes:
+    """A name or symlink target as the bytes the kernel is served. The formats decode bytes
+    that are not UTF-8 as surrogate escapes (`formats.tar.decode_text`), so they come back
+    as they were; a lone surrogate (only a JSON index can hold one) has no bytes at all."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raise TreeError(f"{path!r}: {text!r} is not text a file system can hold (a lone surrogate)") from None
+
+
+def _xattr_names(xattrs: dict[str, bytes], path: str) -> dict[bytes, bytes]:
+    out = {}
+    for key, value in xattrs.items():
+        if not key or "\x00" in key:
+            raise TreeError(f"{path!r}: invalid xattr name {key!r}")
+        out[_encode(key, path)] = value
+    return out
 
 
 def _parts(path: str) -> list[str]:

@@ -217,6 +217,7 @@ class _Applier:
                 last = member.name
                 tar.stopped_by = None
                 try:
+                    _skip_data(tar, last)
                     member = tar.next()
                 except ApplyError:
                     raise
@@ -416,6 +417,20 @@ class _Applier:
                     os.utime(fd, ns=times)
             finally:
                 os.close(fd)
+
+
+def _skip_data(tar: Reader, last: str) -> None:
+    """Read on to where the next header starts, stopping at the end of the stream.
+
+    tarfile would seek there itself, but its stream seek reads block after empty block until it
+    has counted off all the data a header claims: a member of 2^63 bytes (base-256 size) whose
+    data is not read (the root `./`, a whiteout, a link) made it spin for ever on a short stream.
+    """
+    stream = tar.fileobj
+    while stream.tell() < tar.offset:
+        if not stream.read(min(CHUNK, tar.offset - stream.tell())):
+            raise ApplyError(f"after member {last!r}: unexpected end of data (the stream ends inside its data "
+                             "or padding)")
 
 
 def _check_nul(link: str, m: tarfile.TarInfo) -> None:

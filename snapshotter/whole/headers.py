@@ -29,7 +29,7 @@ _MAX_NS = (1 << 63) - 1
 _NO_ID = 0xFFFFFFFF  # (uid_t)-1: "leave unchanged" to chown, never a real owner
 _META_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
                tarfile.GNUTYPE_LONGLINK)
-_PAX_TIME = re.compile(r"(-?)(\d+)(?:\.(\d*))?")
+_PAX_TIME = re.compile(r"(-?)(\d+)(?:\.(\d*))?", re.ASCII)  # not any Unicode digit: Go's ParseInt refuses them
 
 
 class Header(tarfile.TarInfo):

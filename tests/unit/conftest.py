@@ -14,7 +14,10 @@ from tests.harness.lazysnap import Lazysnap
 from tests.harness.procs import unmount_below
 from tests.harness.registry import Registry
 from tests.unit.fuse_layers import force_unmount
+from tests.unit.fuzzing import register_profiles
 from tests.unit.soci_images import Sample, make_sample
+
+register_profiles()  # hypothesis: `ci` unless HYPOTHESIS_PROFILE says `fuzz` (tests/unit/fuzzing.py)
 
 
 @pytest.fixture
