@@ -102,33 +102,15 @@ class Transport:
         caller that has another host to go to.
         """
         start = trio.current_time()
-        operation = self.options.timeouts.operation
-        deadline = start + (operation if within is None else min(within, operation))
-        failures: list[str] = []
-        for attempt in range(self.options.retries + 1):
-            budget = min(self.options.timeouts.request, deadline - trio.current_time())
-            if budget <= 0:
-                break
-            retry_after: float | None = None
-            with trio.move_on_after(budget) as scope:
-                try:
-                    async with self._open(req) as response:
-                        result = await consume(response)
-                        log.debug("%s %s %s: %d in %.0f ms", req.method, req.what, req.headers.get("Range", ""),
-                                  response.status_code, 1000 * (trio.current_time() - start))
-                        return result
-                except _Retry as e:
-                    failures.append(e.reason)
-                    retry_after = e.retry_after
-                except httpx.HTTPError as e:
-                    failures.append(self._transient(req, e))
-            if scope.cancelled_caught:
-                failures.append(f"no complete answer within {budget:.1f} s")
-            if attempt == self.options.retries:
-                break
-            if not await self._backoff(attempt, retry_after, deadline, req, failures):
-                break
-        raise self._unavailable(req, failures, start)
+
+        async def attempt() -> T:
+            async with self._open(req) as response:
+                result = await consume(response)
+                log.debug("%s %s %s: %d in %.0f ms", req.method, req.what, req.headers.get("Range", ""),
+                          response.status_code, 1000 * (trio.current_time() - start))
+                return result
+
+        return await self._retrying(req, attempt, "no complete answer", within)
 
     @asynccontextmanager
     async def stream(self, req: Request) -> AsyncIterator[httpx.Response]:
@@ -137,38 +119,40 @@ class Transport:
         Only the opening is bounded by `Timeouts.request`; reading the body is
         bounded by `Timeouts.read` between chunks, as a whole layer may take long.
         """
-        start = trio.current_time()
-        deadline = start + self.options.timeouts.operation
-        failures: list[str] = []
         async with AsyncExitStack() as stack:
-            response: httpx.Response | None = None
-            for attempt in range(self.options.retries + 1):
-                budget = min(self.options.timeouts.request, deadline - trio.current_time())
-                if budget <= 0:
-                    break
-                retry_after: float | None = None
-                with trio.move_on_after(budget) as scope:
-                    try:
-                        response = await stack.enter_async_context(self._open(req))
-                    except _Retry as e:
-                        failures.append(e.reason)
-                        retry_after = e.retry_after
-                    except httpx.HTTPError as e:
-                        failures.append(self._transient(req, e))
-                if response is not None:
-                    break
-                if scope.cancelled_caught:
-                    failures.append(f"no answer within {budget:.1f} s")
-                if attempt == self.options.retries:
-                    break
-                if not await self._backoff(attempt, retry_after, deadline, req, failures):
-                    break
-            if response is None:
-                raise self._unavailable(req, failures, start)
-            yield response
+            yield await self._retrying(req, lambda: stack.enter_async_context(self._open(req)), "no answer")
 
     def unavailable(self, req: Request, reason: str) -> RegistryUnavailable:
         return RegistryUnavailable(f"{req.what} from {req.url}: {reason}")
+
+    async def _retrying(self, req: Request, attempt: Callable[[], Awaitable[T]], timed_out: str,
+                        within: float | None = None) -> T:
+        """`attempt()` until it succeeds, each try within `Timeouts.request`, all of them within the operation's
+        deadline (`within`, else `Timeouts.operation`); transient failures are retried after a backoff."""
+        start = trio.current_time()
+        operation = self.options.timeouts.operation
+        deadline = start + (operation if within is None else min(within, operation))
+        failures: list[str] = []
+        for n in range(self.options.retries + 1):
+            budget = min(self.options.timeouts.request, deadline - trio.current_time())
+            if budget <= 0:
+                break
+            retry_after: float | None = None
+            with trio.move_on_after(budget) as scope:
+                try:
+                    return await attempt()
+                except _Retry as e:
+                    failures.append(e.reason)
+                    retry_after = e.retry_after
+                except httpx.HTTPError as e:
+                    failures.append(self._transient(req, e))
+            if scope.cancelled_caught:
+                failures.append(f"{timed_out} within {budget:.1f} s")
+            if n == self.options.retries:
+                break
+            if not await self._backoff(n, retry_after, deadline, req, failures):
+                break
+        raise self._unavailable(req, failures, start)
 
     # ------------------------------------------------------------------ one attempt
 

@@ -137,6 +137,7 @@ def test_a_hostile_tar_is_refused_and_writes_nothing_outside(containerd: Contain
     assert "climbs out of the layer" in output and image.layers[1].digest in output, output
     assert not Path("/tmp", canary).exists(), "a member was written outside the layer"
     snapshots = lazysnap.root / "snapshots"
-    written = [p for p in snapshots.rglob(canary)]
+    written = [Path(top, name) for top, dirs, files in os.walk(snapshots)  # containerd may be removing some
+               for name in dirs + files if name == canary]
     assert all(snapshots in p.parents for p in written), written
     assert not [p.name for p in snapshots.iterdir() if p.name.startswith("new-")], "the half-applied layer is left"
