@@ -131,6 +131,8 @@ class Resolver:
                 if resolution.estargz is not None:
                     resolution.saved = resolution.estargz.member
                     resolution.offset = resolution.estargz.footer.toc_offset
+                payload_end = resolution.offset if resolution.estargz is not None else blob.size
+                blob.keep(tail[0], tail[1][:max(0, payload_end - tail[0])])
                 resolution.blob = blob
         except trio.TooSlowError:
             resolution.error = f"finding the layer's index took over {self.timeout:g} s"

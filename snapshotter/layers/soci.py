@@ -9,6 +9,7 @@ inflated spans stay in memory, because a run of 128 KiB FUSE reads walks one spa
 
 from __future__ import annotations
 
+import bisect
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -38,15 +39,17 @@ class SociLayer:
         self.blob = blob
         self.cache = cache
         self.source = source
-        self._tree = build_tree(ztoc.layer_entries(z))
+        entries = ztoc.layer_entries(z)
+        self._tree = build_tree(entries)
         self._inflated: OrderedDict[int, bytes] = OrderedDict()
         self._inflating: dict[int, trio.Event] = {}
         self.activity = activity or FetchActivity()
         self.recordings: list[Recording] = []
         spans = [self.index.span(i) for i in range(self.index.max_span_id + 1)]
         self._by_digest: dict[str, int] | None = None
-        self._units = [Unit(s.compressed_start, s.compressed_end, s.id, s.compressed_end - s.compressed_start)
-                       for s in spans]
+        extents = sorted({e.content for e in entries if isinstance(e.content, ztoc.FileExtent) and e.content.size})
+        self._units = [Unit(s.compressed_start, s.compressed_end, s.id, s.compressed_end - s.compressed_start,
+                            *_file_at(extents, s)) for s in spans]
 
     @property
     def units(self) -> Sequence[Unit]:
@@ -152,3 +155,16 @@ class SociLayer:
                             f"[{span.compressed_start}, {span.compressed_end}): {e}") from e
         gzip_index.verify_span(compressed, digest)
         return compressed
+
+
+def _file_at(extents: list[ztoc.FileExtent], span: gzip_index.Span) -> tuple[int, int]:
+    """(where it starts, its size), both uncompressed, of the file a span's bytes begin with (or,
+    if none runs into it, of the first file that starts in it): what readahead tells files by
+    (`fetch.fetch_ahead`; an uncompressed size keeps to the small side of the bound). (-1, 0):
+    no file."""
+    i = bisect.bisect_right(extents, (span.uncompressed_start, 1 << 62)) - 1
+    if i >= 0 and extents[i].uncompressed_offset + extents[i].size > span.uncompressed_start:
+        return extents[i].uncompressed_offset, extents[i].size
+    if i + 1 < len(extents) and extents[i + 1].uncompressed_offset < span.uncompressed_end:
+        return extents[i + 1].uncompressed_offset, extents[i + 1].size
+    return -1, 0

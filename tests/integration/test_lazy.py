@@ -324,6 +324,34 @@ def test_reads_fetch_only_what_they_need(containerd: Containerd, lazysnap: Lazys
     assert len(erofs_mounts(lazysnap)) == len(lazy), "each lazy layer's metadata is an EROFS mount"
 
 
+def test_a_small_read_fetches_none_of_a_large_unread_file(containerd: Containerd, lazysnap: Lazysnap,
+                                                          registry: Registry, cid: str) -> None:
+    """Issue 15: busybox, /etc and a 6 MiB file nobody reads after them, in one eStargz layer of
+    4 MiB chunks; `cat /etc/passwd` fetched the large file's first chunk (78 % of the layer)."""
+    tmp = short_tmpdir("lzs-ra-")
+    try:
+        layout = OCILayout(tmp / "layout")
+        built = build_estargz([*sample_layers()[0], File("data/model.bin", random.Random(15).randbytes(6 << 20))])
+        image = layout.add_image("lazy-issue15", [built.layer()], cmd=["/bin/sh"])
+        ref = push(layout.root, "lazy-issue15", registry, "lazysnap/lazy-issue15:latest", image=image)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    model = [e for e in built.toc["entries"] if e["name"] == "data/model.bin"]
+    big_start, big_end = model[0]["offset"], built.toc_offset
+    before_pull = settled_mark(registry)
+    output, rows = rpull(containerd, lazysnap, ref)
+    assert rows[short(built.digest)].how == "lazy estargz", output
+    done, _ = run_script(containerd, ref, "cat /etc/passwd", cid)
+    assert done.stdout.startswith("root:x:0:0:"), done.stdout
+    served = registry.blob_bytes_served(built.digest, since=before_pull, settle=0.3)
+    others = big_start + (len(built.blob) - big_end)   # all of the layer but the large file
+    # 1,098,819 bytes at the fix (5,294,421 before): all but the large file, and the 64 KiB tail
+    # read at resolve time, which ends in it.
+    assert served <= others + (64 << 10), (
+        f"`cat /etc/passwd` fetched {served} bytes of the {len(built.blob)}-byte layer; all but the large "
+        f"unread file is {others}")
+
+
 @pytest.mark.lazysnap_config("kernel_metadata = false")
 def test_metadata_is_served_through_fuse_when_kernel_metadata_is_off(containerd: Containerd, lazysnap: Lazysnap,
                                                                      lazy_images: LazyImages, cid: str) -> None:
