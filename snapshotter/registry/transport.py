@@ -315,13 +315,9 @@ def content_length(response: httpx.Response) -> int | None:
     value = response.headers.get("content-length")
     if value is None:
         return None
-    try:
-        length = int(value)
-    except ValueError:
-        raise BadResponse(f"bad Content-Length {value!r} from {response.request.url}") from None
-    if length < 0:
+    if not (value.isascii() and value.isdigit()):  # int() would take "1_000", " 12" and other digits
         raise BadResponse(f"bad Content-Length {value!r} from {response.request.url}")
-    return length
+    return int(value)
 
 
 async def error_detail(response: httpx.Response) -> str:

@@ -236,10 +236,10 @@ def _reuse(result: LayerResult, ref: soci_index.Descriptor, data: bytes) -> bool
         z = ztoc.parse_ztoc(data)
     except FormatError:
         return False
-    if z.compressed_archive_size != result.size:
-        return False
-    result.ztoc = soci_index.ztoc_ref(ref.digest, len(data), result.digest, result.media_type,
-                                      int(ref.annotations[soci_index.SPAN_SIZE]))
+    span_size = ref.annotations.get(soci_index.SPAN_SIZE, "")
+    if z.compressed_archive_size != result.size or not (span_size.isascii() and span_size.isdigit()):
+        return False  # not this layer's, or an index from elsewhere without a usable span size: build anew
+    result.ztoc = soci_index.ztoc_ref(ref.digest, len(data), result.digest, result.media_type, int(span_size))
     result.ztoc_size, result.spans, result.files = len(data), z.compression.max_span_id + 1, len(z.entries)
     result.reused = True
     return True

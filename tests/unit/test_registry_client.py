@@ -691,3 +691,16 @@ async def test_identity_token_is_an_oauth2_refresh_token(tmp_path: Path, proxy: 
         async with RegistryClient(fast(tmp_path)) as c:
             with pytest.raises(Unauthorized, match="identity token"):
                 await c.resolve(f"{proxy.host}/oci/app:v1")
+
+
+@pytest.mark.parametrize("value", ["1_000", " 12", "+5", "-1", "12.0", ""])
+def test_a_content_length_that_is_not_plain_digits_is_refused(value: str) -> None:
+    import httpx
+
+    from snapshotter.registry.transport import content_length
+
+    response = httpx.Response(200, headers={"content-length": value}, request=httpx.Request("GET", "http://r/x"))
+    with pytest.raises(BadResponse, match="bad Content-Length"):
+        content_length(response)
+    assert content_length(httpx.Response(200, headers={"content-length": "12"},
+                                         request=httpx.Request("GET", "http://r/x"))) == 12
