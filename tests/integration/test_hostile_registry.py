@@ -226,8 +226,10 @@ def test_hostile_registry_fails_the_pull_cleanly(kind: str, options: dict, reaso
     assert seconds < RESOLVE_TIMEOUT + 30, f"the failing pull took {seconds:.1f} s"
 
     proxy.calm()
-    # The failed pull's layers belong to no image: containerd collects them. A pull racing that
-    # collection may find a parent gone between two Prepares, so wait for it first.
+    # The failed pull's layers belong to no image: containerd collects them, but its scheduler may
+    # wait for more mutations before it does (CI once waited 30 s in vain). A pull racing that
+    # collection may find a parent gone between two Prepares, so collect now and wait for it.
+    containerd.gc()
     wait_until(lambda: snapshot_keys(containerd) == [], 30, "containerd to collect the failed pull's snapshots")
     output, rows = rpull(containerd, lazysnap, ref)
     assert rows[short(data_digest)].how == "lazy estargz", output
