@@ -10,6 +10,7 @@ link, and every path under the target, walked without following links, is inside
 
 from __future__ import annotations
 
+import atexit
 import io
 import os
 import shutil
@@ -74,6 +75,7 @@ def layers(draw: st.DrawFn, outside: str) -> bytes:
 
 
 _WORK = tempfile.mkdtemp(prefix="lzs-fuzz-apply-")
+atexit.register(shutil.rmtree, _WORK, ignore_errors=True)  # the names are fixed at import, so is the directory
 OUTSIDE = os.path.join(_WORK, "outside")
 """One fixed sibling of every target (the generated names aim at its path)."""
 
