@@ -6,12 +6,12 @@ reads what was verified.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
 from ..formats import descriptor
 from ..formats.errors import FormatError
+from ..formats.jsondoc import load_object
 from .errors import BadResponse, NotFoundError
 from .options import Platform
 from .reference import Reference
@@ -74,11 +74,9 @@ def decode(raw: bytes, content_type: str, what: str) -> tuple[str, dict[str, Any
     covered by the digest, the header is not.
     """
     try:
-        parsed = json.loads(raw)
-    except (ValueError, RecursionError) as e:
-        raise BadResponse(f"{what}: not valid JSON ({e})") from None
-    if not isinstance(parsed, dict):
-        raise BadResponse(f"{what}: not a JSON object")
+        parsed = load_object(raw, what)
+    except FormatError as e:
+        raise BadResponse(str(e)) from None
     media_type = parsed.get("mediaType")
     if not isinstance(media_type, str) or not media_type:
         header = content_type.partition(";")[0].strip()
