@@ -117,8 +117,8 @@ def _checkpoint_blobs(draw: st.DrawFn) -> bytes:
     points = draw(st.lists(st.tuples(st.one_of(st.integers(0, 5000), hostile_ints()),
                                      st.one_of(st.integers(0, 50000), hostile_ints()), st.integers(0, 255)),
                            min_size=1, max_size=3))
-    blob = gi._HEADER.pack(len(points), draw(st.one_of(st.integers(0, 1 << 20), hostile_ints())))
-    blob += b"".join(gi._POINT.pack(i, o, b) + WINDOW for i, o, b in points)
+    blob = gi.checkpoints._HEADER.pack(len(points), draw(st.one_of(st.integers(0, 1 << 20), hostile_ints())))
+    blob += b"".join(gi.checkpoints._POINT.pack(i, o, b) + WINDOW for i, o, b in points)
     if draw(st.booleans()):  # the legacy layout: checkpoint 0 left out
         blob = blob[:gi.BLOB_HEADER_SIZE] + blob[gi.BLOB_HEADER_SIZE + gi.CHECKPOINT_SIZE:]
     return blob

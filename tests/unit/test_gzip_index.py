@@ -345,9 +345,9 @@ def test_inflate_span_rejects_wrong_or_corrupt_input(corpus: list[Layer], indexe
 def test_preface_blocks_are_empty_deflate_blocks_ending_bits_before_a_byte_boundary() -> None:
     final_empty = 0b011  # BFINAL=1, BTYPE=01 (fixed), end-of-block: 10 bits
     modules = [zlib] + ([inflate.isal] if inflate.isal is not None else [])
-    assert gi._EMPTY_FIXED[1] == 10 and gi._EMPTY_DYNAMIC[1] == 93
+    assert gi.restart._EMPTY_FIXED[1] == 10 and gi.restart._EMPTY_DYNAMIC[1] == 93
     for bits in range(1, 8):
-        value, nbits = gi._PREFACES[bits]
+        value, nbits = gi.restart._PREFACES[bits]
         assert (nbits + bits) % 8 == 0
         assert len(gi.preface(bits, 0xFF)) == (nbits + bits) // 8
         assert gi.preface(bits, 0xFF)[-1] >> (8 - bits) == (1 << bits) - 1

@@ -41,7 +41,7 @@ class TarSpanIndex:
         return Span(i, start, end, start, end, None)
 
     def spans_for(self, start: int, end: int) -> list[Span]:
-        return [self.span(i) for i in gzip_index._span_ids(self, start, end)]
+        return [self.span(i) for i in gzip_index.span_ids(self, start, end)]
 
 
 SpanIndex = GzipSpanIndex | TarSpanIndex
