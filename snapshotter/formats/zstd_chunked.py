@@ -31,7 +31,8 @@ import zstandard
 from .digest import check_syntax, content_digest
 from .entries import LayerEntry
 from .errors import FormatError
-from .estargz import Chunk, Toc, layer_entries as _estargz_entries, toc_document
+from .toc import Chunk, Toc, toc_document
+from .toc_entries import layer_entries as _estargz_entries
 
 FORMAT = "zstd:chunked"
 

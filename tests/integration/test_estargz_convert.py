@@ -30,16 +30,15 @@ from snapshotter.formats.estargz import (
     NO_PREFETCH_LANDMARK,
     TOC_DIGEST_ANNOTATION,
     UNCOMPRESSED_SIZE_ANNOTATION,
-    Chunk,
-    Toc,
     decompress_chunk,
     has_no_prefetch_landmark,
-    layer_entries,
     parse_footer,
     parse_toc,
     prefetch_end,
     verify_toc,
 )
+from snapshotter.formats.toc import Chunk, Toc
+from snapshotter.formats.toc_entries import layer_entries
 from snapshotter.layers.tree import OPAQUE_XATTR, EntryType, LayerEntry, build_tree
 from tests.harness.containerd import Containerd
 from tests.harness.estargz import footer as estargz_footer

@@ -11,6 +11,7 @@ import zlib
 from itertools import pairwise
 from typing import Any
 
+import msgspec
 import pytest
 
 from snapshotter.formats.errors import FormatError
@@ -23,17 +24,16 @@ from snapshotter.formats.estargz import (
     PREFETCH_LANDMARK,
     TOC_DIGEST_ANNOTATION,
     UNCOMPRESSED_SIZE_ANNOTATION,
-    Chunk,
     Footer,
-    Toc,
     decompress_chunk,
     has_no_prefetch_landmark,
-    layer_entries,
     parse_footer,
     parse_toc,
     prefetch_end,
     verify_toc,
 )
+from snapshotter.formats.toc import Chunk, Toc
+from snapshotter.formats.toc_entries import layer_entries
 from snapshotter.layers.tree import OPAQUE_XATTR, EntryType, LayerEntry, build_tree
 from tests.harness.estargz import (
     EStargzLayer,
@@ -355,7 +355,7 @@ def test_flipped_payload_byte_is_an_error(layout: str) -> None:
 def test_wrong_chunk_digest_is_an_error() -> None:
     layer = build_estargz([File("a", "payload")])
     _, _, records = open_layer(layer.blob)
-    chunk = records[0].content[0]._replace(digest="sha256:" + hashlib.sha256(b"other").hexdigest())
+    chunk = msgspec.structs.replace(records[0].content[0], digest="sha256:" + hashlib.sha256(b"other").hexdigest())
     with pytest.raises(FormatError, match="digest mismatch"):
         decompress_chunk(layer.blob[chunk.compressed_offset:chunk.compressed_end], chunk)
 
@@ -371,9 +371,9 @@ def test_short_and_truncated_chunks_are_errors() -> None:
     good = Chunk(0, 10, 0, len(member), 0, None)
     assert decompress_chunk(member, good) == b"0123456789"
     with pytest.raises(FormatError, match="inflated to 10 of 11"):
-        decompress_chunk(member, good._replace(size=11))
+        decompress_chunk(member, msgspec.structs.replace(good, size=11))
     with pytest.raises(FormatError, match="inflated to 6 of 8 bytes"):
-        decompress_chunk(member, good._replace(inner_offset=4, size=8))
+        decompress_chunk(member, msgspec.structs.replace(good, inner_offset=4, size=8))
     with pytest.raises(FormatError):
         decompress_chunk(member[:-4], good)  # no digest: the CRC/size trailer must be there
     with pytest.raises(FormatError, match="corrupt gzip"):
@@ -388,7 +388,7 @@ def test_chunk_sizes_around_the_inflate_step(size: int, digest: bool) -> None:
         whole = Chunk(0, size, 0, len(member), 0, "sha256:" + hashlib.sha256(data).hexdigest() if digest else None)
         assert decompress_chunk(member, whole) == data
         half = max(size // 2, 1)
-        part = whole._replace(inner_offset=size - half, size=half,
+        part = msgspec.structs.replace(whole, inner_offset=size - half, size=half,
                        digest="sha256:" + hashlib.sha256(data[-half:]).hexdigest() if digest else None)
         assert decompress_chunk(member, part) == data[-half:]
 
@@ -400,7 +400,7 @@ def test_inflation_stops_once_the_chunk_is_out() -> None:
     member[-8:] = bytes(8)  # a broken CRC at the far end of the member
     chunk = Chunk(0, len(head), 0, len(member), 0, "sha256:" + hashlib.sha256(head).hexdigest())
     assert decompress_chunk(bytes(member[:len(member) // 2]), chunk) == head
-    assert decompress_chunk(bytes(member), chunk._replace(inner_offset=4, size=len(head) - 4,
+    assert decompress_chunk(bytes(member), msgspec.structs.replace(chunk, inner_offset=4, size=len(head) - 4,
                                                    digest="sha256:" + hashlib.sha256(head[4:]).hexdigest())) == head[4:]
 
 

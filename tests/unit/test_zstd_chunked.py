@@ -20,7 +20,7 @@ import trio
 from snapshotter.cache import ChunkCache
 from snapshotter.formats import zstd_chunked as zc
 from snapshotter.formats.errors import FormatError
-from snapshotter.formats.estargz import Toc
+from snapshotter.formats.toc import Toc
 from snapshotter.labels import LayerRequest
 from snapshotter.layers import saved
 from snapshotter.layers.estargz import FETCH_WINDOW, EStargzLayer, fetch_zstd_index, read_tail
