@@ -8,7 +8,9 @@ Why it is built this way:
 - It survives restarts: the on-disk index is rebuilt by scanning at start.
 - It is bounded: past `max_bytes`, least recently used entries are evicted down to a
   low-water mark (peer snapshotters' caches grow until the disk is full).
-- Concurrent misses for one key fetch once (single-flight): the others wait for it.
+- Concurrent misses for one key fetch once (single-flight): the others wait for it. It
+  lives here, not in `fetch/`: cached, being fetched and missing are one state of a key,
+  which `wanted` reads whole, and the data plane's device reads use it without `fetch/`.
 - A small in-memory LRU keeps hot chunks, so a run of 128 KiB FUSE reads within one
   4 MiB chunk costs one disk load and one digest check, not thirty-two; and once a file
   has been verified in this run, a small read of it reads only the bytes it needs
@@ -27,8 +29,9 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
@@ -62,6 +65,14 @@ class _InFlight:
         self.data: bytes | None = None
         self.error: Exception | None = None
         """Set when the fetch failed; neither is set when the fetching task was cancelled."""
+
+
+@dataclass
+class Claim:
+    """Keys a fetch has claimed (`ChunkCache.claimed`), and the verified data it got for them."""
+
+    keys: list[str]
+    got: dict[str, bytes] = field(default_factory=dict)
 
 
 class ChunkCache:
@@ -139,26 +150,36 @@ class ChunkCache:
     async def fill(self, keys: list[str], fetch: Callable[[list[str]], Awaitable[dict[str, bytes]]]) -> int:
         """Fetch, with one call of `fetch`, those `keys` that are neither cached nor being fetched.
 
-        For prefetch and background fetch: one range GET fills many chunks. Readers that
-        miss a claimed key wait for this call like for any fetch. `fetch` returns the
-        verified data of the keys it could get; a key it leaves out, or a failure or
-        cancellation of the whole call, sends each waiter to fetch that key itself, so
-        a speculative fetch never makes a read fail. Returns the bytes stored.
+        For prefetch and background fetch: one range GET fills many chunks. `fetch` returns
+        the verified data of the keys it could get (see `claimed`). Returns the bytes stored.
         """
-        claimed = [k for k in dict.fromkeys(keys) if self.wanted(k)]
-        if not claimed:
-            return 0
-        flights = {k: _InFlight() for k in claimed}
-        self._inflight.update(flights)
-        stored = 0
-        try:
+        async with self.claimed(keys) as claim:
+            if not claim.keys:
+                return 0
             self.stats.fetches += 1
-            got = [(key, data) for key, data in (await fetch(claimed)).items() if key in flights]
+            claim.got.update(await fetch(claim.keys))
+        return sum(len(d) for k, d in claim.got.items() if k in claim.keys)
+
+    @asynccontextmanager
+    async def claimed(self, keys: list[str]) -> AsyncIterator[Claim]:
+        """Claim those `keys` that are neither cached nor being fetched, for a fetch that brings
+        them along with something else (a miss's neighbours, a batch).
+
+        Readers that miss a claimed key wait for the claim to end rather than fetching the
+        same bytes (two readers' GETs overlapped before: tests/integration/test_load.py). The
+        claimer puts the verified data it got in `claim.got`, which is cached at the end; a key
+        left out, or a failure or cancellation of the claimer, sends each waiter to fetch that
+        key itself, so a speculative fetch never makes a read fail.
+        """
+        claim = Claim([k for k in dict.fromkeys(keys) if self.wanted(k)])
+        flights = {k: _InFlight() for k in claim.keys}
+        self._inflight.update(flights)
+        try:
+            yield claim
+            got = [(key, data) for key, data in claim.got.items() if key in flights]
             for key, data in got:
                 flights[key].data = data
-                stored += len(data)
             await self.put_many(got)
-            return stored
         finally:
             for key, flight in flights.items():
                 del self._inflight[key]

@@ -12,11 +12,13 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__, config
-from .errors import SnapshotterError
+from .errors import SnapshotterError, Unavailable
 from .registry.errors import RegistryError
 from .registry.options import RegistryOptions, default_docker_config
 from .sizes import human_size, parse_size
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
     from .api.lazysnap.v1 import status_pb2
     from .registry.client import RegistryClient
     from .soci import local
+    from .status import StatusClient
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,21 +198,13 @@ def pull_request(args: argparse.Namespace) -> Any:
 
 def rpull_command(args: argparse.Namespace) -> int:
     """Ask the daemon to pull; print its progress as it comes, then its report."""
-    import grpc
-
     from .pull_records import PullReport, format_report
-    from .status import StatusClient
 
-    client = StatusClient(args.address)
-    try:
+    with _daemon(args.address) as client:
         for event in client.pull(pull_request(args)):
             print(event if isinstance(event, str) else format_report(event), flush=True)
             if isinstance(event, PullReport):
                 return 0
-    except grpc.RpcError as e:
-        _daemon_error(e, args.address)
-    finally:
-        client.close()
     sys.exit("lazysnap: the daemon ended the pull without a report")
 
 
@@ -218,44 +213,41 @@ def prefetch_command(args: argparse.Namespace) -> int:
 
     Ctrl-C once the pull is done leaves the warming to the daemon, and says so.
     """
-    import grpc
-
     from .api.lazysnap.v1 import pull_pb2
     from .pull_records import PullReport, WarmReport, format_report, format_warm_report
-    from .status import StatusClient
 
-    client = StatusClient(args.address)
     pulled = False
     try:
-        for event in client.prefetch(pull_pb2.PrefetchRequest(pull=pull_request(args), wait=args.wait)):
-            if isinstance(event, str):
-                print(event, flush=True)
-            elif isinstance(event, PullReport):
-                pulled = True
-                print(format_report(event), flush=True)
-            elif isinstance(event, WarmReport):
-                print(format_warm_report(event), flush=True)
-                return 1 if event.failed else 0
+        with _daemon(args.address) as client:
+            for event in client.prefetch(pull_pb2.PrefetchRequest(pull=pull_request(args), wait=args.wait)):
+                if isinstance(event, str):
+                    print(event, flush=True)
+                elif isinstance(event, PullReport):
+                    pulled = True
+                    print(format_report(event), flush=True)
+                elif isinstance(event, WarmReport):
+                    print(format_warm_report(event), flush=True)
+                    return 1 if event.failed else 0
     except KeyboardInterrupt:
         if not pulled:
             raise
         print(f"lazysnap: interrupted; the daemon keeps warming {args.image} (`lazysnap status` shows how far)",
               file=sys.stderr)
         return 130
-    except grpc.RpcError as e:
-        _daemon_error(e, args.address)
-    finally:
-        client.close()
     sys.exit("lazysnap: the daemon ended the prefetch without a report")
 
 
-def _daemon_error(e: Any, address: Path) -> None:
-    """Exit with what the daemon said (`e`, a grpc.RpcError), or that it is not there."""
-    import grpc
+@contextmanager
+def _daemon(address: Path) -> Iterator[StatusClient]:
+    """The daemon's client for a pull; exits saying so when no daemon answers (what else it
+    answers with is a lazysnap error, which `main` prints)."""
+    from .status import connect
 
-    if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNIMPLEMENTED):
-        sys.exit(f"lazysnap: cannot reach the lazysnap daemon at {address}: {e.details()}")
-    sys.exit(f"lazysnap: {e.details()}")
+    try:
+        with connect(address) as client:
+            yield client
+    except Unavailable as e:
+        sys.exit(f"lazysnap: cannot reach the lazysnap daemon at {address}: {e}")
 
 
 async def soci_command(args: argparse.Namespace) -> int:
@@ -344,18 +336,14 @@ async def profile_command(args: argparse.Namespace) -> int:
 
 
 def status_command(args: argparse.Namespace) -> int:
-    import grpc
+    from .status import connect
 
-    from .status import StatusClient
-
-    client = StatusClient(args.address)
     try:
-        reply = client.layers()
-    except grpc.RpcError as e:
-        print(f"lazysnap: cannot reach lazysnap at {args.address}: {e.code().name}", file=sys.stderr)
+        with connect(args.address) as client:
+            reply = client.layers()
+    except SnapshotterError as e:
+        print(f"lazysnap: cannot reach lazysnap at {args.address}: {e.status}", file=sys.stderr)
         return 1
-    finally:
-        client.close()
     if args.json:
         print(json.dumps(message_dict(reply), indent=1))
         return 0

@@ -17,6 +17,7 @@ SIGTERM the socket closes; the data planes serve on.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -30,7 +31,7 @@ from .cache import ChunkCache
 from .config import Config
 from .containerd.pull import Puller
 from .dataplane.client import DataPlanes, PlaneOptions
-from .layers.background import BackgroundOptions
+from .fetch.background import BackgroundOptions
 from .layers.manager import LayerManager, ManagerOptions, open_manager, start_background
 from .mounts import overlay_index_off
 from .registry.client import RegistryClient
@@ -61,9 +62,9 @@ async def serve(config: Config) -> None:
             await trio.to_thread.run_sync(snapshotter.cleanup)
             puller = Puller(nursery, remote.registry if remote else None, remote.explain if remote else None,
                             remote.warm if remote else None)
-            status = _WithRenewals(remote, keychain.renewals) if remote is not None else None
-            server = service.start_server(snapshotter, config.address, config.grpc_workers, status=status,
-                                          puller=puller, registry=registry_options(config))
+            server = service.start_server(snapshotter, config.address, config.grpc_workers, status=remote,
+                                          puller=puller, registry=registry_options(config),
+                                          renewed=functools.partial(last_renewed, keychain.renewals))
             proxy = None
             if cri is not None and config.cri_image_service_address is not None:
                 proxy = cri_proxy.start(config.cri_image_service_address, config.cri_containerd_address, cri,
@@ -116,25 +117,13 @@ async def _open_lazy_side(config: Config, store: Store, keychain: Keychain) -> A
             yield manager
 
 
-class _WithRenewals:
-    """The layer manager's report, each layer with when its registry credentials were last renewed."""
-
-    def __init__(self, manager: LayerManager, renewals: Renewals) -> None:
-        self.manager = manager
-        self.renewals = renewals
-
-    def report(self, digests: list[str]) -> tuple[list[dict[str, object]], dict[str, int], dict[str, object],
-                                                  list[dict[str, object]]]:
-        layers, *rest = self.manager.report(digests)
-        renewed = [{**layer, "credential_renewed": self._renewed(str(layer.get("image_ref", "")))} for layer in layers]
-        return (renewed, *rest)  # type: ignore[return-value]
-
-    def _renewed(self, image: str) -> float:
-        try:
-            ref = parse_reference(image)
-        except RegistryError:
-            return 0.0
-        return self.renewals.last(ref.domain, ref.path)
+def last_renewed(renewals: Renewals, image: str) -> float:
+    """When credentials were last obtained for `image`'s registry and repository (0: never, or not a reference)."""
+    try:
+        ref = parse_reference(image)
+    except RegistryError:
+        return 0.0
+    return renewals.last(ref.domain, ref.path)
 
 
 def registry_options(config: Config) -> RegistryOptions:

@@ -1,7 +1,7 @@
 """Prometheus metrics at `metrics_address` (off by default): what a node operator graphs and alerts on.
 
 Two kinds, all named `lazysnap_*`:
-- measured where they happen: range GETs of layer blobs (`lazysnap_fetch_*`, from `layers/blob.py`);
+- measured where they happen: range GETs of layer blobs (`lazysnap_fetch_*`, from `fetch/blob.py`);
 - read at scrape time from the daemon's own state (`Collector`): layers by mode and
   fallback cause, bytes fetched, prefetched and fetched in the background, the chunk cache,
   and what the data planes counted (FUSE requests, cache hits and misses of reads, EIOs by

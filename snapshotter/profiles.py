@@ -1,6 +1,6 @@
 """Where start profiles live: on this node (`<root>/profiles`), and beside the image in its registry.
 
-The daemon records a profile during an image's first start here and saves it locally;
+The daemon records a profile during an image's first start (`recording.py`) and saves it locally;
 `lazysnap profile push` publishes it as a referrer of the image manifest, so the first
 start on one node teaches every node. At mount, a local profile wins; otherwise the
 registry's newest one is used.

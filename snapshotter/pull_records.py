@@ -30,17 +30,23 @@ class PullOrder:
     registry: RegistryOptions
 
 
-@dataclass
+@dataclass(frozen=True)
 class LayerOutcome:
+    """How one layer of a pulled image came, as rpull's report says it."""
+
     digest: str
     size: int
     how: str
+    """`LAZY`, `LAZY` and the layer's format ("lazy estargz"), or `WHOLE_BY_LAZYSNAP` (`containerd.pull.how_obtained`)."""
     reason: str = ""
+    """Why the layer is not lazy; empty when it is."""
     seconds: float = 0.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class PullReport:
+    """What a pull did: the image, and each of its layers, bottom first."""
+
     image: str
     manifest_digest: str
     layers: list[LayerOutcome]

@@ -1,10 +1,10 @@
 """The gRPC face of lazysnap: containerd's snapshots.v1 service on a unix socket,
 and lazysnap's own Status and Images (pull, prefetch) services beside it.
 
-The only module that knows gRPC. Each handler converts the request to plain values,
+The only server module that knows gRPC. Each handler converts the request to plain values,
 calls the `Snapshotter` (or the layer manager, or the puller), and converts the answer
-back; lazysnap's typed errors become the status codes containerd's errdefs expect, in
-the one table `STATUS_CODES`.
+(typed records) into protobuf, here and nowhere else; lazysnap's typed errors become the
+status codes containerd's errdefs expect, in the one table of `grpc_status.py`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 import grpc
 from google.protobuf import empty_pb2, timestamp_pb2
@@ -27,42 +27,23 @@ from .api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from .api.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from .api.containerd.types import mount_pb2
 from .api.lazysnap.v1 import pull_pb2, pull_pb2_grpc, status_pb2, status_pb2_grpc
-from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, SnapshotterError
+from .errors import SnapshotterError
+from .grpc_status import status_code
 from .mounts import Mount
 from .pull_records import PrefetchEvent, PullEvent, PullOrder, PullReport, WarmReport
 from .registry.options import RegistryOptions
 from .snapshots import Snapshotter
 from .store import Snapshot
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from .layers.served import StatusReport
 
-STATUS_CODES: dict[type[SnapshotterError], grpc.StatusCode] = {
-    NotFound: grpc.StatusCode.NOT_FOUND,
-    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
-    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
-    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-}
+log = logging.getLogger(__name__)
 
 LIST_BATCH = 100
 """Infos per List message, as containerd's own snapshots service batches them."""
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def status_code(error: SnapshotterError) -> grpc.StatusCode:
-    for cls in type(error).__mro__:
-        if cls in STATUS_CODES:
-            return STATUS_CODES[cls]
-    return grpc.StatusCode.UNKNOWN
-
-
-def error_from_status(code: grpc.StatusCode, message: str) -> SnapshotterError:
-    """The reverse of `status_code`, for answers from containerd (the client side)."""
-    for cls, known in STATUS_CODES.items():
-        if known == code:
-            return cls(message)
-    return SnapshotterError(f"{message} ({code.name})")
 
 
 def rpc(method: F) -> F:
@@ -84,7 +65,7 @@ def rpc(method: F) -> F:
         log.debug("%s %s ok in %.1f ms", name, _brief(request), (time.monotonic() - start) * 1000)
         return reply
 
-    return handler  # type: ignore[return-value]
+    return cast(F, handler)
 
 
 class SnapshotsService(pb_grpc.SnapshotsServicer):
@@ -140,28 +121,42 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
         return empty_pb2.Empty()
 
 
-class LayerReport(Protocol):
+class StatusSource(Protocol):
     """What the Status API reports from (the layer manager, when lazy pulling is on)."""
 
-    def report(self, digests: list[str]) -> tuple[list[dict[str, object]], dict[str, int], dict[str, object],
-                                                  list[dict[str, object]]]: ...
+    def report(self, digests: list[str]) -> StatusReport: ...
 
 
 class StatusService(status_pb2_grpc.StatusServicer):
-    def __init__(self, source: LayerReport | None) -> None:
+    def __init__(self, source: StatusSource | None, renewed: Callable[[str], float] = lambda image: 0.0) -> None:
+        """`renewed(image reference)`: when credentials for the image's registry were last obtained (0: never)."""
         self.source = source
+        self.renewed = renewed
 
     @rpc
     def Layers(self, request: status_pb2.LayersRequest, context: grpc.ServicerContext) -> status_pb2.LayersResponse:
         if self.source is None:
             return status_pb2.LayersResponse()
-        layers, cache, fuse, planes = self.source.report(list(request.digests))
-        return status_pb2.LayersResponse(
-            layers=[status_pb2.Layer(**layer) for layer in layers],  # type: ignore[arg-type]
-            cache=status_pb2.Cache(**cache),
-            fuse=status_pb2.Fuse(**fuse),  # type: ignore[arg-type]
-            data_planes=[status_pb2.DataPlane(**plane) for plane in planes],  # type: ignore[arg-type]
-        )
+        return to_pb_status(self.source.report(list(request.digests)), self.renewed)
+
+
+def to_pb_status(report: StatusReport, renewed: Callable[[str], float]) -> status_pb2.LayersResponse:
+    return status_pb2.LayersResponse(
+        layers=[status_pb2.Layer(
+            digest=layer.digest, image_ref=layer.image_ref, mode=layer.mode, reason=layer.reason, size=layer.size,
+            resolve_seconds=layer.resolve_seconds, path=layer.path, fetched_bytes=layer.fetched_bytes,
+            fetch_state=layer.fetch_state, prefetched_bytes=layer.prefetched_bytes,
+            background_bytes=layer.background_bytes, pull_seconds=layer.pull_seconds,
+            content_bytes=layer.content_bytes, complete_bytes=layer.complete_bytes,
+            credential_renewed=renewed(layer.image_ref)) for layer in report.layers],
+        cache=status_pb2.Cache(bytes=report.cache.bytes, max_bytes=report.cache.max_bytes, hits=report.cache.hits,
+                               misses=report.cache.misses, evictions=report.cache.evictions),
+        fuse=status_pb2.Fuse(ops=[status_pb2.FuseOp(name=op.name, count=op.count, seconds=op.seconds)
+                                  for op in report.fuse.ops],
+                             read_bytes=report.fuse.read_bytes, read_errors=report.fuse.read_errors),
+        data_planes=[status_pb2.DataPlane(generation=plane.generation, pid=plane.pid, retiring=plane.retiring,
+                                          layers=plane.layers, build=plane.build) for plane in report.planes],
+    )
 
 
 class PullStarter(Protocol):
@@ -273,12 +268,16 @@ def _brief(request: Any) -> str:
 
 
 def start_server(snapshotter: Snapshotter, address: Path, workers: int = 16,
-                 status: LayerReport | None = None, puller: PullStarter | None = None,
-                 registry: RegistryOptions | None = None) -> grpc.Server:
-    """Serve on a unix socket only root can reach (mode 0600), replacing a stale socket."""
+                 status: StatusSource | None = None, puller: PullStarter | None = None,
+                 registry: RegistryOptions | None = None,
+                 renewed: Callable[[str], float] = lambda image: 0.0) -> grpc.Server:
+    """Serve on a unix socket only root can reach (mode 0600), replacing a stale socket.
+
+    `renewed(image reference)` says when the Status API's layers last had their registry credentials renewed.
+    """
     server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"))
     pb_grpc.add_SnapshotsServicer_to_server(SnapshotsService(snapshotter), server)
-    status_pb2_grpc.add_StatusServicer_to_server(StatusService(status), server)
+    status_pb2_grpc.add_StatusServicer_to_server(StatusService(status, renewed), server)
     pull_pb2_grpc.add_ImagesServicer_to_server(ImagesService(puller, registry), server)
     start_on_socket(server, address)
     return server

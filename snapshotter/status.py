@@ -7,15 +7,32 @@ Light on imports on purpose: the command line starts a fresh process for every c
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
 
 from .api.lazysnap.v1 import pull_pb2, pull_pb2_grpc, status_pb2, status_pb2_grpc
+from .grpc_status import error_from_status
 from .pull_records import LayerOutcome, PullReport, WarmedLayer, WarmReport
 
 
+@contextmanager
+def connect(address: Path) -> Iterator[StatusClient]:
+    """A client of the daemon at `address` for the block, closed after it; what the daemon answers
+    with an error status (or that no daemon answers: `Unavailable`) raised as lazysnap's error."""
+    client = StatusClient(address)
+    try:
+        yield client
+    except grpc.RpcError as e:
+        raise error_from_status(e.code(), e.details()) from None
+    finally:
+        client.close()
+
+
 class StatusClient:
+    """The calls themselves; they raise grpc.RpcError (`connect` turns it into lazysnap's errors)."""
+
     def __init__(self, address: Path, timeout: float = 10.0) -> None:
         self.address = address
         self.timeout = timeout

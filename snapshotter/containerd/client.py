@@ -11,6 +11,7 @@ import datetime
 import secrets
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import grpc
 from google.protobuf import field_mask_pb2
@@ -20,10 +21,10 @@ from ..api.containerd.services.images.v1 import images_pb2, images_pb2_grpc
 from ..api.containerd.services.leases.v1 import leases_pb2, leases_pb2_grpc
 from ..api.containerd.services.snapshots.v1 import snapshots_pb2, snapshots_pb2_grpc
 from ..api.containerd.types import descriptor_pb2, mount_pb2
-from ..errors import AlreadyExists, SnapshotterError
+from ..errors import AlreadyExists, SnapshotterError, Unavailable
+from ..grpc_status import CLASSES, error_from_status
 from ..mounts import Mount
 from ..registry.manifest import Descriptor
-from ..service import error_from_status
 
 WRITE_CHUNK = 1 << 20
 """Bytes per content Write message (gRPC's default message limit is 4 MiB)."""
@@ -68,17 +69,15 @@ class ContainerdClient:
             md.append(("containerd-lease", self.lease_id))
         return md
 
-    def _call(self, method, request, timeout: float | None = None):  # type: ignore[no-untyped-def]
-        try:
+    def _call(self, method: Any, request: Any, timeout: float | None = None) -> Any:
+        with _answered(f"containerd {method._method.decode()}"):
             return method(request, metadata=self._metadata(), timeout=timeout or self.timeout)
-        except grpc.RpcError as e:
-            raise error_from_status(e.code(), f"containerd {method._method.decode()}: {e.details()}") from None
 
     def wait_ready(self, timeout: float = 10.0) -> None:
         try:
             grpc.channel_ready_future(self._channel).result(timeout=timeout)
         except grpc.FutureTimeoutError:
-            raise SnapshotterError(f"containerd is not answering on {self.address}") from None
+            raise Unavailable(f"containerd is not answering on {self.address}") from None
 
     # -- leases --------------------------------------------------------------------
 
@@ -94,8 +93,8 @@ class ContainerdClient:
         finally:
             self.lease_id = None
             try:
-                self._leases.Delete(leases_pb2.DeleteRequest(id=lease_id), metadata=self._metadata(), timeout=self.timeout)
-            except grpc.RpcError:
+                self._call(self._leases.Delete, leases_pb2.DeleteRequest(id=lease_id))
+            except SnapshotterError:
                 pass  # it expires on its own
 
     # -- content -------------------------------------------------------------------
@@ -131,12 +130,11 @@ class ContainerdClient:
             )
 
         try:
-            for _ in self._content.Write(requests(), metadata=self._metadata(), timeout=None):
-                pass
-        except grpc.RpcError as e:
-            error = error_from_status(e.code(), f"writing {desc.digest} to containerd: {e.details()}")
-            if not isinstance(error, AlreadyExists):
-                raise error from None
+            with _answered(f"writing {desc.digest} to containerd"):
+                for _ in self._content.Write(requests(), metadata=self._metadata(), timeout=None):
+                    pass
+        except AlreadyExists:
+            pass  # committed since `has_content` looked
 
     def set_content_labels(self, digest: str, labels: dict[str, str]) -> None:
         info = content_pb2.Info(digest=digest, labels=labels)
@@ -171,6 +169,20 @@ class ContainerdClient:
         except SnapshotterError:
             return False
         return True
+
+
+@contextmanager
+def _answered(what: str) -> Iterator[None]:
+    """containerd's error statuses in the block, raised as lazysnap's errors (the one place in this client).
+
+    A code without an errdefs class of lazysnap's is named in the message, which says what failed.
+    """
+    try:
+        yield
+    except grpc.RpcError as e:
+        code = e.code()
+        named = "" if code in CLASSES else f" ({code.name})"
+        raise error_from_status(code, f"{what}: {e.details()}{named}") from None
 
 
 def _mounts(pbs: Iterable[mount_pb2.Mount]) -> list[Mount]:

@@ -20,13 +20,14 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import trio
 
 from .. import labels as L
-from ..errors import AlreadyExists, SnapshotterError
+from ..errors import AlreadyExists, NotFound, SnapshotterError
 from ..layers.saved import WHOLE as WHOLE_MODE
+from ..layers.served import Explanation
 from ..pull_records import (
     LAZY,
     WHOLE_BY_LAZYSNAP,
@@ -47,8 +48,22 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
 class PullError(SnapshotterError):
     """The image could not be pulled (the message says which step failed)."""
+
+
+class _SnapshotGone(Exception):
+    """A layer snapshot this pull counted on was removed under it: containerd's garbage collector
+    took what an earlier, failed pull left, between two Prepares. containerd's own unpacker
+    retries then too; the new attempt's Prepares hold the pull's lease on what they find."""
+
+
+UNPACK_ATTEMPTS = 3
+
+
+Ending = TypeVar("Ending", PullReport, WarmReport)
+"""The report a pull (`PullReport`) or a prefetch (`WarmReport`) ends its stream of events with."""
 
 
 def chain_ids(diff_ids: list[str]) -> list[str]:
@@ -60,9 +75,9 @@ def chain_ids(diff_ids: list[str]) -> list[str]:
 
 
 async def rpull(ref: str, *, registry: RegistryClient, containerd: ContainerdClient, snapshotter: str = "lazysnap",
-                explain: Callable[[str], tuple[str, str]] | None = None,
+                explain: Callable[[str], Explanation] | None = None,
                 progress: Callable[[str], None] = lambda line: None) -> PullReport:
-    """Pull `ref` into containerd for `snapshotter`; `explain(digest)` gives (mode, reason) from lazysnap."""
+    """Pull `ref` into containerd for `snapshotter`; `explain(digest)` says how lazysnap obtained a layer."""
     start = time.monotonic()
     manifest = await registry.resolve(ref)
     image_name = str(manifest.ref)
@@ -77,7 +92,6 @@ async def rpull(ref: str, *, registry: RegistryClient, containerd: ContainerdCli
         raise PullError(f"manifest has {len(layers)} layers but the config lists {len(diff_ids)} diff ids")
     chain = chain_ids(diff_ids)
     progress(f"{image_name}: manifest {manifest.digest}, {len(layers)} layers")
-    outcomes: list[LayerOutcome] = []
     async with _leased(containerd):
         manifest_labels = {"containerd.io/gc.ref.content.config": config_desc.digest} | {
             f"containerd.io/gc.ref.content.l.{i}": layer.digest for i, layer in enumerate(layers)
@@ -85,22 +99,8 @@ async def rpull(ref: str, *, registry: RegistryClient, containerd: ContainerdCli
         await trio.to_thread.run_sync(containerd.write_content, config_desc, [config_raw], None)
         manifest_desc = Descriptor(manifest.media_type, manifest.digest, len(manifest.raw))
         await trio.to_thread.run_sync(containerd.write_content, manifest_desc, [manifest.raw], manifest_labels)
-        parent = ""
-        for i, layer in enumerate(layers):
-            layer_start = time.monotonic()
-            labels = L.cri_labels(chain[i], image_name, manifest.digest, layer.digest,
-                                  [above.digest for above in layers[i:]])
-            labels |= {k: v for k, v in layer.annotations.items() if k.startswith(L.PREFIX)}
-            outcome = await _unpack_layer(containerd, snapshotter, layer, chain[i], parent, labels, explain)
-            if explain is not None:
-                mode, reason = explain(layer.digest)
-                outcome.how = WHOLE_BY_LAZYSNAP if mode == WHOLE_MODE else f"{LAZY} {mode}" if mode else LAZY
-                outcome.reason = reason
-            outcome.seconds = time.monotonic() - layer_start
-            outcomes.append(outcome)
-            progress(f"  layer {i + 1}/{len(layers)} {layer.digest[:19]}: {outcome.how} in {outcome.seconds:.2f} s"
-                     + (f" ({outcome.reason})" if outcome.reason else ""))
-            parent = chain[i]
+        outcomes = await unpack_image(containerd, snapshotter, layers, chain, image_name, manifest.digest,
+                                      explain, progress)
         await trio.to_thread.run_sync(
             containerd.set_content_labels, config_desc.digest,
             {f"containerd.io/gc.ref.snapshot.{snapshotter}": chain[-1]} if chain else {},
@@ -109,16 +109,66 @@ async def rpull(ref: str, *, registry: RegistryClient, containerd: ContainerdCli
     return PullReport(image_name, manifest.digest, outcomes, time.monotonic() - start)
 
 
+async def unpack_image(containerd: ContainerdClient, snapshotter: str, layers: list[Descriptor], chain: list[str],
+                       image_name: str, manifest_digest: str, explain: Callable[[str], Explanation] | None,
+                       progress: Callable[[str], None]) -> list[LayerOutcome]:
+    """`_unpack_layers`, again from the bottom when a snapshot it counted on was collected meanwhile."""
+    for attempt in range(1, UNPACK_ATTEMPTS + 1):
+        try:
+            return await _unpack_layers(containerd, snapshotter, layers, chain, image_name, manifest_digest,
+                                        explain, progress)
+        except _SnapshotGone as e:
+            if attempt == UNPACK_ATTEMPTS:
+                raise PullError(f"{e} (gone {attempt} times: containerd kept collecting this image's "
+                                "snapshots; try again)") from None
+            log.info("pull of %s: %s; unpacking again (attempt %d)", image_name, e, attempt + 1)
+            progress(f"  {e}: unpacking again")
+    raise AssertionError("unreachable")
+
+
+async def _unpack_layers(containerd: ContainerdClient, snapshotter: str, layers: list[Descriptor], chain: list[str],
+                         image_name: str, manifest_digest: str, explain: Callable[[str], Explanation] | None,
+                         progress: Callable[[str], None]) -> list[LayerOutcome]:
+    """Prepare each layer on its parent, bottom up; how each came."""
+    outcomes: list[LayerOutcome] = []
+    parent = ""
+    for i, layer in enumerate(layers):
+        layer_start = time.monotonic()
+        labels = L.cri_labels(chain[i], image_name, manifest_digest, layer.digest,
+                              [above.digest for above in layers[i:]])
+        labels |= {k: v for k, v in layer.annotations.items() if k.startswith(L.PREFIX)}
+        await _unpack_layer(containerd, snapshotter, layer, chain[i], parent, labels, explain)
+        explained = explain(layer.digest) if explain is not None else Explanation()
+        outcome = LayerOutcome(layer.digest, layer.size, how_obtained(explained.mode), explained.reason,
+                               time.monotonic() - layer_start)
+        outcomes.append(outcome)
+        progress(f"  layer {i + 1}/{len(layers)} {layer.digest[:19]}: {outcome.how} in {outcome.seconds:.2f} s"
+                 + (f" ({outcome.reason})" if outcome.reason else ""))
+        parent = chain[i]
+    return outcomes
+
+
+def how_obtained(mode: str) -> str:
+    """How a layer came, as rpull's report says it: lazily (in which format, when lazysnap says),
+    or pulled whole by lazysnap (containerd downloaded nothing either way)."""
+    return WHOLE_BY_LAZYSNAP if mode == WHOLE_MODE else f"{LAZY} {mode}" if mode else LAZY
+
+
 async def _unpack_layer(containerd: ContainerdClient, snapshotter: str, layer: Descriptor, chain_id: str,
-                        parent: str, labels: dict[str, str], explain: Callable[[str], tuple[str, str]] | None
-                        ) -> LayerOutcome:
+                        parent: str, labels: dict[str, str], explain: Callable[[str], Explanation] | None) -> None:
+    """Have lazysnap obtain the layer (it answers the Prepare AlreadyExists); PullError if it could not."""
     key = f"extract-{time.time_ns()}-{secrets.token_hex(4)} {chain_id}"
     try:
         await trio.to_thread.run_sync(containerd.prepare, snapshotter, key, parent, labels)
     except AlreadyExists:
         if not await trio.to_thread.run_sync(containerd.snapshot_exists, snapshotter, chain_id):
-            raise PullError(f"snapshotter said layer {layer.digest} exists as {chain_id}, but it does not") from None
-        return LayerOutcome(layer.digest, layer.size, LAZY)
+            raise _SnapshotGone(f"layer {layer.digest} was answered as existing, then its snapshot "
+                                f"{chain_id} was gone") from None
+        return
+    except NotFound:
+        if parent and not await trio.to_thread.run_sync(containerd.snapshot_exists, snapshotter, parent):
+            raise _SnapshotGone(f"the snapshot {parent} below layer {layer.digest} was gone") from None
+        raise
     # Ordinary mounts: lazysnap neither serves the layer nor could pull it. Nothing to unpack into.
     with trio.CancelScope(shield=True):
         try:
@@ -128,7 +178,7 @@ async def _unpack_layer(containerd: ContainerdClient, snapshotter: str, layer: D
     if explain is None:
         raise PullError(f"layer {layer.digest}: lazysnap serves no layers itself (lazy = false); "
                         "pull with `ctr image pull --snapshotter lazysnap` instead")
-    raise PullError(f"layer {layer.digest}: lazysnap could not obtain it: {explain(layer.digest)[1]}")
+    raise PullError(f"layer {layer.digest}: lazysnap could not obtain it: {explain(layer.digest).reason}")
 
 
 @asynccontextmanager
@@ -152,7 +202,7 @@ class Puller:
     """
 
     def __init__(self, nursery: trio.Nursery, registry: RegistryClient | None,
-                 explain: Callable[[str], tuple[str, str]] | None,
+                 explain: Callable[[str], Explanation] | None,
                  warm: Callable[[PullReport], Warming] | None = None) -> None:
         """`warm` starts warming a pulled image's lazy layers (the layer manager's; None when lazy is off)."""
         self.nursery = nursery
@@ -177,8 +227,8 @@ class Puller:
         """
         return self._start(order, functools.partial(self._prefetch, order, wait, emit), emit, "prefetch")
 
-    def _start(self, order: PullOrder, job: Callable[[], Awaitable[PullReport | WarmReport]],
-               emit: Callable[[PrefetchEvent], None], what: str) -> Callable[[], None]:
+    def _start(self, order: PullOrder, job: Callable[[], Awaitable[Ending]],
+               emit: Callable[[Ending | SnapshotterError], None], what: str) -> Callable[[], None]:
         scope = trio.CancelScope()
         trio.from_thread.run_sync(self.nursery.start_soon, self._run, order, job, emit, scope, what,
                                   trio_token=self.token)
@@ -191,10 +241,11 @@ class Puller:
 
         return cancel
 
-    async def _run(self, order: PullOrder, job: Callable[[], Awaitable[PullReport | WarmReport]],
-                   emit: Callable[[PrefetchEvent], None], scope: trio.CancelScope, what: str) -> None:
-        """Always ends with one report or error, so the client's stream always ends."""
-        outcome: PrefetchEvent = PullError(f"the {what} of {order.ref} was cancelled")
+    async def _run(self, order: PullOrder, job: Callable[[], Awaitable[Ending]],
+                   emit: Callable[[Ending | SnapshotterError], None], scope: trio.CancelScope, what: str) -> None:
+        """Always ends with one report or error, so the client's stream always ends: every error of a
+        pull becomes its client's here, as lazysnap's error (the service gives it its status code)."""
+        outcome: Ending | SnapshotterError = PullError(f"the {what} of {order.ref} was cancelled")
         try:
             with scope:
                 try:

@@ -61,7 +61,17 @@ class _OpenFile:
     att: Attachment
     node: Node
     failed_until: float = 0.0
-    """After a failed read, further reads through this open file fail at once until then."""
+    """After a failed read, further reads of its bytes through this open file fail at once until then."""
+    failed: tuple[int, int] = (0, 0)
+    """The bytes [start, end) of that read. Only they fail fast: the kernel retries a failed
+    readahead page by page within it, while one data device serves every container of a
+    layer, whose reads elsewhere must not fail for another's bad chunk."""
+
+    def fails_fast(self, off: int, size: int, now: float) -> bool:
+        return self.failed_until > now and off < self.failed[1] and off + size > self.failed[0]
+
+    def failed_at(self, off: int, size: int, until: float) -> None:
+        self.failed_until, self.failed = until, (off, off + size)
 
 
 @dataclass(eq=False)
@@ -358,7 +368,7 @@ class LayerFilesystem(pyfuse3.Operations):
         if off >= node.size or size <= 0:
             return b""
         want = min(size, node.size - off)
-        if f.failed_until > trio.current_time():
+        if f.fails_fast(off, want, trio.current_time()):
             f.failed_until = trio.current_time() + self.fail_fast
             self.stats.read_failed(ReadFailure.RETRY_TOO_SOON)
             log.debug("EIO: layer %s inode %d offset %d: failed moments ago, not retried yet",
@@ -395,7 +405,7 @@ class LayerFilesystem(pyfuse3.Operations):
                      f: _OpenFile | None = None, exc_info: bool = False) -> NoReturn:
         self.stats.read_failed(cause)
         if f is not None:
-            f.failed_until = trio.current_time() + self.fail_fast
+            f.failed_at(off, size, trio.current_time() + self.fail_fast)
         log.error("EIO: layer %s file %s (inode %d) offset %d size %d: %s", os.fsdecode(att.name),
                   _path_of(att.tree, node), node.ino, off, size, why, exc_info=exc_info)
         raise pyfuse3.FUSEError(errno.EIO)

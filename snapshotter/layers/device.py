@@ -21,13 +21,16 @@ import stat
 import struct
 import sys
 from array import array
+from collections import OrderedDict
 from dataclasses import dataclass
+
+import trio
 
 from ..cache import ChunkCache, Verify, sha256_verifier
 from ..formats.erofs import Image
 from ..formats.errors import FormatError
+from ..recording import Recording
 from .estargz import EStargzLayer
-from .fetch import Recording
 from .layer import ReadError, UnitSource
 from .tree import ROOT_INO, LayerTree, Node
 
@@ -37,6 +40,36 @@ MAGIC = b"LZSDMAP1"
 LITERAL = 0xFFFFFFFF
 """A piece whose bytes are kept in the map itself (the TOC file, `stargz.index.json`)."""
 _HEADER = struct.Struct(">8sQQQQQ")  # magic, data size, pieces, units, literal bytes, name bytes
+
+
+class HeldUnits:
+    """The units loaded last, kept whole by cache key (one of these for all of a data plane's
+    devices): a read within one is answered with a view of it, where the cache would copy the
+    bytes out. The cache's memory holds the same objects, so this costs little memory more."""
+
+    def __init__(self, units: int = 4) -> None:
+        self.units = units
+        self._held: OrderedDict[str, bytes] = OrderedDict()
+
+    def get(self, key: str) -> bytes | None:
+        whole = self._held.get(key)
+        if whole is not None:
+            self._held.move_to_end(key)
+        return whole
+
+    def hold(self, key: str, whole: bytes) -> None:
+        self._held[key] = whole
+        self._held.move_to_end(key)
+        while len(self._held) > self.units:
+            self._held.popitem(last=False)
+
+
+class _Load:
+    """A unit's first load, which other reads of the unit wait for."""
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.error: Exception | None = None
 
 
 @dataclass(frozen=True)
@@ -146,12 +179,18 @@ class MappedDevice:
 
     direct_io = True
 
-    def __init__(self, device: DeviceMap, digest: str, cache: ChunkCache, source: UnitSource) -> None:
+    def __init__(self, device: DeviceMap, digest: str, cache: ChunkCache, source: UnitSource,
+                 held: HeldUnits | None = None) -> None:
         self.device = device
         self.digest = digest
         self.cache = cache
         self.source = source
         self.recordings: list[Recording] = []
+        self.held = held if held is not None else HeldUnits()
+        self._loaded: set[int] = set()
+        """Units loaded (so verified) once: the cache then reads just the bytes asked for."""
+        self._loading: dict[int, _Load] = {}
+        """Units whose first load is under way."""
         self.size = device.data_size
         self.tree = LayerTree()
         node = Node(ROOT_INO + 1, stat.S_IFREG | 0o400, size=device.data_size, parent=ROOT_INO)
@@ -159,9 +198,14 @@ class MappedDevice:
         assert self.tree.root.children is not None
         self.tree.root.children[b"data"] = node.ino
 
-    async def read(self, node: Node, offset: int, size: int) -> bytes:
+    async def read(self, node: Node, offset: int, size: int) -> bytes | memoryview:
         device = self.device
         end = min(offset + size, device.data_size)
+        i = bisect.bisect_right(device.offsets, offset) - 1
+        if i >= 0 and offset < end <= device.offsets[i] + device.sizes[i]:
+            # Most reads lie within one chunk (EROFS asks for up to 1 MiB, chunks are 4 MiB):
+            # answer with its bytes as they come, without copying them twice more.
+            return await self._piece(i, offset - device.offsets[i], end - offset)
         out = bytearray()
         while offset < end:
             i = bisect.bisect_right(device.offsets, offset) - 1
@@ -175,7 +219,7 @@ class MappedDevice:
             offset += n
         return bytes(out)
 
-    async def _piece(self, i: int, within: int, n: int) -> bytes:
+    async def _piece(self, i: int, within: int, n: int) -> bytes | memoryview:
         device = self.device
         unit = device.units[i]
         start = device.unit_offsets[i] + within
@@ -185,13 +229,44 @@ class MappedDevice:
             recording.touch(self.digest, device.blob_ranges[2 * unit], device.blob_ranges[2 * unit + 1])
         key, digest = device.keys[unit], device.digests[unit]
         verify = sha256_verifier(digest) if digest else None
-        part = await self.cache.get_range(key, start, start + n, verify)
-        if part is None:
-            whole = await self.cache.get_or_fetch(key, lambda: self._from_source(key, verify), verify)
-            part = whole[start:start + n]
+        whole = self.held.get(key)
+        while whole is None and unit not in self._loaded and (loading := self._loading.get(unit)) is not None:
+            # A chunk's first read loads all of it and checks its digest. EROFS has several
+            # reads of one chunk in flight at once, and each would load and hash the whole
+            # chunk again: they wait for the first one instead, and share its failure (each
+            # trying again would keep a bad chunk failing long after its reader gave up).
+            await loading.done.wait()
+            if loading.error is not None:
+                raise ReadError(f"layer {self.digest}: chunk {key}: {loading.error}") from loading.error
+            whole = self.held.get(key)  # None if the loader was cancelled: load it here
+        if whole is None and unit in self._loaded:
+            part = await self.cache.get_range(key, start, start + n, verify)  # just these bytes
+            if part is None:
+                whole = await self._whole(key, verify)
+        elif whole is None:
+            self._loading[unit] = loading = _Load()
+            try:
+                whole = await self._whole(key, verify)
+                self._loaded.add(unit)
+            except Exception as e:
+                loading.error = e
+                raise
+            finally:
+                del self._loading[unit]
+                loading.done.set()
+        if whole is not None:
+            self.held.hold(key, whole)
+            part = memoryview(whole)[start:start + n]  # a view: no copy
         if len(part) != n:
             raise ReadError(f"layer {self.digest}: chunk {key} holds {len(part)} of the {n} bytes asked for")
         return part
+
+    async def _whole(self, key: str, verify: Verify | None) -> bytes:
+        """The unit's verified bytes: from the cache (checked there), else from the source (checked here)."""
+        whole = await self.cache.get(key, verify)
+        if whole is None:
+            whole = await self.cache.get_or_fetch(key, lambda: self._from_source(key, verify), verify)
+        return whole
 
     async def _from_source(self, key: str, verify: Verify | None) -> bytes:
         data = await self.source.fetch(self.digest, key)

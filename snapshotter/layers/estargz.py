@@ -16,10 +16,14 @@ from dataclasses import dataclass
 import trio
 
 from ..cache import ChunkCache, Verify, sha256_verifier
+from ..fetch.activity import FetchActivity
+from ..fetch.batching import decode_each, extent, fill_batch
+from ..fetch.readahead import fetch_ahead
+from ..fetch.units import Unit
 from ..formats import estargz, zstd_chunked
 from ..formats.entries import LayerEntry
 from ..formats.errors import FormatError
-from .fetch import FetchActivity, Recording, Unit, fetch_ahead
+from ..recording import Recording
 from .layer import Blob, ReadError, UnitSource
 from .tree import LayerTree, Node, build_tree
 
@@ -139,19 +143,16 @@ class EStargzLayer:
         return self._units
 
     def is_cached(self, unit: Unit) -> bool:
-        return self.key_of(self._in_blob_order[unit.index]) in self.cache
+        return self._key(unit) in self.cache
 
     async def fetch_batch(self, units: Sequence[Unit]) -> int:
-        by_key = {self.key_of(c): c for c in (self._in_blob_order[u.index] for u in units)}
+        return await fill_batch(self.cache, self.blob.read, units, self._key, self._decode)
 
-        async def fetch(claimed: list[str]) -> dict[str, bytes]:
-            chunks = [by_key[k] for k in claimed]
-            start = min(c.compressed_offset for c in chunks)
-            compressed = await self.blob.read(start, max(c.compressed_end for c in chunks))
-            done = await trio.to_thread.run_sync(_decompress_each, compressed, start, chunks, self._decompress)
-            return {self.key_of(c): data for c, data in done if isinstance(data, bytes)}
+    def _key(self, unit: Unit) -> str:
+        return self.key_of(self._in_blob_order[unit.index])
 
-        return await self.cache.fill(list(by_key), fetch)
+    def _decode(self, unit: Unit, compressed: bytes) -> bytes:
+        return self._decompress(compressed, self._in_blob_order[unit.index])
 
     @property
     def tree(self) -> LayerTree:
@@ -206,11 +207,17 @@ class EStargzLayer:
         """The chunk's name in the chunk cache: its digest, or where it sits in the blob when it has none."""
         return chunk.digest or f"{self.blob.digest}@{chunk.compressed_offset}+{chunk.inner_offset}:{chunk.size}"
 
-    def _neighbours(self, chunk: estargz.Chunk) -> list[estargz.Chunk]:
-        """Verifiable, uncached chunks that follow `chunk` within the fetch window, up to the
-        first large file other than `chunk`'s (`fetch.fetch_ahead`). In issue 15's layer with 256 KiB
-        chunks, reading /etc/passwd alone fetched 277,573 bytes, 262,242 of them the first chunk
-        of the large unread file after /etc; 15,331 now."""
+    def _unit_of(self, chunk: estargz.Chunk) -> Unit:
+        i = bisect.bisect_left(self._offsets, chunk.compressed_offset)
+        while self._in_blob_order[i] != chunk:  # chunks of one gzip member share an offset
+            i += 1
+        return self._units[i]
+
+    def _neighbours(self, chunk: estargz.Chunk) -> list[Unit]:
+        """Verifiable, uncached chunks (their units) that follow `chunk` within the fetch window,
+        up to the first large file other than `chunk`'s (`readahead.fetch_ahead`). In issue 15's
+        layer with 256 KiB chunks, reading /etc/passwd alone fetched 277,573 bytes, 262,242 of them
+        the first chunk of the large unread file after /etc; 15,331 now."""
         out = []
         limit = chunk.compressed_offset + FETCH_WINDOW
         first = bisect.bisect_left(self._offsets, chunk.compressed_offset)
@@ -218,38 +225,28 @@ class EStargzLayer:
         for unit, other in zip(self._units[first:], self._in_blob_order[first:]):
             if other.compressed_end > limit or not fetch_ahead(unit, read_file):
                 break
-            if other != chunk and other.digest and self.cache.wanted(self.key_of(other)):
-                out.append(other)
+            if other == chunk:
+                continue
+            if not (other.digest and self.cache.wanted(self.key_of(other))):
+                break  # cached or on its way: the window ends, rather than fetch its bytes again
+            out.append(unit)
         return out
 
     async def _fetch(self, chunk: estargz.Chunk) -> bytes:
         neighbours = self._neighbours(chunk)
-        start = chunk.compressed_offset
-        end = max([chunk.compressed_end, *(n.compressed_end for n in neighbours)])
-        self.activity.foreground(self, start, end)
-        try:
-            compressed = await self.blob.read(start, end)
-        except Exception as e:
-            raise ReadError(f"fetching {self.blob.digest} [{start}, {end}): {e}") from e
-        done = await trio.to_thread.run_sync(_decompress_each, compressed, start, [chunk, *neighbours],
-                                             self._decompress)
-        wanted = done[0][1]
-        if isinstance(wanted, FormatError):
-            raise wanted
-        # A neighbour that fails to verify is fetched again when read.
-        await self.cache.put_many([(self.key_of(other), data) for other, data in done[1:] if isinstance(data, bytes)])
+        # Claimed, so that a read of a neighbour meanwhile waits for this GET instead of its own.
+        async with self.cache.claimed([self._key(u) for u in neighbours]) as claim:
+            units = [self._unit_of(chunk), *neighbours]  # all claimed: none was cached or on its way
+            start, end = extent(units)
+            self.activity.foreground(self, start, end)
+            try:
+                compressed = await self.blob.read(start, end)
+            except Exception as e:
+                raise ReadError(f"fetching {self.blob.digest} [{start}, {end}): {e}") from e
+            done = await decode_each(compressed, start, units, self._decode)
+            wanted = done[0][1]
+            if isinstance(wanted, FormatError):
+                raise wanted
+            # A neighbour that fails to verify is fetched again when read.
+            claim.got.update((self._key(unit), data) for unit, data in done[1:] if isinstance(data, bytes))
         return wanted
-
-
-def _decompress_each(compressed: bytes, start: int, chunks: list[estargz.Chunk],
-                     decompress: Callable[[bytes, estargz.Chunk], bytes] = estargz.decompress_chunk
-                     ) -> list[tuple[estargz.Chunk, bytes | FormatError]]:
-    """Each chunk's verified bytes, or why not, from the blob bytes fetched from `start`."""
-    out: list[tuple[estargz.Chunk, bytes | FormatError]] = []
-    for chunk in chunks:
-        piece = compressed[chunk.compressed_offset - start:chunk.compressed_end - start]
-        try:
-            out.append((chunk, decompress(piece, chunk)))
-        except FormatError as e:
-            out.append((chunk, e))
-    return out

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import trio
 
+from ..fetch.prefetch import FetchQueue
+from ..fetch.units import Unit, first_reached
 from ..formats import estargz, soci_index
 from ..formats.descriptor import Descriptor
 from ..formats.errors import FormatError
@@ -29,13 +31,12 @@ from ..formats.jsondoc import load_object
 from ..formats.profile import Profile
 from ..labels import LayerRequest
 from ..profiles import Borrowed, ProfileStore, borrowed_profile, describe_borrowed, find_remote, find_shared
+from ..recording import Recording
 from ..registry.client import RegistryClient
 from ..registry.errors import RegistryError
 from ..soci.discovery import Discovery, find_index
 from ..soci.local import LocalIndexes
 from .estargz import EStargzLayer
-from .fetch import Recording, Unit, first_reached
-from .prefetch import FetchQueue
 from .soci import SociLayer
 
 log = logging.getLogger(__name__)

@@ -30,25 +30,27 @@ import trio
 
 from .. import metrics
 from ..cache import ChunkCache
+from ..fetch.activity import FetchActivity
+from ..fetch.background import BackgroundFetcher, BackgroundOptions, Target
+from ..fetch.prefetch import prefetch
+from ..fetch.readahead import Readahead
+from ..fetch.units import FetchableLayer, Unit
 from ..formats import estargz, zstd_chunked
 from ..formats.errors import FormatError
 from ..labels import LayerRequest
 from ..profiles import ProfileStore
 from ..pull_records import PullReport
+from ..recording import Recording
 from ..registry.client import RegistryClient
 from ..registry.errors import RegistryError
 from ..soci.local import LocalIndexes
 from ..store import LayerRecord, Store
 from ..whole.apply import copy_up_parents
-from .background import BackgroundFetcher, BackgroundOptions, Target
 from .estargz import EStargzLayer
-from .fetch import FetchableLayer, FetchActivity, Progress, Recording, Unit, batches
 from .images import Image, ImageOptions, Images, borrowed_note, prefetch_units
-from .prefetch import FetchQueue, prefetch
-from .readahead import Readahead
 from .resolver import SETTLED, Fallback, Resolution, Resolver
 from .saved import WHOLE, ZSTD_CHUNKED, FallbackCause, build_layer
-from .served import AttachError, DataPlane, LayerStatus, Report, ServedLayers
+from .served import AttachError, DataPlane, Explanation, LayerStatus, ServedLayers, StatusReport
 from .soci import SociLayer
 from .warming import Warmer, Warming
 from .whole_pulls import WholePulls
@@ -59,8 +61,6 @@ RETRY_FAILED_AFTER = 30.0
 """A failed resolution is tried again by its own layer's Prepare at once, but by the
 Prepares of the image's other layers (which look ahead) only after this long: without
 it, each Prepare of a pull would fetch again an index that one layer does not have."""
-READAHEAD_GETS = 2
-"""Readahead GETs in flight at once, across all layers."""
 
 
 @dataclass
@@ -98,13 +98,13 @@ class LayerManager:
         self.served = ServedLayers(root, store, registry, cache, self.activity, planes, fuse_xattrs=options.fuse_xattrs)
         self.images = Images(registry, local, ProfileStore(root / "profiles"), nursery,
                              ImageOptions(options.prefetch, options.record_profiles, options.profile_seconds,
-                                          options.fetch_concurrency), self._stop_recording)
+                                          options.fetch_concurrency), Recording.detach)
         self.resolver = Resolver(registry, local, self.images, nursery, options.resolve_timeout)
         self.wholes = WholePulls(registry, root, nursery)
         self.warmer = Warmer(self.served, self.images, cache, nursery)
+        self.readahead = Readahead(self._spawn_readahead, maximum=options.readahead_max)
         if options.readahead_max > 0:
-            self.activity.on_miss = Readahead(self._spawn_readahead, maximum=options.readahead_max).miss
-        self._readahead = FetchQueue(trio.CapacityLimiter(READAHEAD_GETS))
+            self.activity.on_miss = self.readahead.miss
 
     def layer_path(self, layer_id: int) -> Path:
         """Where a served layer's tree is mounted: `<root>/mnt/<id>`, whichever data plane serves it."""
@@ -122,7 +122,7 @@ class LayerManager:
     def release(self, layers: list[LayerRecord]) -> None:
         trio.from_thread.run(self.served.release, layers, trio_token=self.token)
 
-    def report(self, digests: list[str]) -> Report:
+    def report(self, digests: list[str]) -> StatusReport:
         """Layer, cache, FUSE request and data plane state for the Status API."""
         return trio.from_thread.run(self.served.report, digests, trio_token=self.token)
 
@@ -130,8 +130,8 @@ class LayerManager:
         """The state a Prometheus scrape reports (from the metrics server's thread)."""
         return trio.from_thread.run(self.served.metrics, trio_token=self.token)
 
-    def explain(self, digest: str) -> tuple[str, str]:
-        """(mode, reason) for a layer: how it is served, and why not lazily. On the trio thread."""
+    def explain(self, digest: str) -> Explanation:
+        """How a layer is served, and why not lazily. On the trio thread."""
         return self.served.explain(digest)
 
     def warm(self, pulled: PullReport) -> Warming:
@@ -240,7 +240,7 @@ class LayerManager:
         """Start recording this layer's reads, or fetch ahead what the image will read of it."""
         await image.ready.wait()
         if image.recording is not None and digest in image.layers:
-            layer.recordings.append(image.recording)
+            image.recording.attach(layer)
         if not self.options.prefetch:
             return
         units, sources = prefetch_units(image, digest, layer)
@@ -250,22 +250,11 @@ class LayerManager:
             log.info("prefetching %d units of %s (%s)", len(units), digest, ", ".join(sources))
             await prefetch(digest, layer, units, status.progress, image.queue)
 
-    def _stop_recording(self, recording: Recording) -> None:
-        for status in self.served.status.values():
-            if status.layer is not None and recording in status.layer.recordings:
-                status.layer.recordings.remove(recording)
-
     def _spawn_readahead(self, layer: FetchableLayer, units: list[Unit]) -> None:
+        """Readahead's fetch runs as one of its layer's tasks (releasing the layer cancels it)."""
         status = self.served.status_of_layer(layer)
         if status is not None:
-            self.nursery.start_soon(status.run_task, self._read_ahead, layer, units, status.progress)
-
-    async def _read_ahead(self, layer: FetchableLayer, units: list[Unit], progress: Progress) -> None:
-        todo = batches([u for u in units if not layer.is_cached(u)])
-        failure = await self._readahead.fetch(layer, [(0.0, run) for run in todo],  # ties: first come, first fetched
-                                             progress)
-        if failure:
-            log.debug("readahead stopped: %s", failure)
+            self.nursery.start_soon(status.run_task, self.readahead.fetch, layer, units, status.progress)
 
     def background_targets(self) -> list[Target]:
         return [(s.digest, s.layer, s.progress) for s in self.served.status.values() if s.layer is not None]

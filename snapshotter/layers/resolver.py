@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from ..fetch.blob import RegistryBlob
 from ..formats import estargz, zstd_chunked
 from ..formats.errors import FormatError
 from ..labels import LayerRequest
@@ -23,7 +24,6 @@ from ..registry.client import RegistryClient
 from ..registry.errors import RegistryError
 from ..soci.discovery import Discovery, fetch_ztoc
 from ..soci.local import LocalIndexes
-from .blob import RegistryBlob
 from .estargz import EStargzIndex, fetch_index, fetch_zstd_index, read_tail
 from .images import Image, Images
 from .saved import ESTARGZ, SOCI, ZSTD_CHUNKED, FallbackCause

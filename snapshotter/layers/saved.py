@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..cache import ChunkCache
+from ..fetch.activity import FetchActivity
 from ..formats import ztoc
 from ..formats.erofs import Extent
 from ..formats.errors import FormatError
 from ..store import LayerRecord
 from .estargz import ESTARGZ_CHUNKS, ZSTD_CHUNKS, EStargzLayer, parse_index
-from .fetch import FetchActivity
 from .layer import Blob, UnitSource
 from .soci import SociLayer
 

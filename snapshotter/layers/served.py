@@ -16,25 +16,27 @@ from __future__ import annotations
 import logging
 import shutil
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, NamedTuple, Protocol
 
 import trio
 
 from .. import metrics
 from ..atomic import write_atomically
 from ..cache import ChunkCache
+from ..fetch.activity import FetchActivity
+from ..fetch.blob import RestoredBlob
+from ..fetch.progress import Progress, completeness
+from ..fetch.units import FetchableLayer
 from ..formats.erofs import Image
 from ..formats.errors import FormatError
 from ..labels import LayerRequest
 from ..registry.client import RegistryClient
 from ..store import LayerRecord, Store
 from . import device, erofs, saved
-from .blob import RestoredBlob
 from .estargz import EStargzLayer
-from .fetch import FetchableLayer, FetchActivity, Progress, completeness
 from .layer import ReadError
 from .saved import FALLBACK, FallbackCause
 from .soci import SociLayer
@@ -45,8 +47,95 @@ MAX_FALLBACK_STATUS = 1000
 """Fallback reasons kept for `lazysnap status`, newest first (served layers are always kept)."""
 
 
-Report = tuple[list[dict[str, object]], dict[str, int], dict[str, object], list[dict[str, object]]]
-"""Layers, cache, FUSE requests and data planes, in the shapes of the Status API's messages."""
+@dataclass(frozen=True)
+class LayerReport:
+    """How one layer is served, for `lazysnap status` (the Status API's `Layer`, which says what each field means)."""
+
+    digest: str
+    image_ref: str
+    mode: str
+    reason: str
+    size: int
+    resolve_seconds: float
+    path: str
+    fetched_bytes: int
+    fetch_state: str
+    prefetched_bytes: int
+    background_bytes: int
+    pull_seconds: float
+    complete_bytes: int
+    content_bytes: int
+
+
+@dataclass(frozen=True)
+class CacheReport:
+    """The chunk cache: its size, and how the data planes' reads fared in it."""
+
+    bytes: int
+    max_bytes: int
+    hits: int
+    misses: int
+    evictions: int
+
+
+@dataclass(frozen=True)
+class FuseOpReport:
+    """FUSE requests of one operation since the data planes started, and the time they took."""
+
+    name: str
+    count: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class FuseReport:
+    """What the data planes' FUSE mounts served, busiest operation first."""
+
+    ops: tuple[FuseOpReport, ...]
+    read_bytes: int
+    read_errors: int
+
+    @classmethod
+    def of(cls, counters: Mapping[str, Any]) -> FuseReport:
+        """From the data planes' counters (`PlaneStats.fuse`, as the data plane sends them)."""
+        return cls(tuple(FuseOpReport(str(op["name"]), int(op["count"]), float(op["seconds"]))
+                         for op in counters.get("ops", [])),
+                   int(counters.get("read_bytes", 0)), int(counters.get("read_errors", 0)))
+
+
+@dataclass(frozen=True)
+class PlaneReport:
+    """One live data plane process (`DataPlane.generations`)."""
+
+    generation: int
+    pid: int
+    retiring: bool
+    layers: int
+    build: str
+
+    @classmethod
+    def of(cls, generation: Mapping[str, Any]) -> PlaneReport:
+        return cls(int(generation["generation"]), int(generation["pid"]), bool(generation["retiring"]),
+                   int(generation["layers"]), str(generation["build"]))
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    """Layers (newest first), cache, FUSE requests and data planes: what `lazysnap status` shows.
+    `service.py` turns it into the Status API's answer."""
+
+    layers: tuple[LayerReport, ...]
+    cache: CacheReport
+    fuse: FuseReport
+    planes: tuple[PlaneReport, ...]
+
+
+class Explanation(NamedTuple):
+    """How a layer is obtained, for `rpull`'s report: its mode ("" while lazysnap has not seen it) and,
+    when it is not lazy, why. A named tuple: it still reads as the `(mode, reason)` pair it replaces."""
+
+    mode: str = ""
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -339,23 +428,25 @@ class ServedLayers:
                 for start, end in ranges:
                     recording.touch(digest, int(start), int(end))
 
-    async def report(self, digests: list[str]) -> Report:
+    async def report(self, digests: list[str]) -> StatusReport:
         want = set(digests)
         wanted = [s for s in reversed(self.status.values()) if not want or s.digest in want]
         cached = {s.digest: await completeness(s.layer, s.progress, self._cache_state) for s in wanted if s.layer}
-        layers = [
-            {"digest": s.digest, "image_ref": s.image_ref, "mode": s.mode, "reason": s.reason, "size": s.size,
-             "resolve_seconds": s.resolve_seconds, "path": s.path, "fetched_bytes": s.fetched_bytes,
-             "fetch_state": ("warming" if s.progress.warming else s.progress.state) if s.layer is not None else "",
-             "prefetched_bytes": s.progress.prefetched_bytes, "background_bytes": s.progress.background_bytes,
-             "pull_seconds": s.pull_seconds, "complete_bytes": cached.get(s.digest, (0, 0))[0],
-             "content_bytes": cached.get(s.digest, (0, 0))[1]}
+        layers = tuple(
+            LayerReport(
+                digest=s.digest, image_ref=s.image_ref, mode=s.mode, reason=s.reason, size=s.size,
+                resolve_seconds=s.resolve_seconds, path=s.path, fetched_bytes=s.fetched_bytes,
+                fetch_state=s.progress.shown() if s.layer is not None else "",
+                prefetched_bytes=s.progress.prefetched_bytes, background_bytes=s.progress.background_bytes,
+                pull_seconds=s.pull_seconds, complete_bytes=cached.get(s.digest, (0, 0))[0],
+                content_bytes=cached.get(s.digest, (0, 0))[1])
             for s in wanted
-        ]
+        )
         planes = await self.planes.stats()
-        cache = {"bytes": self.cache.size, "max_bytes": self.cache.max_bytes, "hits": planes.hits,
-                 "misses": planes.misses, "evictions": self.cache.stats.evictions}
-        return layers, cache, planes.fuse, self.planes.generations()
+        cache = CacheReport(bytes=self.cache.size, max_bytes=self.cache.max_bytes, hits=planes.hits,
+                            misses=planes.misses, evictions=self.cache.stats.evictions)
+        return StatusReport(layers, cache, FuseReport.of(planes.fuse),
+                            tuple(PlaneReport.of(g) for g in self.planes.generations()))
 
     async def metrics(self) -> metrics.Snapshot:
         """One consistent view of the layers, the cache and the data planes, for a scrape."""
@@ -367,28 +458,27 @@ class ServedLayers:
                 fallbacks[s.cause.value] = fallbacks.get(s.cause.value, 0) + 1
         served = [s for s in self.status.values() if s.layer is not None]
         planes = await self.planes.stats()
-        ops = {str(op["name"]): (int(op["count"]), float(op["seconds"]))  # type: ignore[index]
-               for op in planes.fuse.get("ops", [])}  # type: ignore[union-attr]
-        generations = self.planes.generations()
+        ops = {op.name: (op.count, op.seconds) for op in FuseReport.of(planes.fuse).ops}
+        generations = [PlaneReport.of(g) for g in self.planes.generations()]
         return metrics.Snapshot(
             layers=layers, fallbacks=fallbacks,
-            complete_layers=sum(1 for s in served if s.progress.state == "complete"),
+            complete_layers=sum(1 for s in served if s.progress.complete),
             fetched_bytes=sum(s.fetched_bytes for s in served),
             prefetched_bytes=sum(s.progress.prefetched_bytes for s in served),
             background_bytes=sum(s.progress.background_bytes for s in served),
             cache_bytes=self.cache.size, cache_max_bytes=self.cache.max_bytes,
             cache_evictions=self.cache.stats.evictions, read_hits=planes.hits, read_misses=planes.misses,
             fuse_ops=ops, read_failures=dict(planes.read_failures),
-            data_planes={"current": sum(1 for g in generations if not g["retiring"]),
-                         "retiring": sum(1 for g in generations if g["retiring"])})
+            data_planes={"current": sum(1 for g in generations if not g.retiring),
+                         "retiring": sum(1 for g in generations if g.retiring)})
 
     def _cache_state(self) -> tuple[int, int, int]:
         return self.cache.size, self.cache.stats.evictions, self.cache.stats.corrupt
 
-    def explain(self, digest: str) -> tuple[str, str]:
-        """(mode, reason) for a layer: how it is served, and why not lazily."""
+    def explain(self, digest: str) -> Explanation:
+        """How a layer is served, and why not lazily."""
         status = self.status.get(digest)
-        return (status.mode, status.reason) if status is not None else ("", "")
+        return Explanation(status.mode, status.reason) if status is not None else Explanation()
 
 
 def _save(files: saved.LayerFiles, index: bytes | None, image: Image | None, layer: EStargzLayer | SociLayer) -> None:

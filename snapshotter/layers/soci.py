@@ -16,9 +16,12 @@ from collections.abc import Sequence
 import trio
 
 from ..cache import ChunkCache, sha256_verifier
+from ..fetch.activity import FetchActivity
+from ..fetch.batching import fill_batch
+from ..fetch.units import Unit
 from ..formats import gzip_index, ztoc
 from ..formats.errors import FormatError
-from .fetch import FetchActivity, Recording, Unit
+from ..recording import Recording
 from .layer import Blob, ReadError, UnitSource
 from .tree import LayerTree, Node, build_tree
 
@@ -56,27 +59,18 @@ class SociLayer:
         return self._units
 
     def is_cached(self, unit: Unit) -> bool:
-        return self.ztoc.compression.span_digests[unit.index] in self.cache
+        return self._key(unit) in self.cache
 
     async def fetch_batch(self, units: Sequence[Unit]) -> int:
-        digests = self.ztoc.compression.span_digests
-        by_key = {digests[u.index]: self.index.span(u.index) for u in units}
+        return await fill_batch(self.cache, self.blob.read, units, self._key, self._verified)
 
-        async def fetch(claimed: list[str]) -> dict[str, bytes]:
-            spans = [(k, by_key[k]) for k in claimed]
-            start = min(s.compressed_start for _, s in spans)
-            compressed = await self.blob.read(start, max(s.compressed_end for _, s in spans))
-            out = {}
-            for key, span in spans:
-                piece = compressed[span.compressed_start - start:span.compressed_end - start]
-                try:
-                    gzip_index.verify_span(piece, key)
-                except FormatError:
-                    continue  # fetched again, and reported, when read
-                out[key] = piece
-            return out
+    def _key(self, unit: Unit) -> str:
+        return self.ztoc.compression.span_digests[unit.index]
 
-        return await self.cache.fill(list(by_key), fetch)
+    def _verified(self, unit: Unit, compressed: bytes) -> bytes:
+        """A span is cached compressed, once it matches its digest."""
+        gzip_index.verify_span(compressed, self._key(unit))
+        return compressed
 
     @property
     def tree(self) -> LayerTree:
@@ -160,7 +154,7 @@ class SociLayer:
 def _file_at(extents: list[ztoc.FileExtent], span: gzip_index.Span) -> tuple[int, int]:
     """(where it starts, its size), both uncompressed, of the file a span's bytes begin with (or,
     if none runs into it, of the first file that starts in it): what readahead tells files by
-    (`fetch.fetch_ahead`; an uncompressed size keeps to the small side of the bound). (-1, 0):
+    (`readahead.fetch_ahead`; an uncompressed size keeps to the small side of the bound). (-1, 0):
     no file."""
     i = bisect.bisect_right(extents, (span.uncompressed_start, 1 << 62)) - 1
     if i >= 0 and extents[i].uncompressed_offset + extents[i].size > span.uncompressed_start:

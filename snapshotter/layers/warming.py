@@ -25,12 +25,14 @@ from dataclasses import dataclass, field
 import trio
 
 from ..cache import ChunkCache
+from ..fetch.batching import BATCH_BYTES, Job, batch_jobs
+from ..fetch.prefetch import FetchQueue
+from ..fetch.progress import COMPLETE, cached_units
+from ..fetch.units import FetchableLayer, Unit
 from ..labels import LayerRequest
 from ..pull_records import PullReport, WarmedLayer, WarmReport, percent
 from ..sizes import human_size
-from .fetch import BATCH_BYTES, SCAN_STEP, FetchableLayer, Unit, batches
 from .images import Image, Images, prefetch_units
-from .prefetch import FetchQueue
 from .saved import WHOLE
 from .served import LayerStatus, ServedLayers
 
@@ -47,8 +49,8 @@ PASSES = 3
 """Tries of a layer's GETs: what failed (or was in flight for another reader) is tried again
 after 1 s, then 2 s, before the layer is reported as failed."""
 
-Jobs = list[tuple[float, list[Unit]]]
-"""(priority, batch) GETs for the image's `FetchQueue`; lower is sooner."""
+Jobs = list[Job]
+"""A layer's GETs for the image's `FetchQueue`."""
 
 
 @dataclass(eq=False)
@@ -234,7 +236,7 @@ class Warmer:
                     await trio.sleep(2 ** attempt)
             lw.count(layer, await cached_units(layer))
             if lw.complete_bytes == lw.content_bytes:
-                progress.state = "complete"
+                progress.state = COMPLETE
                 lw.finish("complete")
             elif jobs:
                 lw.finish(f"failed: {failure or f'{sum(map(len, (r for _, r in jobs)))} unit(s) not cached'}")
@@ -277,17 +279,6 @@ class _Counting:
         return stored
 
 
-async def cached_units(layer: FetchableLayer) -> set[int]:
-    """Indexes of the layer's units in the cache (yielding to other tasks as it goes)."""
-    out: set[int] = set()
-    for i, unit in enumerate(layer.units):
-        if layer.is_cached(unit):
-            out.add(unit.index)
-        if i % SCAN_STEP == SCAN_STEP - 1:
-            await trio.lowlevel.checkpoint()
-    return out
-
-
 def plan(layers: Sequence[tuple[Sequence[Unit], Iterable[tuple[float, Unit]], set[int]]],
          budget: int) -> tuple[list[Jobs], int]:
     """The GETs that warm each layer, given (its units, the units the image reads first with
@@ -313,6 +304,4 @@ def plan(layers: Sequence[tuple[Sequence[Unit], Iterable[tuple[float, Unit]], se
         used += unit.cached_size
         if unit.index not in layers[k][2]:
             picked[k][unit.index] = (p, unit)
-    jobs = [[(min(chosen[u.index][0] for u in run), run) for run in batches(u for _, u in chosen.values())]
-            for chosen in picked]
-    return jobs, left_out
+    return [batch_jobs(chosen.values()) for chosen in picked], left_out

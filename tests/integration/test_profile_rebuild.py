@@ -126,7 +126,9 @@ def test_a_rebuild_prefetches_what_the_previous_build_read_of_the_layers_they_sh
 
         assert _workload(fresh, v2, "rb-fresh") == v2.expected
         assert _blob_bytes(registry, rebuild.libs, before) == 0, "every library byte the start read was prefetched"
-        assert _blob_bytes(registry, rebuild.app2, before) >= OWN_SIZE, "the new layer is read on demand"
+        # On demand, but for what came with the index: the tail read keeps the chunks beside the TOC.
+        ahead = _blob_bytes(registry, rebuild.app2, start, before)
+        assert _blob_bytes(registry, rebuild.app2, before) >= OWN_SIZE - ahead, "the new layer is read on demand"
 
         def recorded() -> bool:
             listed = lazysnap_cli("profile", "list", "--root", str(fresh.lazysnap.root)).stdout

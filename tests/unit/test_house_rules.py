@@ -2,8 +2,11 @@
 
 - `formats/` stands on the ground floor: it imports nothing else of lazysnap.
 - Only `fuse/` imports pyfuse3; only `registry/` imports httpx; only the gRPC server
-  (`service.py`), the CRI proxy (`cri_proxy.py`), their clients and the generated stubs import grpc.
+  (`service.py`), the CRI proxy (`cri_proxy.py`), their clients, the table of status codes
+  (`grpc_status.py`) and the generated stubs import grpc.
 - `layers/` never imports what stands above it (`fuse/`, `dataplane/`, the daemon).
+- `fetch/` stands between the cache and registry below and `layers/` above: it imports
+  none of `layers/`, `fuse/`, `dataplane/`, the daemon, the service or the command line.
 - The data plane process loads neither the HTTP nor the gRPC stack, and the control
   plane never loads pyfuse3 (checked by importing them in a fresh interpreter).
 """
@@ -20,8 +23,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "snapshotter"
 GENERATED = ("api", "formats/ztoc_fbs")
-GRPC_ALLOWED = ("service.py", "status.py", "cri_proxy.py", "containerd/", "api/",
-                "cli.py")  # cli.py reads status codes itself until one client-side error mapping exists (issue 16)
+GRPC_ALLOWED = ("service.py", "grpc_status.py", "status.py", "cri_proxy.py", "containerd/", "api/")
 
 
 def modules() -> dict[str, set[str]]:
@@ -69,6 +71,15 @@ def test_layers_never_import_what_stands_above_them() -> None:
              "snapshotter.snapshots", "snapshotter.cli")
     offenders = {rel: sorted(n for n in names if n.startswith(above))
                  for rel, names in MODULES.items() if rel.startswith("layers/")}
+    assert {rel: names for rel, names in offenders.items() if names} == {}
+
+
+def test_fetch_never_imports_what_stands_above_it() -> None:
+    above = ("snapshotter.layers", "snapshotter.fuse", "snapshotter.dataplane", "snapshotter.daemon",
+             "snapshotter.service", "snapshotter.cli")
+    offenders = {rel: sorted(n for n in names if n in above or n.startswith(tuple(f"{a}." for a in above)))
+                 for rel, names in MODULES.items() if rel.startswith("fetch/")}
+    assert any(rel.startswith("fetch/") for rel in MODULES), "the fetch package has moved: update this rule"
     assert {rel: names for rel, names in offenders.items() if names} == {}
 
 

@@ -15,21 +15,17 @@ from snapshotter.formats import profile as fmt
 from snapshotter.formats.digest import content_digest
 from snapshotter.formats import soci_index, ztoc
 from snapshotter.formats.errors import FormatError
-from snapshotter.layers.background import BackgroundFetcher, BackgroundOptions
+from snapshotter.fetch.activity import FetchActivity
+from snapshotter.fetch.background import BackgroundFetcher, BackgroundOptions
+from snapshotter.fetch.batching import batches
+from snapshotter.fetch.prefetch import FetchQueue, prefetch
+from snapshotter.fetch.progress import COMPLETE, ON_DEMAND, Phase, Progress
+from snapshotter.fetch.readahead import Readahead
+from snapshotter.fetch.units import Unit, first_reached, units_in
 from snapshotter.layers.estargz import EStargzLayer, fetch_index
-from snapshotter.layers.fetch import (
-    FetchActivity,
-    Progress,
-    Recording,
-    Unit,
-    batches,
-    first_reached,
-    units_in,
-)
-from snapshotter.layers.prefetch import FetchQueue, prefetch
-from snapshotter.layers.readahead import Readahead
 from snapshotter.layers.soci import SociLayer
 from snapshotter.profiles import ProfileStore
+from snapshotter.recording import Recording
 from tests.harness.estargz import build_estargz
 from tests.harness.images import File
 from tests.unit.blobs import MemoryBlob
@@ -68,7 +64,7 @@ def test_bad_read_times_are_a_clear_error(at: object) -> None:
 
 def test_a_recording_keeps_when_each_range_was_first_read(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = iter([100.0, 100.2, 100.25, 101.0])
-    monkeypatch.setattr("snapshotter.layers.fetch.time.monotonic", lambda: next(clock))
+    monkeypatch.setattr("snapshotter.recording.time.monotonic", lambda: next(clock))
     other = "sha256:" + "3" * 64
     rec = Recording(IMAGE, (LAYER, other), 30.0)
     rec.touch(LAYER, 0, 10)
@@ -274,7 +270,7 @@ async def test_a_recorded_start_replays_in_few_gets_and_then_reads_need_none(tmp
                    FetchQueue(trio.CapacityLimiter(4)))
     assert 0 < blob.reads <= 3, f"replay took {blob.reads} GETs"
     assert blob.fetched_bytes < 2 * recorded.bytes + (64 << 10) * 20, "replay fetches what was read, not the layer"
-    assert progress.prefetched_bytes > 0 and progress.state == "on demand"
+    assert progress.prefetched_bytes > 0 and progress.state == ON_DEMAND
     reads = blob.reads
     for name in wanted:
         node = second.tree.resolve(name)
@@ -328,7 +324,7 @@ async def test_one_queue_fetches_several_layers_in_the_order_the_image_read_them
         nursery.start_soon(replay, base, [(0.0, 0), (300.0, 1 << 20), (40.0, 2 << 20)])
         nursery.start_soon(replay, lib, [(20.0, 0), (200.0, 1 << 20)])
     assert log == [("base", 0), ("lib", 0), ("base", 2 << 20), ("lib", 1 << 20), ("base", 1 << 20)]
-    assert progress["base"].prefetched_bytes == 3 and progress["lib"].state == "on demand"
+    assert progress["base"].prefetched_bytes == 3 and progress["lib"].state == ON_DEMAND
 
 
 async def test_a_failing_layer_stops_only_its_own_jobs() -> None:
@@ -366,7 +362,7 @@ async def test_background_fetch_completes_a_layer_so_reads_need_no_registry(tmp_
     progress = Progress()
     fetcher = BackgroundFetcher(lambda: [(LAYER, layer, progress)], FetchActivity(), 1 << 30,
                                 BackgroundOptions(quiet=0.01, rate=0))
-    await _run_until(fetcher, lambda: progress.state == "complete")
+    await _run_until(fetcher, lambda: progress.state == COMPLETE)
     assert all(layer.is_cached(u) for u in layer.units)
     assert progress.background_bytes >= sum(len(d) for d in files.values())
     reads = blob.reads
@@ -396,8 +392,8 @@ async def test_background_fetch_leaves_a_layer_larger_than_the_cache_share_alone
     progress = Progress()
     fetcher = BackgroundFetcher(lambda: [(LAYER, layer, progress)], FetchActivity(), 1 << 20,
                                 BackgroundOptions(quiet=0.01, rate=0))
-    await _run_until(fetcher, lambda: progress.state.startswith("background skipped"))
-    assert blob.reads == 0 and "of the 1 MiB cache" in progress.state
+    await _run_until(fetcher, lambda: progress.state.phase is Phase.BACKGROUND_SKIPPED)
+    assert blob.reads == 0 and "of the 1 MiB cache" in str(progress.state)
 
 
 async def test_background_fetch_keeps_to_its_rate(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from snapshotter.formats import profile as fmt
 from snapshotter.formats.descriptor import Descriptor
 from snapshotter.formats.digest import content_digest
 from snapshotter.layers.images import Image, ImageOptions, Images, borrowed_note, prefetch_units
-from snapshotter.layers.prefetch import FetchQueue
+from snapshotter.fetch.prefetch import FetchQueue
 from snapshotter.profiles import Borrowed, ProfileStore, find_shared, layer_tag
 from snapshotter.registry.errors import NotFoundError, RegistryUnavailable
 from snapshotter.registry.reference import parse

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import trio
 
 from snapshotter import cli
 from snapshotter.api.lazysnap.v1 import pull_pb2, pull_pb2_grpc
-from snapshotter.containerd.pull import PullError, Puller
+from snapshotter.containerd.pull import Puller, PullError
 from snapshotter.errors import NotFound
 from snapshotter.pull_records import (
     LayerOutcome,
@@ -33,6 +32,7 @@ from snapshotter.pull_records import (
 from snapshotter.registry.options import RegistryOptions
 from snapshotter.service import ImagesService
 from snapshotter.status import StatusClient
+from tests.harness.grpc_server import serving
 
 REPORT = PullReport("reg.test/app:1", "sha256:" + "a" * 64,
                     [LayerOutcome("sha256:" + "b" * 64, 1 << 20, "lazy estargz", "", 0.25),
@@ -69,15 +69,9 @@ class ScriptedPuller:
 
 @contextmanager
 def images_server(tmp_path: Path, puller: ScriptedPuller | None) -> Iterator[Path]:
-    address = tmp_path / "ls.sock"
-    server = grpc.server(ThreadPoolExecutor(max_workers=4))
-    pull_pb2_grpc.add_ImagesServicer_to_server(ImagesService(puller), server)
-    server.add_insecure_port(f"unix:{address}")
-    server.start()
-    try:
+    with serving(tmp_path, lambda server: pull_pb2_grpc.add_ImagesServicer_to_server(
+            ImagesService(puller), server), workers=4) as address:
         yield address
-    finally:
-        server.stop(grace=None).wait()
 
 
 def request(**fields: object) -> pull_pb2.PullRequest:

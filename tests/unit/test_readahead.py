@@ -10,10 +10,11 @@ import pytest
 import trio
 
 from snapshotter.cache import ChunkCache
-from snapshotter.layers.blob import RegistryBlob
+from snapshotter.fetch.activity import FetchActivity
+from snapshotter.fetch.blob import RegistryBlob
+from snapshotter.fetch.readahead import Readahead
+from snapshotter.fetch.units import FetchableLayer, Unit
 from snapshotter.layers.estargz import EStargzLayer, fetch_index
-from snapshotter.layers.fetch import FetchableLayer, FetchActivity, Unit
-from snapshotter.layers.readahead import Readahead
 from snapshotter.layers.soci import SociLayer
 from snapshotter.formats import ztoc
 from tests.harness.estargz import build_estargz

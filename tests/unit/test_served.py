@@ -16,14 +16,15 @@ import pytest
 import trio
 
 from snapshotter.cache import ChunkCache
+from snapshotter.fetch.activity import FetchActivity
+from snapshotter.fetch.blob import StoredBlob
 from snapshotter.formats.errors import FormatError
 from snapshotter.labels import LayerRequest
 from snapshotter.layers import saved
-from snapshotter.layers.blob import StoredBlob
 from snapshotter.layers.estargz import EStargzLayer, fetch_index
-from snapshotter.layers.fetch import FetchActivity, Recording
 from snapshotter.layers.layer import ReadError
 from snapshotter.layers.served import AttachError, ServedLayers
+from snapshotter.recording import Recording
 from snapshotter.store import LayerRecord, Store
 from tests.unit.blobs import MemoryBlob
 from tests.unit.fakes import Built, FakePlane, FakeRegistry, build

@@ -19,7 +19,9 @@ from snapshotter.cache import ChunkCache
 from snapshotter.formats.profile import LayerProfile, Profile
 from snapshotter.api.lazysnap.v1 import status_pb2
 from snapshotter.cli import fetch_state
-from snapshotter.layers.fetch import BATCH_BYTES, Progress, Unit, completeness
+from snapshotter.fetch.batching import BATCH_BYTES
+from snapshotter.fetch.progress import Progress, completeness
+from snapshotter.fetch.units import Unit
 from snapshotter.layers.manager import open_manager
 from snapshotter.layers.warming import REST, plan
 from snapshotter.profiles import ProfileStore
@@ -118,10 +120,10 @@ async def test_a_warming_completes_every_layer_fetching_each_byte_once(tmp_path:
         assert any(line.endswith(", complete") for line in lines[1:]), lines
         assert "100 %" in format_warm_report(done)
 
-        layer_rows, _, _, _ = await env.manager.served.report([])
+        layer_rows = (await env.manager.served.report([])).layers
         for row in layer_rows:
-            assert row["complete_bytes"] == row["content_bytes"] > 0, row
-            assert row["fetch_state"] == "complete"
+            assert row.complete_bytes == row.content_bytes > 0, row
+            assert row.fetch_state == "complete"
         assert all(env.manager.served.status[b.digest].progress.warming is False for b in layers)
 
         mark = len(registry.reads)
@@ -189,8 +191,8 @@ async def test_releasing_a_layer_stops_its_warming(tmp_path: Path) -> None:
         with trio.fail_after(5):
             while env.manager.served.status[built.digest].progress.warming is False:
                 await trio.sleep(0.01)
-            rows, _, _, _ = await env.manager.served.report([built.digest])
-            assert rows[0]["fetch_state"] == "warming"
+            rows = (await env.manager.served.report([built.digest])).layers
+            assert rows[0].fetch_state == "warming"
             await env.manager.served.release(env.layers())
             await warming.done.wait()
         assert warming.report().layers[0].state == "stopped: the layer was released"

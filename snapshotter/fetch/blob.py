@@ -1,4 +1,9 @@
-"""Layer blobs read through the registry client (which owns mirrors, redirects, auth and retries)."""
+"""Layer blobs read through the registry client (which owns mirrors, redirects, auth and retries).
+
+A `Blob` (the protocol is in `layers/layer.py`) is what every fetch of a lazy layer reads:
+the resolver's tail read, a miss, a batch. The data plane's layers never read theirs (their
+misses go to the control plane), so it gets a `StoredBlob`, which cannot.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,6 @@ import trio
 
 from .. import metrics
 from ..store import LayerRecord
-from .layer import ReadError
 
 if TYPE_CHECKING:  # the data plane uses StoredBlob, and must not load the HTTP stack
     from ..registry.client import RegistryClient
@@ -33,7 +37,9 @@ class StoredBlob:
         return self._size
 
     async def read(self, start: int, end: int) -> bytes:
-        raise ReadError(f"layer {self._digest}: the data plane does not read the registry")
+        """Never called: a data plane's layer sends its misses to the control plane (a layer's
+        reads turn any failure of its blob into its own `ReadError`)."""
+        raise RuntimeError(f"layer {self._digest}: the data plane does not read the registry")
 
 
 class RegistryBlob(StoredBlob):

@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .fetch import FetchableLayer, Progress, Unit, batches
+from .batching import Job, batch_jobs
+from .progress import ON_DEMAND, PREFETCHING, Progress
+from .units import FetchableLayer, Unit
 
 log = logging.getLogger(__name__)
 
@@ -64,17 +66,17 @@ class FetchQueue:
         self._heap: list[_Job] = []
         self._seq = itertools.count()
 
-    async def fetch(self, layer: FetchableLayer, jobs: Sequence[tuple[float, list[Unit]]], progress: Progress) -> str:
-        """Fetch `jobs` ((priority, batch); lower is sooner), counting the bytes cached into
+    async def fetch(self, layer: FetchableLayer, todo: Sequence[Job], progress: Progress) -> str:
+        """Fetch `todo` ((priority, batch); lower is sooner), counting the bytes cached into
         `progress`; stops this layer's jobs at its first failure and says what it was ("" if none)."""
-        if not jobs:
+        if not todo:
             return ""
-        owner = _Owner(layer, progress, len(jobs))
-        for priority, batch in jobs:
+        owner = _Owner(layer, progress, len(todo))
+        for priority, batch in todo:
             heapq.heappush(self._heap, _Job(priority, next(self._seq), batch, owner))
         try:
             async with trio.open_nursery() as nursery:
-                for _ in range(min(len(jobs), self.limiter.total_tokens)):
+                for _ in range(min(len(todo), self.limiter.total_tokens)):
                     nursery.start_soon(self._work)
             await owner.done.wait()
         finally:
@@ -101,17 +103,14 @@ class FetchQueue:
 async def prefetch(name: str, layer: FetchableLayer, units: Sequence[tuple[float, Unit]], progress: Progress,
                    queue: FetchQueue) -> None:
     """Fetch the uncached ones of `units` ((priority, unit); lower is sooner) through `queue`."""
-    priority: dict[int, float] = {}
-    for p, unit in units:
-        priority[unit.index] = min(p, priority.get(unit.index, p))
-    todo = batches(unit for _, unit in units if not layer.is_cached(unit))
+    todo = batch_jobs((p, unit) for p, unit in units if not layer.is_cached(unit))
     if not todo:
         return
-    progress.state = "prefetching"
+    progress.state = PREFETCHING
     started = trio.current_time()
-    failure = await queue.fetch(layer, [(min(priority[u.index] for u in run), run) for run in todo], progress)
-    if progress.state == "prefetching":
-        progress.state = "on demand"
+    failure = await queue.fetch(layer, todo, progress)
+    if progress.state == PREFETCHING:
+        progress.state = ON_DEMAND
     if failure:
         log.warning("prefetch of %s stopped: %s", name, failure)
     log.info("prefetched %d bytes of %s in %.2f s", progress.prefetched_bytes, name, trio.current_time() - started)

@@ -18,12 +18,17 @@ from dataclasses import dataclass
 
 import trio
 
-from .fetch import BATCH_BYTES, FetchableLayer, FetchActivity, Progress, Unit, batches
+from .activity import FetchActivity
+from .batching import BATCH_BYTES, batches
+from .progress import BACKGROUND, COMPLETE, FetchState, Phase, Progress
+from .units import FetchableLayer, Unit
 
 log = logging.getLogger(__name__)
 
 POLL = 1.0
 """Seconds between looks for work while idle or yielding."""
+LEFT_ALONE = frozenset({Phase.COMPLETE, Phase.PREFETCHING, Phase.BACKGROUND_SKIPPED, Phase.BACKGROUND_STOPPED})
+"""Layers in these phases are not background fetched (nor are layers being warmed)."""
 
 
 @dataclass(frozen=True)
@@ -65,21 +70,20 @@ class BackgroundFetcher:
                 log.warning("background fetch of %s failed, retrying later: %s", name, e)
                 await trio.sleep(self.options.quiet)
                 continue
-            if progress.state == "complete":
+            if progress.complete:
                 log.info("layer %s is complete in the cache (%d bytes fetched in the background)",
                          name, progress.background_bytes)
 
     def _next(self) -> Target | None:
         for name, layer, progress in self.targets():
-            if progress.warming or progress.state in ("complete", "prefetching") or progress.state.startswith(
-                    ("background skipped", "background stopped")):
+            if progress.warming or progress.state.phase in LEFT_ALONE:
                 continue
             size = self._sizes.get(layer)
             if size is None:
                 size = self._sizes[layer] = sum(u.cached_size for u in layer.units)
             if size > self.cache_max_bytes * self.options.max_share:
-                progress.state = (f"background skipped: {size >> 20} MiB would take over "
-                                  f"{self.options.max_share:.0%} of the {self.cache_max_bytes >> 20} MiB cache")
+                progress.state = FetchState(Phase.BACKGROUND_SKIPPED, f"{size >> 20} MiB would take over "
+                                            f"{self.options.max_share:.0%} of the {self.cache_max_bytes >> 20} MiB cache")
                 continue
             return name, layer, progress
         return None
@@ -96,17 +100,17 @@ class BackgroundFetcher:
                 run.append(unit)
             progress.cursor += 1
         if not run:
-            progress.state = "complete"
+            progress.state = COMPLETE
             return
-        progress.state = "background"
+        progress.state = BACKGROUND
         started = time.monotonic()
         fetched = 0
         for batch in batches(run, max_gap=BATCH_BYTES):
             fetched += await layer.fetch_batch(batch)
         progress.background_bytes += fetched
         if not fetched:
-            progress.state = (f"background stopped: {len(run)} unit(s) from blob offset {run[0].start} "
-                              "fail verification")
+            progress.state = FetchState(Phase.BACKGROUND_STOPPED,
+                                        f"{len(run)} unit(s) from blob offset {run[0].start} fail verification")
             log.error("background fetch: %s", progress.state)
             return
         compressed = run[-1].end - run[0].start
