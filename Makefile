@@ -8,10 +8,22 @@ VENV   := .venv
 PYTHON := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: test demo bench fuzz deps apt-deps venv proto clean install
+.PHONY: test test-unit test-component test-system demo bench fuzz deps apt-deps venv proto clean install
 
 test: deps
 	$(PYTHON) -m pytest -v $(PYTEST_ARGS)
+
+# The suite's three tiers, each alone (tests/conftest.py says which test is which):
+# unit needs neither root nor processes; component mounts, starts a registry or one daemon;
+# system runs containerd and containers.
+test-unit: venv
+	$(PYTHON) -m pytest -q -m unit $(PYTEST_ARGS)
+
+test-component: deps
+	$(PYTHON) -m pytest -q -m component $(PYTEST_ARGS)
+
+test-system: deps
+	$(PYTHON) -m pytest -q -m integration $(PYTEST_ARGS)
 
 # Property-based fuzzing of the parsers with the long budget (50,000 examples a test, random, with
 # hypothesis' example database in .hypothesis/; `make test` runs the same tests with a fixed CI budget).

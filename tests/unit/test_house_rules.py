@@ -94,3 +94,14 @@ def test_what_a_process_loads(module: str, absent: tuple[str, ...]) -> None:
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]", f"importing {module} loads {done.stdout.strip()}"
+
+
+def test_the_tiers_are_read_off_what_a_module_uses() -> None:
+    """tests/conftest.py: `make test-unit` must run without root or processes."""
+    from tests.conftest import imports_a_component
+
+    tests = Path(__file__).parents[1]
+    assert imports_a_component(tests / "unit" / "test_registry_client.py"), "starts a registry and a fault proxy"
+    assert imports_a_component(tests / "unit" / "test_fuse_ops.py"), "mounts FUSE"
+    assert not imports_a_component(tests / "unit" / "test_estargz_toc.py"), "pure parsing"
+    assert not imports_a_component(tests / "unit" / "test_house_rules.py")
