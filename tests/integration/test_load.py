@@ -105,6 +105,11 @@ def test_twenty_containers_at_once_fetch_each_range_once(containerd: Containerd,
     def one(i: int) -> tuple[dict[str, str], float]:
         start = time.monotonic()
         got = read_files(containerd, image, ["/shared.bin", f"/own-{i:02d}.bin"], f"{cid}-{i}")
+        if not got:
+            # `ctr run` exited 0 but its stdout was lost (seen once in CI among 20 at once: the
+            # shim disconnected before its output was copied); a failed read exits non-zero.
+            # Run it again: the bytes now come from the cache, so the range check still holds.
+            got = read_files(containerd, image, ["/shared.bin", f"/own-{i:02d}.bin"], f"{cid}-{i}-again")
         return got, time.monotonic() - start
 
     started = time.monotonic()
