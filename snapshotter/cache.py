@@ -121,9 +121,11 @@ class ChunkCache:
         `fetch` must return verified data; `verify` re-checks data loaded from disk. A
         fetch runs in the task of the first asker; if that task is cancelled (its reader
         gave up), a waiting asker takes over rather than inheriting the cancellation.
+        Askers also share the disk load and its digest check: EROFS has several reads of one
+        4 MiB chunk in flight at once, and each loaded and hashed all of it again.
         """
         while True:
-            data = await self.get(key, verify)
+            data = self._from_memory(key)
             if data is not None:
                 return data
             flight = self._inflight.get(key)
@@ -136,10 +138,13 @@ class ChunkCache:
                 return flight.data
         flight = self._inflight[key] = _InFlight()
         try:
-            self.stats.fetches += 1
-            flight.data = await fetch()
-            await self.put(key, flight.data)
-            return flight.data
+            data = await self.get(key, verify)
+            if data is None:
+                self.stats.fetches += 1
+                data = await fetch()
+                await self.put(key, data)
+            flight.data = data
+            return data
         except Exception as e:
             flight.error = e
             raise
@@ -185,11 +190,16 @@ class ChunkCache:
                 del self._inflight[key]
                 flight.done.set()
 
-    async def get(self, key: str, verify: Verify | None = None) -> bytes | None:
+    def _from_memory(self, key: str) -> bytes | None:
         data = self._memory.get(key)
         if data is not None:
             self._memory.move_to_end(key)
             self.stats.hits += 1
+        return data
+
+    async def get(self, key: str, verify: Verify | None = None) -> bytes | None:
+        data = self._from_memory(key)
+        if data is not None:
             return data
         name = _name(key)
         if not self._known(name):
@@ -216,10 +226,8 @@ class ChunkCache:
 
     async def get_range(self, key: str, start: int, end: int, verify: Verify | None = None) -> bytes | None:
         """Bytes [start, end) of the chunk for `key`, reading no more of it than needed once verified."""
-        data = self._memory.get(key)
+        data = self._from_memory(key)
         if data is not None:
-            self._memory.move_to_end(key)
-            self.stats.hits += 1
             return data[start:end]
         name = _name(key)
         if name in self._verified and self._known(name):

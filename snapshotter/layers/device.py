@@ -24,8 +24,6 @@ from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import trio
-
 from ..cache import ChunkCache, Verify, sha256_verifier
 from ..formats.erofs import Image
 from ..formats.errors import FormatError
@@ -62,14 +60,6 @@ class HeldUnits:
         self._held.move_to_end(key)
         while len(self._held) > self.units:
             self._held.popitem(last=False)
-
-
-class _Load:
-    """A unit's first load, which other reads of the unit wait for."""
-
-    def __init__(self) -> None:
-        self.done = trio.Event()
-        self.error: Exception | None = None
 
 
 @dataclass(frozen=True)
@@ -189,8 +179,6 @@ class MappedDevice:
         self.held = held if held is not None else HeldUnits()
         self._loaded: set[int] = set()
         """Units loaded (so verified) once: the cache then reads just the bytes asked for."""
-        self._loading: dict[int, _Load] = {}
-        """Units whose first load is under way."""
         self.size = device.data_size
         self.tree = LayerTree()
         node = Node(ROOT_INO + 1, stat.S_IFREG | 0o400, size=device.data_size, parent=ROOT_INO)
@@ -230,30 +218,15 @@ class MappedDevice:
         key, digest = device.keys[unit], device.digests[unit]
         verify = sha256_verifier(digest) if digest else None
         whole = self.held.get(key)
-        while whole is None and unit not in self._loaded and (loading := self._loading.get(unit)) is not None:
-            # A chunk's first read loads all of it and checks its digest. EROFS has several
-            # reads of one chunk in flight at once, and each would load and hash the whole
-            # chunk again: they wait for the first one instead, and share its failure (each
-            # trying again would keep a bad chunk failing long after its reader gave up).
-            await loading.done.wait()
-            if loading.error is not None:
-                raise ReadError(f"layer {self.digest}: chunk {key}: {loading.error}") from loading.error
-            whole = self.held.get(key)  # None if the loader was cancelled: load it here
         if whole is None and unit in self._loaded:
             part = await self.cache.get_range(key, start, start + n, verify)  # just these bytes
             if part is None:
                 whole = await self._whole(key, verify)
         elif whole is None:
-            self._loading[unit] = loading = _Load()
-            try:
-                whole = await self._whole(key, verify)
-                self._loaded.add(unit)
-            except Exception as e:
-                loading.error = e
-                raise
-            finally:
-                del self._loading[unit]
-                loading.done.set()
+            # A chunk's first read loads all of it and checks its digest, once however many
+            # reads of it are in flight (they wait for it in the cache, and share its failure).
+            whole = await self._whole(key, verify)
+            self._loaded.add(unit)
         if whole is not None:
             self.held.hold(key, whole)
             part = memoryview(whole)[start:start + n]  # a view: no copy
@@ -263,10 +236,7 @@ class MappedDevice:
 
     async def _whole(self, key: str, verify: Verify | None) -> bytes:
         """The unit's verified bytes: from the cache (checked there), else from the source (checked here)."""
-        whole = await self.cache.get(key, verify)
-        if whole is None:
-            whole = await self.cache.get_or_fetch(key, lambda: self._from_source(key, verify), verify)
-        return whole
+        return await self.cache.get_or_fetch(key, lambda: self._from_source(key, verify), verify)
 
     async def _from_source(self, key: str, verify: Verify | None) -> bytes:
         data = await self.source.fetch(self.digest, key)

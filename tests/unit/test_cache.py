@@ -67,6 +67,32 @@ async def test_survives_restart_and_reverifies(tmp_path: Path) -> None:
     assert await again.get(digest(data), sha256_verifier(digest(data))) == data
 
 
+async def test_askers_of_a_chunk_on_disk_share_one_load_and_digest_check(tmp_path: Path) -> None:
+    data = b"y" * 4096
+    key = digest(data)
+    await ChunkCache(tmp_path, max_bytes=1 << 20).put(key, data)
+    cache = ChunkCache(tmp_path, max_bytes=1 << 20)  # a restart: on disk, not in memory
+    checks = []
+
+    def verify(got: bytes) -> bool:
+        checks.append(len(got))
+        return sha256_verifier(key)(got)
+
+    async def never() -> bytes:
+        raise AssertionError("a chunk on disk is not fetched")
+
+    got = []
+
+    async def ask() -> None:
+        got.append(await cache.get_or_fetch(key, never, verify))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(4):
+            nursery.start_soon(ask)
+    assert got == [data] * 4
+    assert checks == [4096], "one load and one digest check for four askers"
+
+
 async def test_corrupt_entry_on_disk_is_dropped_not_served(tmp_path: Path) -> None:
     data = b"y" * 1000
     cache = ChunkCache(tmp_path, max_bytes=1 << 20)
