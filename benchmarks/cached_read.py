@@ -33,7 +33,6 @@ import hashlib
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,7 +43,7 @@ from . import images as bench_images
 from .micro import find_in_layers
 from .netem import ShapedLink
 from .node import Node, drop_caches, warm_tools
-from .run import RESULTS, machine
+from .run import RESULTS, machine, summarize, write_results
 
 IMAGE = "big-file"
 FILE = "data/big.bin"
@@ -112,10 +111,6 @@ def new_node(workdir: Path, cache: Path | None) -> Node:
     return Node(workdir, lazy=True).start()
 
 
-def summary(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="First read of a cached 1 GiB file through lazysnap.")
     p.add_argument("--runs", type=int, default=3)
@@ -164,14 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for phase in ("first", "again"):
-        report[phase] = {key: summary([r[phase][key] for r in report["runs"]])
+        report[phase] = {key: summarize([r[phase][key] for r in report["runs"]])
                          for key in ("mb_s", "mean_request_kib", "handler_ms_per_request", "dataplane_cpu_s")}
         s = report[phase]["mb_s"]
         print(f"{phase}: {s['median']:.0f} MB/s median [{s['min']:.0f}-{s['max']:.0f}] of {s['n']}", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}-cached-read.json"
-    out.write_text(json.dumps(report, indent=1))
-    print(f"wrote {out}")
+    print(f"wrote {write_results(args.out, 'cached-read', report)}.json")
     return 0
 
 

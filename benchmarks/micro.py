@@ -34,7 +34,7 @@ from pathlib import Path
 from . import images as bench_images
 from .netem import ShapedLink
 from .node import Node, drop_caches
-from .run import RESULTS, blob_paths, machine
+from .run import RESULTS, blob_paths, machine, write_results
 
 
 def timed(argv: list[str] | str, shell: bool = False) -> tuple[float, str]:
@@ -175,10 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     results["inflate"] = inflate_bench(catalog)
     print("inflate", json.dumps(results["inflate"]), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}-micro.json"
-    path.write_text(json.dumps(results, indent=1))
-    print(f"wrote {path}")
+    print(f"wrote {write_results(args.out, 'micro', results)}.json")
     return 0
 
 

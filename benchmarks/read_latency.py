@@ -71,6 +71,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .run import write_results
+
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 READ_IMAGE = "read-file"
@@ -547,10 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     report["loadavg_at_end"] = Path("/proc/loadavg").read_text().strip()
     report["image_build_seconds"] = built_s
     report["wall_seconds"] = time.monotonic() - started
-    args.out.mkdir(parents=True, exist_ok=True)
-    base = args.out / f"{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}-read-latency"
-    base.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
-    base.with_suffix(".md").write_text(md)
+    base = write_results(args.out, "read-latency", report, md)
     print()
     print(md)
     print(f"wrote {base}.json and .md ({report['wall_seconds']:.0f} s)")

@@ -180,6 +180,16 @@ def summarize(values: list[float]) -> dict | None:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
+def write_results(out: Path, name: str, report: dict, md: str | None = None) -> Path:
+    """Write `report` as `<out>/<stamp>-<name>.json` (and `md` beside it as `.md`); the path without suffix."""
+    out.mkdir(parents=True, exist_ok=True)
+    base = out / f"{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}-{name}"
+    base.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
+    if md is not None:
+        base.with_suffix(".md").write_text(md)
+    return base
+
+
 def machine() -> dict:
     def first(cmd: list[str]) -> str:
         return subprocess.run(cmd, capture_output=True, text=True, check=False).stdout.strip().splitlines()[0]
@@ -337,15 +347,11 @@ def main(argv: list[str] | None = None) -> int:
         "wall_seconds": time.monotonic() - started,
         "summary": summary, "runs_detail": runs,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = args.out / f"{stamp}-{link_name}"
-    base.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
     md = markdown(report) + "\n" + targets(report)
     if proxy_cost is not None:
         md += (f"\ndelay proxy: {proxy_cost:.2f} CPU s per GB forwarded "
                f"({proxy_total['cpu_seconds']:.1f} s for {(proxy_total['bytes_down'] + proxy_total['bytes_up']) / 1e9:.2f} GB)\n")
-    base.with_suffix(".md").write_text(md)
+    base = write_results(args.out, link_name, report, md)
     print()
     print(md)
     print(f"wrote {base}.json and .md ({report['wall_seconds']:.0f} s)")

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import shutil
 import signal
 import statistics
@@ -36,7 +35,7 @@ from pathlib import Path
 from . import images as bench_images
 from .netem import ShapedLink, parse_time
 from .node import NAMESPACE, Node, drop_caches, read_files, warm_tools
-from .run import MODES, RESULTS, Mode, blob_paths, lazysnap_version, machine, write_certs
+from .run import MODES, RESULTS, Mode, blob_paths, lazysnap_version, machine, write_certs, write_results
 
 
 def _start_many(node: Node, ref: str, cmd: list[str], n: int) -> list[str]:
@@ -153,12 +152,8 @@ def main(argv: list[str] | None = None) -> int:
               "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
               "command": " ".join(["python -m benchmarks.scale_out", *(argv if argv is not None else sys.argv[1:])]),
               "modes": results}
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = args.out / f"{stamp}-scale-out-{'loopback' if args.loopback else f'{args.rate}-{args.rtt}'}"
-    base.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
     md = markdown(report)
-    base.with_suffix(".md").write_text(md)
+    base = write_results(args.out, f"scale-out-{'loopback' if args.loopback else f'{args.rate}-{args.rtt}'}", report, md)
     print()
     print(md)
     print(f"wrote {base}.json and .md")
