@@ -11,6 +11,7 @@ import hashlib
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import pytest
 import trio
 
 from snapshotter.formats import soci_index, ztoc
+from snapshotter.fuse.filesystem import DEFAULT_FAIL_FAST
 from snapshotter.registry.client import RegistryClient
 from snapshotter.registry.options import RegistryOptions
 from tests.harness.containerd import Containerd
@@ -164,6 +166,7 @@ def test_a_corrupt_span_gives_eio_never_wrong_bytes(containerd: Containerd, lazy
     want = hashlib.sha256(soci_image.data[300 * 4096:301 * 4096]).hexdigest()
     assert want not in bad.stdout and "Input/output error" in bad.stdout and "rc=1" in bad.stdout, bad.stdout
     proxy.flip = set()
+    time.sleep(2 * DEFAULT_FAIL_FAST)  # reads within DEFAULT_FAIL_FAST of a failure fail at once, by design
     good = containerd.run_container(ref, cid + "-good", "sh", "-c", script, snapshotter="lazysnap")
     assert want in good.stdout
 
