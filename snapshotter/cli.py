@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__, config
 from .errors import SnapshotterError, Unavailable
+from .layer_modes import LayerMode
 from .registry.errors import RegistryError
 from .registry.options import RegistryOptions, default_docker_config
 from .sizes import human_size, parse_size
@@ -350,7 +351,7 @@ def status_command(args: argparse.Namespace) -> int:
     rows = [("LAYER", "MODE", "SIZE", "FETCHED", "RESOLVE", "FETCH STATE", "CREDS RENEWED", "IMAGE / WHY")]
     now = time.time()
     for layer in reply.layers:
-        size = human_size(layer.size) if layer.size or layer.mode != "fallback" else "-"  # containerd pulls it
+        size = human_size(layer.size) if layer.size or layer.mode != LayerMode.FALLBACK else "-"  # containerd pulls it
         rows.append((layer.digest[:19], layer.mode, size, human_size(layer.fetched_bytes),
                      f"{layer.resolve_seconds:.2f}s",
                      fetch_state(layer),
@@ -374,7 +375,7 @@ def status_command(args: argparse.Namespace) -> int:
 
 def fetch_state(layer: status_pb2.Layer) -> str:
     """How much of a lazy layer is in the cache: "complete", or e.g. "40 %, warming"."""
-    if layer.mode == "whole":
+    if layer.mode == LayerMode.WHOLE:
         return f"pulled in {layer.pull_seconds:.2f}s"
     if not layer.content_bytes:
         return layer.fetch_state or "-"

@@ -143,7 +143,7 @@ class StatusService(status_pb2_grpc.StatusServicer):
 def to_pb_status(report: StatusReport, renewed: Callable[[str], float]) -> status_pb2.LayersResponse:
     return status_pb2.LayersResponse(
         layers=[status_pb2.Layer(
-            digest=layer.digest, image_ref=layer.image_ref, mode=layer.mode, reason=layer.reason, size=layer.size,
+            digest=layer.digest, image_ref=layer.image_ref, mode=layer.mode or "", reason=layer.reason, size=layer.size,
             resolve_seconds=layer.resolve_seconds, path=layer.path, fetched_bytes=layer.fetched_bytes,
             fetch_state=layer.fetch_state, prefetched_bytes=layer.prefetched_bytes,
             background_bytes=layer.background_bytes, pull_seconds=layer.pull_seconds,
@@ -184,12 +184,14 @@ class ImagesService(pull_pb2_grpc.ImagesServicer):
                 docker_config=Path(request.docker_config) if request.docker_config else None))
 
     def Pull(self, request: pull_pb2.PullRequest, context: grpc.ServicerContext) -> Iterator[pull_pb2.PullEvent]:
-        if self.puller is None:
+        puller = self.puller
+        if puller is None:
             context.abort(grpc.StatusCode.UNIMPLEMENTED, "this lazysnap does not pull images")
+            return
         order = self._order(request)
         log.info("Pull %s for %s in namespace %s", order.ref, order.snapshotter, order.namespace)
         events: queue.SimpleQueue[PullEvent] = queue.SimpleQueue()
-        context.add_callback(self.puller.start(order, events.put))  # the call ending early cancels the pull
+        context.add_callback(puller.start(order, events.put))  # the call ending early cancels the pull
         while True:
             event = events.get()
             if isinstance(event, str):
@@ -203,14 +205,16 @@ class ImagesService(pull_pb2_grpc.ImagesServicer):
 
     def Prefetch(self, request: pull_pb2.PrefetchRequest,
                  context: grpc.ServicerContext) -> Iterator[pull_pb2.PrefetchEvent]:
-        if self.puller is None:
+        puller = self.puller
+        if puller is None:
             context.abort(grpc.StatusCode.UNIMPLEMENTED, "this lazysnap does not pull images")
+            return
         order = self._order(request.pull)
         log.info("Prefetch %s for %s in namespace %s%s", order.ref, order.snapshotter, order.namespace,
                  ", waiting" if request.wait else "")
         events: queue.SimpleQueue[PrefetchEvent] = queue.SimpleQueue()
         # The call ending early cancels the pull, or stops following the warming (which runs on).
-        context.add_callback(self.puller.start_prefetch(order, request.wait, events.put))
+        context.add_callback(puller.start_prefetch(order, request.wait, events.put))
         while True:
             event = events.get()
             if isinstance(event, str):
@@ -249,7 +253,7 @@ def to_pb_info(snap: Snapshot) -> pb.Info:
     return pb.Info(
         name=snap.key,
         parent=snap.parent,
-        kind=int(snap.kind),
+        kind=pb.Kind.Name(int(snap.kind)),
         created_at=_timestamp(snap.created_ns),
         updated_at=_timestamp(snap.updated_ns),
         labels=snap.labels,

@@ -66,6 +66,8 @@ class LayerRecord:
     digest: str
     image_ref: str
     format: str
+    """A `LayerMode` value (kept a string here: a store written by a newer build may hold one this build
+    does not know, and loading that layer then fails with a reason instead of reading the store)."""
     blob_size: int
     index_digest: str
     index_offset: int

@@ -26,7 +26,7 @@ import trio
 
 from .. import labels as L
 from ..errors import AlreadyExists, NotFound, SnapshotterError
-from ..layers.saved import WHOLE as WHOLE_MODE
+from ..layer_modes import LayerMode
 from ..layers.served import Explanation
 from ..pull_records import (
     LAZY,
@@ -148,10 +148,10 @@ async def _unpack_layers(containerd: ContainerdClient, snapshotter: str, layers:
     return outcomes
 
 
-def how_obtained(mode: str) -> str:
+def how_obtained(mode: LayerMode | None) -> str:
     """How a layer came, as rpull's report says it: lazily (in which format, when lazysnap says),
     or pulled whole by lazysnap (containerd downloaded nothing either way)."""
-    return WHOLE_BY_LAZYSNAP if mode == WHOLE_MODE else f"{LAZY} {mode}" if mode else LAZY
+    return WHOLE_BY_LAZYSNAP if mode is LayerMode.WHOLE else f"{LAZY} {mode}" if mode else LAZY
 
 
 async def _unpack_layer(containerd: ContainerdClient, snapshotter: str, layer: Descriptor, chain_id: str,

@@ -29,6 +29,7 @@ from ..fetch.blob import StoredBlob
 from ..formats.errors import FormatError
 from ..fuse.filesystem import LayerFilesystem
 from ..fuse.mount import serve_fuse
+from ..layer_modes import CHUNKED
 from ..layers import device, erofs, saved
 from ..layers.device import HeldUnits, MappedDevice
 from ..layers.estargz import EStargzLayer
@@ -231,7 +232,7 @@ class DataPlane:
     async def _device(self, record: LayerRecord) -> MappedDevice | erofs.DataDevice:
         """The layer's data device: from its device map (eStargz, zstd:chunked: no TOC to parse), else from its zTOC."""
         files = saved.files_of(self.settings.root, record)
-        if record.format in saved.CHUNKED:
+        if record.format in CHUNKED:
             mapped = device.decode(await trio.to_thread.run_sync(files.device.read_bytes))
             served = MappedDevice(mapped, record.digest, self.cache, self.link, self.held)
             served.recordings.append(self.link)

@@ -48,6 +48,14 @@ class FetchableLayer(Protocol):
 
     def is_cached(self, unit: Unit) -> bool: ...
 
+    def directory(self, unit: Unit) -> int:
+        """The directory of the file `unit` holds bytes of (a key); -1 where the layer cannot tell."""
+        ...
+
+    def directory_units(self, directory: int) -> list[Unit]:
+        """The units of every file in `directory`, in blob order."""
+        ...
+
     async def fetch_batch(self, units: Sequence[Unit]) -> int:
         """Fetch the uncached ones of `units` with one range GET, verify and cache each; bytes cached.
 

@@ -23,7 +23,9 @@ from ..fetch.units import Unit
 from ..formats import estargz, zstd_chunked
 from ..formats.entries import LayerEntry
 from ..formats.errors import FormatError
+from ..layer_modes import LayerMode
 from ..recording import Recording
+from .directories import Directories
 from .layer import Blob, ReadError, UnitSource
 from .tree import LayerTree, Node, build_tree
 
@@ -43,18 +45,17 @@ difference between hundreds of serial round trips and a few dozen."""
 class ChunkFormat:
     """What differs between the formats whose files are TOC-listed chunks of the blob."""
 
-    name: str
-    """The layer's mode, as saved and shown (`saved.ESTARGZ`, `saved.ZSTD_CHUNKED`)."""
+    name: LayerMode
     layer_entries: Callable[[estargz.Toc, int], list[LayerEntry]]
     decompress_chunk: Callable[[bytes, estargz.Chunk], bytes]
     parse_toc: Callable[[bytes], estargz.Toc]
     """The TOC from the bytes saved on disk (`EStargzIndex.member`)."""
 
 
-ESTARGZ_CHUNKS = ChunkFormat("estargz", estargz.layer_entries, estargz.decompress_chunk, estargz.parse_toc)
-ZSTD_CHUNKS = ChunkFormat(zstd_chunked.FORMAT, zstd_chunked.layer_entries, zstd_chunked.decompress_chunk,
+ESTARGZ_CHUNKS = ChunkFormat(LayerMode.ESTARGZ, estargz.layer_entries, estargz.decompress_chunk, estargz.parse_toc)
+ZSTD_CHUNKS = ChunkFormat(LayerMode.ZSTD_CHUNKED, zstd_chunked.layer_entries, zstd_chunked.decompress_chunk,
                           zstd_chunked.parse_toc)
-CHUNK_FORMATS = {f.name: f for f in (ESTARGZ_CHUNKS, ZSTD_CHUNKS)}
+CHUNK_FORMATS: dict[str, ChunkFormat] = {f.name: f for f in (ESTARGZ_CHUNKS, ZSTD_CHUNKS)}
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ async def fetch_zstd_index(blob: Blob, tail: tuple[int, bytes], position: zstd_c
     return EStargzIndex(estargz.Footer(position.offset, 0, False), toc, compressed, ZSTD_CHUNKS)
 
 
-def parse_index(member: bytes, toc_offset: int, format: str = ESTARGZ_CHUNKS.name) -> EStargzIndex:
+def parse_index(member: bytes, toc_offset: int, format: str = LayerMode.ESTARGZ) -> EStargzIndex:
     """An index saved by `fetch_index` or `fetch_zstd_index`, read back from disk."""
     chunks = CHUNK_FORMATS[format]
     return EStargzIndex(estargz.Footer(toc_offset, 0, False), chunks.parse_toc(member), member, chunks)
@@ -137,10 +138,28 @@ class EStargzLayer:
         self._units = [Unit(c.compressed_offset, c.compressed_end, i, c.size, *files[c])
                        for i, c in enumerate(self._in_blob_order)]
         self._by_key: dict[str, estargz.Chunk] | None = None
+        self._directories: Directories | None = None
 
     @property
     def units(self) -> Sequence[Unit]:
         return self._units
+
+    def directory(self, unit: Unit) -> int:
+        if self._directories is None:  # on the first miss, not at mount: 0.02 s for 30,000 files
+            self._directories = Directories(self._tree, _first_chunk_offset)
+        return self._directories.of(unit.file)
+
+    def directory_units(self, directory: int) -> list[Unit]:
+        assert self._directories is not None, "directory() names the directories"
+        out: list[Unit] = []
+        for file in self._directories.files(directory):
+            i = bisect.bisect_left(self._offsets, file)
+            while i < len(self._units) and self._units[i].start == file and self._units[i].file != file:
+                i += 1  # chunks of one gzip member share an offset
+            while i < len(self._units) and self._units[i].file == file:
+                out.append(self._units[i])
+                i += 1
+        return sorted(out)
 
     def is_cached(self, unit: Unit) -> bool:
         return self._key(unit) in self.cache
@@ -250,3 +269,9 @@ class EStargzLayer:
             # A neighbour that fails to verify is fetched again when read.
             claim.got.update((self._key(unit), data) for unit, data in done[1:] if isinstance(data, bytes))
         return wanted
+
+
+def _first_chunk_offset(node: Node) -> int | None:
+    """What a file is known by among the units (`Unit.file`): where its first chunk starts."""
+    chunks = node.content
+    return chunks[0].compressed_offset if isinstance(chunks, tuple) and chunks else None

@@ -38,6 +38,7 @@ from ..fetch.units import FetchableLayer, Unit
 from ..formats import estargz, zstd_chunked
 from ..formats.errors import FormatError
 from ..labels import LayerRequest
+from ..layer_modes import FallbackCause, LayerMode
 from ..profiles import ProfileStore
 from ..pull_records import PullReport
 from ..recording import Recording
@@ -49,7 +50,7 @@ from ..whole.apply import copy_up_parents
 from .estargz import EStargzLayer
 from .images import Image, ImageOptions, Images, borrowed_note, prefetch_units
 from .resolver import SETTLED, Fallback, Resolution, Resolver
-from .saved import WHOLE, ZSTD_CHUNKED, FallbackCause, build_layer
+from .saved import build_layer
 from .served import AttachError, DataPlane, Explanation, LayerStatus, ServedLayers, StatusReport
 from .soci import SociLayer
 from .warming import Warmer, Warming
@@ -166,11 +167,11 @@ class LayerManager:
                                FallbackCause.TIMEOUT)
             if resolution.error:
                 raise Fallback(resolution.error, resolution.cause)
-            assert resolution.blob is not None
+            assert resolution.blob is not None and resolution.kind is not None
             if resolution.estargz is not None:
                 allow = self.options.allow_unverified or request.skip_verify
                 try:
-                    if resolution.kind == ZSTD_CHUNKED:  # its checksum comes from the manifest, not the labels
+                    if resolution.kind is LayerMode.ZSTD_CHUNKED:  # its checksum comes from the manifest, not the labels
                         zstd_chunked.verify_toc(resolution.estargz.toc, resolution.expected_digest or None,
                                                 allow_unverified=allow)
                     else:
@@ -229,7 +230,7 @@ class LayerManager:
                         request.image_ref, e)
             status.reason = f"{status.reason}; lazysnap could not pull it whole either: {e}"
             return False
-        status.mode, status.size, status.pull_seconds = WHOLE, pulled.compressed_bytes, pulled.seconds
+        status.mode, status.size, status.pull_seconds = LayerMode.WHOLE, pulled.compressed_bytes, pulled.seconds
         log.info("layer %s of %s pulled whole by lazysnap in %.2f s%s (%s, %d bytes, %d entries): %s",
                  request.layer_digest, request.image_ref, pulled.seconds, " (started ahead)" if ahead else "",
                  pulled.compression, pulled.compressed_bytes, pulled.applied.entries, status.reason)

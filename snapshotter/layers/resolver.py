@@ -26,7 +26,7 @@ from ..soci.discovery import Discovery, fetch_ztoc
 from ..soci.local import LocalIndexes
 from .estargz import EStargzIndex, fetch_index, fetch_zstd_index, read_tail
 from .images import Image, Images
-from .saved import ESTARGZ, SOCI, ZSTD_CHUNKED, FallbackCause
+from ..layer_modes import FallbackCause, LayerMode
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class Resolution:
     """
 
     done: trio.Event = field(default_factory=trio.Event)
-    kind: str = ""
+    kind: LayerMode | None = None
     estargz: EStargzIndex | None = None
     """The TOC of an eStargz or zstd:chunked layer (`kind` says which), not yet verified."""
     expected_digest: str = ""
@@ -117,17 +117,17 @@ class Resolver:
                 image = self.images.start(request)  # its SOCI search runs in parallel with the footer read
                 tail = await read_tail(blob)
                 try:
-                    resolution.estargz, resolution.kind = await fetch_index(blob, tail), ESTARGZ
+                    resolution.estargz, resolution.kind = await fetch_index(blob, tail), LayerMode.ESTARGZ
                 except estargz.NotEStargz as e:
                     log.debug("layer %s of %s: %s", digest, image_ref, e)
                     chunked = await self._zstd_chunked(digest, image, blob, tail)
                     if chunked is not None:
                         resolution.estargz, resolution.expected_digest = chunked
-                        resolution.kind, resolution.note = ZSTD_CHUNKED, image.manifest_problem
+                        resolution.kind, resolution.note = LayerMode.ZSTD_CHUNKED, image.manifest_problem
                     else:
                         await image.done.wait()
                         resolution.saved = await self._ztoc(request, digest, image.result)
-                        resolution.kind = SOCI
+                        resolution.kind = LayerMode.SOCI
                 if resolution.estargz is not None:
                     resolution.saved = resolution.estargz.member
                     resolution.offset = resolution.estargz.footer.toc_offset

@@ -13,7 +13,6 @@ Under `<root>/layers/<layer id>/`:
 
 from __future__ import annotations
 
-import enum
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,41 +22,14 @@ from ..fetch.activity import FetchActivity
 from ..formats import ztoc
 from ..formats.erofs import Extent
 from ..formats.errors import FormatError
+from ..layer_modes import CHUNKED, LayerMode
 from ..store import LayerRecord
-from .estargz import ESTARGZ_CHUNKS, ZSTD_CHUNKS, EStargzLayer, parse_index
+from .estargz import EStargzLayer, parse_index
 from .layer import Blob, UnitSource
 from .soci import SociLayer
 
 INDEX_DIR = "layers"
-ESTARGZ = ESTARGZ_CHUNKS.name
-ZSTD_CHUNKED = ZSTD_CHUNKS.name
-SOCI = "soci"
-FALLBACK = "fallback"
-WHOLE = "whole"
-"""The ways a layer is obtained: the formats served lazily, pulled whole by containerd
-(FALLBACK), or pulled whole by lazysnap itself (WHOLE: `whole/pull.py`)."""
-CHUNKED = frozenset({ESTARGZ, ZSTD_CHUNKED})
-"""The formats served by `EStargzLayer`: files are TOC-listed chunks, cached as their bytes."""
-_INDEX_FILES = {ESTARGZ: "toc.gz", ZSTD_CHUNKED: "toc.zst", SOCI: "ztoc"}
-
-
-class FallbackCause(enum.Enum):
-    """Why a layer is pulled whole, in classes an operator can count (the reason text says more)."""
-
-    NO_INDEX = "no_index"
-    """Neither an eStargz or zstd:chunked TOC nor a SOCI zTOC for it."""
-    BROKEN_INDEX = "broken_index"
-    """An index that does not parse, or describes an impossible tree."""
-    VERIFICATION = "verification"
-    """The index cannot be verified (no or a wrong TOC digest or checksum annotation)."""
-    REGISTRY = "registry"
-    TIMEOUT = "timeout"
-    XATTRS = "xattrs"
-    """Extended attributes with fuse_xattrs off and no kernel metadata."""
-    ATTACH = "attach"
-    """Saving its index or serving it failed (a full disk, a data plane that refused)."""
-    RESTORE = "restore"
-    INTERNAL = "internal"
+_INDEX_FILES: dict[str, str] = {LayerMode.ESTARGZ: "toc.gz", LayerMode.ZSTD_CHUNKED: "toc.zst", LayerMode.SOCI: "ztoc"}
 
 _EXTENT = struct.Struct(">QQQ")
 
@@ -66,6 +38,7 @@ _EXTENT = struct.Struct(">QQQ")
 class LayerFiles:
     dir: Path
     format: str
+    """A `LayerMode` value, as the layer record saves it."""
 
     @property
     def index(self) -> Path:
@@ -98,7 +71,7 @@ def build_layer(kind: str, saved: bytes, offset: int, blob: Blob, cache: ChunkCa
     if kind in CHUNKED:
         index = parse_index(saved, offset, kind)
         return EStargzLayer(index, blob, cache, activity, source), index.toc.digest
-    if kind == SOCI:
+    if kind == LayerMode.SOCI:
         return SociLayer(ztoc.parse_ztoc(saved), blob, cache, activity, source), ztoc.ztoc_digest(saved)
     raise FormatError(f"unknown layer format {kind!r}")
 

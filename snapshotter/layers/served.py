@@ -33,12 +33,13 @@ from ..fetch.units import FetchableLayer
 from ..formats.erofs import Image
 from ..formats.errors import FormatError
 from ..labels import LayerRequest
+from ..layer_modes import FallbackCause, LayerMode
 from ..registry.client import RegistryClient
 from ..store import LayerRecord, Store
 from . import device, erofs, saved
 from .estargz import EStargzLayer
 from .layer import ReadError
-from .saved import FALLBACK, FallbackCause
+
 from .soci import SociLayer
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,8 @@ class LayerReport:
 
     digest: str
     image_ref: str
-    mode: str
+    mode: LayerMode | None
+    """None while lazysnap resolves it."""
     reason: str
     size: int
     resolve_seconds: float
@@ -131,10 +133,10 @@ class StatusReport:
 
 
 class Explanation(NamedTuple):
-    """How a layer is obtained, for `rpull`'s report: its mode ("" while lazysnap has not seen it) and,
+    """How a layer is obtained, for `rpull`'s report: its mode (None while lazysnap has not seen it) and,
     when it is not lazy, why. A named tuple: it still reads as the `(mode, reason)` pair it replaces."""
 
-    mode: str = ""
+    mode: LayerMode | None = None
     reason: str = ""
 
 
@@ -188,7 +190,8 @@ class LayerStatus:
 
     digest: str
     image_ref: str
-    mode: str = ""
+    mode: LayerMode | None = None
+    """None while lazysnap resolves it."""
     reason: str = ""
     cause: FallbackCause | None = None
     """Why it is pulled whole, as a class (None while it is served lazily)."""
@@ -208,7 +211,7 @@ class LayerStatus:
         return self.layer.blob.fetched_bytes if self.layer is not None else 0
 
     def fall_back(self, reason: str, cause: FallbackCause) -> None:
-        self.mode, self.reason, self.cause, self.layer = FALLBACK, reason, cause, None
+        self.mode, self.reason, self.cause, self.layer = LayerMode.FALLBACK, reason, cause, None
 
     async def run_task(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
         """Run one of the layer's background tasks (start it in a nursery); it ends with the layer."""
@@ -281,7 +284,7 @@ class ServedLayers:
 
     # -- attach, restore, release ---------------------------------------------------
 
-    async def attach_new(self, request: LayerRequest, kind: str, index: bytes, index_digest: str, index_offset: int,
+    async def attach_new(self, request: LayerRequest, kind: LayerMode, index: bytes, index_digest: str, index_offset: int,
                          layer: EStargzLayer | SociLayer, image: Image | None, status: LayerStatus) -> LayerRecord:
         """Save the layer's verified index (and image), record it, and serve it; AttachError if any step fails."""
         with self.store.transaction() as tx:
@@ -310,7 +313,7 @@ class ServedLayers:
         self._serving(record, layer, status)
 
     def _serving(self, record: LayerRecord, layer: EStargzLayer | SociLayer, status: LayerStatus) -> None:
-        status.mode, status.reason, status.cause, status.size, status.layer = record.format, "", None, record.blob_size, \
+        status.mode, status.reason, status.cause, status.size, status.layer = LayerMode(record.format), "", None, record.blob_size, \
             layer
         status.path = str(self.planes.layer_path(record.id))
         self._records[record.id] = record
@@ -402,7 +405,7 @@ class ServedLayers:
             log.info("stopped serving layer %s", record.digest)
 
     def forget_old_fallbacks(self) -> None:
-        fallbacks = [d for d, s in self.status.items() if s.mode == FALLBACK]
+        fallbacks = [d for d, s in self.status.items() if s.mode is LayerMode.FALLBACK]
         for digest in fallbacks[:-MAX_FALLBACK_STATUS]:
             del self.status[digest]
 
@@ -453,7 +456,8 @@ class ServedLayers:
         layers: dict[str, int] = {}
         fallbacks: dict[str, int] = {}
         for s in self.status.values():
-            layers[s.mode] = layers.get(s.mode, 0) + 1
+            if s.mode is not None:
+                layers[s.mode] = layers.get(s.mode, 0) + 1
             if s.cause is not None:
                 fallbacks[s.cause.value] = fallbacks.get(s.cause.value, 0) + 1
         served = [s for s in self.status.values() if s.layer is not None]

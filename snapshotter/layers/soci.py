@@ -61,6 +61,13 @@ class SociLayer:
     def is_cached(self, unit: Unit) -> bool:
         return self._key(unit) in self.cache
 
+    def directory(self, unit: Unit) -> int:
+        """Not told: a span (4 MiB by default) already holds a run of neighbouring files."""
+        return -1
+
+    def directory_units(self, directory: int) -> list[Unit]:
+        return []
+
     async def fetch_batch(self, units: Sequence[Unit]) -> int:
         return await fill_batch(self.cache, self.blob.read, units, self._key, self._verified)
 

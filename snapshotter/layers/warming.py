@@ -30,10 +30,10 @@ from ..fetch.prefetch import FetchQueue
 from ..fetch.progress import COMPLETE, cached_units
 from ..fetch.units import FetchableLayer, Unit
 from ..labels import LayerRequest
+from ..layer_modes import LayerMode
 from ..pull_records import PullReport, WarmedLayer, WarmReport, percent
 from ..sizes import human_size
 from .images import Image, Images, prefetch_units
-from .saved import WHOLE
 from .served import LayerStatus, ServedLayers
 
 log = logging.getLogger(__name__)
@@ -185,7 +185,7 @@ class Warmer:
         for lw in warming.layers:
             status = self.served.status.get(lw.digest)
             if status is None or status.layer is None:
-                lw.finish("pulled whole" if status is not None and status.mode == WHOLE else "not served lazily")
+                lw.finish("pulled whole" if status is not None and status.mode is LayerMode.WHOLE else "not served lazily")
                 continue
             first, found = prefetch_units(image, lw.digest, status.layer)
             lw.count(status.layer, await cached_units(status.layer))
@@ -267,6 +267,12 @@ class _Counting:
 
     def is_cached(self, unit: Unit) -> bool:
         return self.layer.is_cached(unit)
+
+    def directory(self, unit: Unit) -> int:
+        return self.layer.directory(unit)
+
+    def directory_units(self, directory: int) -> list[Unit]:
+        return self.layer.directory_units(directory)
 
     async def fetch_batch(self, units: Sequence[Unit]) -> int:
         stored = await self.layer.fetch_batch(units)

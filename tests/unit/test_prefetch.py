@@ -417,6 +417,12 @@ class _Units:
     def __init__(self) -> None:
         self.units = [Unit(i << 10, (i + 1) << 10, i) for i in range(1 << 16)]
 
+    def directory(self, unit: Unit) -> int:
+        return -1
+
+    def directory_units(self, directory: int) -> list[Unit]:
+        return []
+
 
 def test_readahead_grows_along_a_forward_streak_and_ignores_random_reads() -> None:
     spawned: list[tuple[int, int]] = []

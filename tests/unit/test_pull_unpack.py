@@ -14,6 +14,7 @@ import pytest
 
 from snapshotter.containerd.pull import UNPACK_ATTEMPTS, PullError, chain_ids, unpack_image
 from snapshotter.errors import AlreadyExists, NotFound
+from snapshotter.layer_modes import LayerMode
 from snapshotter.layers.served import Explanation
 from snapshotter.registry.manifest import Descriptor
 
@@ -52,7 +53,7 @@ class Snapshots:
 
 async def unpack(snapshots: Snapshots, lines: list[str]) -> list[str]:
     outcomes = await unpack_image(snapshots, "lazysnap", LAYERS, CHAIN, "example.com/app:1",  # type: ignore[arg-type]
-                                  "sha256:" + "f" * 64, lambda digest: Explanation("estargz", ""), lines.append)
+                                  "sha256:" + "f" * 64, lambda digest: Explanation(LayerMode.ESTARGZ, ""), lines.append)
     return [o.digest for o in outcomes]
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from snapshotter.cache import ChunkCache
 from snapshotter.fetch.activity import FetchActivity
@@ -160,3 +161,60 @@ async def test_soci_readahead_stops_at_a_large_unread_file(tmp_path: Path, span:
     fetched = [s.id for s in inside if layer.is_cached(layer.units[s.id])]
     assert fetched == [], (f"spans {fetched} of the unread large file fetched ({blob.fetched_bytes} of "
                            f"{len(data)} bytes in all)")
+
+
+# ---------------------------------------------------------------- a package's directory
+
+def package_like() -> dict[str, bytes]:
+    """A package of 40 modules (30 KB each, 1.2 MB: more than one miss's fetch window), a large
+    library in it that nobody reads, and another directory nobody reads."""
+    rng = random.Random(16)
+    out = {f"pkg/mod{i:02d}.py": rng.randbytes(30_000) for i in range(40)}
+    out["pkg/big.so"] = rng.randbytes(2 << 20)
+    out.update({f"other/x{i}.txt": rng.randbytes(3000) for i in range(10)})
+    return out
+
+
+async def test_reads_of_two_modules_of_a_package_fetch_its_other_small_files(tmp_path: Path) -> None:
+    """Imports read a package's modules out of blob order; once two of them missed, the rest of
+    the directory's small files come in the background, and nothing of other directories or of
+    the package's large unread file."""
+    files = package_like()
+    built = build_estargz([File(n, d) for n, d in files.items()], chunk_size=256 << 10)
+    blob = RangeBlob(built.blob)
+    index = await fetch_index(blob)
+    blob.ranges.clear()
+    activity = FetchActivity()
+    layer = EStargzLayer(index, blob, ChunkCache(tmp_path / "cache", 1 << 30), activity)
+
+    async def read(path: str) -> None:
+        node = layer.tree.resolve(path)
+        assert node is not None
+        assert await layer.read(node, 0, node.size) == files[path]
+
+    async with trio.open_nursery() as nursery:
+        def spawn(target: FetchableLayer, units: list[Unit]) -> None:
+            nursery.start_soon(target.fetch_batch, units)
+
+        activity.on_miss = Readahead(spawn).miss
+        await read("pkg/mod39.py")
+        await read("pkg/mod02.py")  # backward: no streak; the second file of pkg/
+        assert activity.foreground_fetches == 2
+        await trio.testing.wait_all_tasks_blocked()
+        for name in ("pkg/mod30.py", "pkg/mod25.py", "pkg/mod00.py", "pkg/mod35.py"):
+            await read(name)
+    assert activity.foreground_fetches == 2, "modules of the package read after two misses waited for the registry"
+    for path in ("pkg/big.so", *(p for p in files if p.startswith("other/"))):
+        lo, hi = file_range(layer, path)
+        into = sum(max(0, min(end, hi) - max(start, lo)) for start, end in blob.ranges)
+        assert into == 0, f"{into} bytes of unread {path} fetched"
+
+
+async def test_one_read_in_a_directory_fetches_no_other_file_of_it(tmp_path: Path) -> None:
+    files = package_like()
+    layer, blob = await read_with_readahead(tmp_path, files, ["pkg/mod39.py"], 256 << 10)
+    await trio.testing.wait_all_tasks_blocked()
+    lo, _ = file_range(layer, "pkg/mod00.py")
+    _, hi = file_range(layer, "pkg/mod38.py")
+    into = sum(max(0, min(end, hi) - max(start, lo)) for start, end in blob.ranges)
+    assert into == 0, f"{into} bytes of other modules fetched after one read"

@@ -20,6 +20,7 @@ from snapshotter.fetch.activity import FetchActivity
 from snapshotter.fetch.blob import StoredBlob
 from snapshotter.formats.errors import FormatError
 from snapshotter.labels import LayerRequest
+from snapshotter.layer_modes import LayerMode
 from snapshotter.layers import saved
 from snapshotter.layers.estargz import EStargzLayer, fetch_index
 from snapshotter.layers.layer import ReadError
@@ -48,7 +49,7 @@ class Env:
         index = await fetch_index(blob)
         layer = EStargzLayer(index, blob, self.cache, self.served.activity)
         request = LayerRequest(target="t", image_ref=ref, layer_digest=built.digest, image_layers=(built.digest,))
-        record = await self.served.attach_new(request, saved.ESTARGZ, index.member, index.toc.digest,
+        record = await self.served.attach_new(request, LayerMode.ESTARGZ, index.member, index.toc.digest,
                                               index.footer.toc_offset, layer, None, self.served.status_of(request))
         return record, layer
 
@@ -95,7 +96,7 @@ async def test_attach_error_from_the_data_plane_reaches_the_caller(root: Path) -
     with pytest.raises(AttachError, match="cannot mount layer"):
         await env.attach(built)
     status = env.served.status[built.digest]
-    assert status.mode == "" and status.layer is None, "a layer that is not served is not reported as served"
+    assert status.mode is None and status.layer is None, "a layer that is not served is not reported as served"
     env.store.close()
 
 
@@ -117,7 +118,7 @@ async def test_full_disk_under_layers_is_an_attach_error(root: Path) -> None:
             await env.attach(built)
         assert str(layers) in str(refused.value)
         assert env.plane.attached == [], "nothing is handed to a data plane without its saved index"
-        assert env.served.status[built.digest].mode == ""
+        assert env.served.status[built.digest].mode is None
         assert not list(layers.rglob("*.tmp")) and not list(layers.rglob(".toc.gz.*")), "no torn temporaries"
         env.store.close()
     finally:

@@ -17,6 +17,7 @@ import pytest
 
 from snapshotter import cli
 from snapshotter.api.lazysnap.v1 import status_pb2, status_pb2_grpc
+from snapshotter.layer_modes import LayerMode
 from snapshotter.layers.served import (
     CacheReport,
     FuseOpReport,
@@ -28,11 +29,11 @@ from snapshotter.layers.served import (
 from snapshotter.service import StatusService, to_pb_status
 from tests.harness.grpc_server import serving
 
-LAZY = LayerReport(digest="sha256:" + "a" * 64, image_ref="reg.test/app:1", mode="estargz", reason="",
+LAZY = LayerReport(digest="sha256:" + "a" * 64, image_ref="reg.test/app:1", mode=LayerMode.ESTARGZ, reason="",
                    size=3 << 20, resolve_seconds=0.25, path="/var/lib/lazysnap/mnt/1", fetched_bytes=1 << 20,
                    fetch_state="background", prefetched_bytes=1 << 19, background_bytes=1 << 18, pull_seconds=0.0,
                    complete_bytes=1 << 20, content_bytes=2 << 20)
-WHOLE = LayerReport(digest="sha256:" + "b" * 64, image_ref="reg.test/app:1", mode="whole",
+WHOLE = LayerReport(digest="sha256:" + "b" * 64, image_ref="reg.test/app:1", mode=LayerMode.WHOLE,
                     reason="not an eStargz layer", size=300, resolve_seconds=0.5, path="", fetched_bytes=0,
                     fetch_state="", prefetched_bytes=0, background_bytes=0, pull_seconds=1.5, complete_bytes=0,
                     content_bytes=0)

@@ -5,6 +5,7 @@ import pytest
 
 from snapshotter.cache import ChunkCache
 from snapshotter.formats.errors import FormatError
+from snapshotter.layer_modes import LayerMode
 from snapshotter.layers import saved
 from snapshotter.layers.tree import OPAQUE_XATTR, ROOT_INO, EntryType, LayerEntry, TreeError, build_tree
 from tests.harness.estargz import encode_toc, toc_member
@@ -86,11 +87,11 @@ def test_saved_estargz_index_with_a_hardlink_to_nothing_is_a_format_error(tmp_pa
     ]}
     member = toc_member(encode_toc(toc))
     with pytest.raises(FormatError, match="hardlink") as raised:
-        saved.build_layer(saved.ESTARGZ, member, 100, MemoryBlob(b"\0" * 100), ChunkCache(tmp_path, 1 << 20), None)
+        saved.build_layer(LayerMode.ESTARGZ, member, 100, MemoryBlob(b"\0" * 100), ChunkCache(tmp_path, 1 << 20), None)
     assert isinstance(raised.value, TreeError)
     # The same index with its target present builds.
     toc["entries"].insert(1, {"name": "dir/missing", "type": "reg", "size": 0})
-    layer, digest = saved.build_layer(saved.ESTARGZ, toc_member(encode_toc(toc)), 100, MemoryBlob(b"\0" * 100),
+    layer, digest = saved.build_layer(LayerMode.ESTARGZ, toc_member(encode_toc(toc)), 100, MemoryBlob(b"\0" * 100),
                                       ChunkCache(tmp_path, 1 << 20), None)
     assert layer.tree.resolve("dir/link") is layer.tree.resolve("dir/missing") is not None
     assert digest.startswith("sha256:")

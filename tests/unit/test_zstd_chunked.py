@@ -22,6 +22,7 @@ from snapshotter.formats import zstd_chunked as zc
 from snapshotter.formats.errors import FormatError
 from snapshotter.formats.toc import Toc
 from snapshotter.labels import LayerRequest
+from snapshotter.layer_modes import FallbackCause
 from snapshotter.layers import saved
 from snapshotter.layers.estargz import FETCH_WINDOW, EStargzLayer, fetch_zstd_index, read_tail
 from snapshotter.layers.images import layer_annotations
@@ -351,7 +352,7 @@ async def test_an_unverifiable_layer_falls_back_with_the_reason(tmp_path: Path, 
         with trio.fail_after(5):
             assert await env.manager._mount(_request(layer.digest, registry)) is None
         status = env.manager.served.status[layer.digest]
-        assert status.mode == "fallback" and status.cause == saved.FallbackCause.VERIFICATION, status.reason
+        assert status.mode == "fallback" and status.cause == FallbackCause.VERIFICATION, status.reason
         assert ("mismatch" if case == "wrong checksum" else "manifest-checksum") in status.reason
         assert env.layers() == []
     async with opened(tmp_path / "b", _registry(layer, annotations), allow_unverified=True) as env:
@@ -372,7 +373,7 @@ async def test_a_plain_zstd_layer_has_no_index(tmp_path: Path) -> None:
         with trio.fail_after(5):
             assert await env.manager._mount(_request(digest, registry)) is None
         status = env.manager.served.status[digest]
-        assert status.cause == saved.FallbackCause.NO_INDEX, status.reason
+        assert status.cause == FallbackCause.NO_INDEX, status.reason
         assert "zstd:chunked" in status.reason
 
 
