@@ -119,13 +119,14 @@ class Readahead:
 
     def _directory(self, layer: FetchableLayer, start: int) -> None:
         """Once misses reach `DIRECTORY_FILES` files of one directory, fetch its other small files."""
-        i = bisect.bisect_right(layer.units, start, key=lambda u: u.start) - 1
-        if i < 0:
+        unit = _unit_at(layer, start)
+        if unit is None:
             return
-        unit = layer.units[i]
         directory = layer.directory(unit)
+        if directory < 0:
+            return
         seen = self._directories.setdefault(layer, _Directories())
-        if directory < 0 or directory in seen.fetched:
+        if directory in seen.fetched:
             return
         files = seen.missed.setdefault(directory, set())
         files.add(unit.file)
@@ -133,7 +134,8 @@ class Readahead:
             return
         seen.fetched.add(directory)
         del seen.missed[directory]
-        wanted = [u for u in layer.directory_units(directory) if u.file_bytes <= SMALL_FILE and u.file not in files and not layer.is_cached(u)]
+        wanted = [u for u in layer.directory_units(directory)
+                  if u.file_bytes <= SMALL_FILE and u.file not in files and not layer.is_cached(u)]
         wanted.sort(key=lambda u: abs(u.start - start))
         units, total = [], 0
         for u in wanted:
@@ -152,8 +154,8 @@ class Readahead:
         stream.ahead = min(self.maximum, stream.ahead * 2 if stream.ahead else self.first)
         lo = max(end, stream.end)
         units = [u for u in units_in(layer.units, [(lo, lo + stream.ahead)]) if u.start >= lo]
-        i = bisect.bisect_right(layer.units, start, key=lambda u: u.start) - 1  # the unit holding `start`
-        read_file = layer.units[i].file if i >= 0 else -1
+        unit = _unit_at(layer, start)
+        read_file = unit.file if unit is not None else -1
         stop = next((k for k, u in enumerate(units) if not fetch_ahead(u, read_file)), None)
         if stop is None:
             stream.end = max(end, lo + stream.ahead)
@@ -162,3 +164,9 @@ class Readahead:
             stream.end = max(end, units[-1].end if units else lo)
         if units:
             self.spawn(layer, units)
+
+
+def _unit_at(layer: FetchableLayer, offset: int) -> Unit | None:
+    """The unit holding blob offset `offset` (the last one starting at or before it)."""
+    i = bisect.bisect_right(layer.units, offset, key=lambda u: u.start) - 1
+    return layer.units[i] if i >= 0 else None

@@ -20,13 +20,13 @@ from ..fetch.blob import RegistryBlob
 from ..formats import estargz, zstd_chunked
 from ..formats.errors import FormatError
 from ..labels import LayerRequest
+from ..layer_modes import FallbackCause, LayerMode
 from ..registry.client import RegistryClient
 from ..registry.errors import RegistryError
 from ..soci.discovery import Discovery, fetch_ztoc
 from ..soci.local import LocalIndexes
 from .estargz import EStargzIndex, fetch_index, fetch_zstd_index, read_tail
 from .images import Image, Images
-from ..layer_modes import FallbackCause, LayerMode
 
 log = logging.getLogger(__name__)
 

@@ -39,7 +39,6 @@ from ..store import LayerRecord, Store
 from . import device, erofs, saved
 from .estargz import EStargzLayer
 from .layer import ReadError
-
 from .soci import SociLayer
 
 log = logging.getLogger(__name__)
