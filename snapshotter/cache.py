@@ -73,6 +73,8 @@ class Claim:
 
     keys: list[str]
     got: dict[str, bytes] = field(default_factory=dict)
+    stored: int = 0
+    """Bytes of `got` cached when the claim ended (those of claimed keys)."""
 
 
 class ChunkCache:
@@ -163,7 +165,7 @@ class ChunkCache:
                 return 0
             self.stats.fetches += 1
             claim.got.update(await fetch(claim.keys))
-        return sum(len(d) for k, d in claim.got.items() if k in claim.keys)
+        return claim.stored
 
     @asynccontextmanager
     async def claimed(self, keys: list[str]) -> AsyncIterator[Claim]:
@@ -185,6 +187,7 @@ class ChunkCache:
             for key, data in got:
                 flights[key].data = data
             await self.put_many(got)
+            claim.stored = sum(len(data) for _, data in got)
         finally:
             for key, flight in flights.items():
                 del self._inflight[key]

@@ -23,6 +23,15 @@ class LayerMode(enum.StrEnum):
     """Pulled whole by lazysnap itself (`whole/pull.py`): containerd downloads nothing."""
 
 
+def mode_named(value: str) -> LayerMode | None:
+    """The mode a string from the wire or the store names; None for "" or one this build does not know
+    (a newer daemon's), so that a client shows the layer rather than failing on it."""
+    try:
+        return LayerMode(value)
+    except ValueError:
+        return None
+
+
 CHUNKED = frozenset({LayerMode.ESTARGZ, LayerMode.ZSTD_CHUNKED})
 """The modes served by `EStargzLayer`: files are TOC-listed chunks, cached as their bytes. (A set of
 string enum members also holds the plain strings a layer record saves.)"""

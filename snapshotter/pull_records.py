@@ -6,15 +6,16 @@ other without importing the machinery in between.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 from .errors import SnapshotterError
+from .layer_modes import LayerMode
 from .registry.options import RegistryOptions
 from .sizes import human_size
 
-LAZY = "lazy"
 WHOLE_BY_LAZYSNAP = "pulled whole by lazysnap"
-"""A layer without a usable index that lazysnap fetched itself, so containerd did not."""
+"""How rpull says a layer without a usable index came: lazysnap fetched it, so containerd did not."""
 
 
 @dataclass(frozen=True)
@@ -36,11 +37,24 @@ class LayerOutcome:
 
     digest: str
     size: int
-    how: str
-    """`LAZY`, `LAZY` and the layer's format ("lazy estargz"), or `WHOLE_BY_LAZYSNAP` (`containerd.pull.how_obtained`)."""
+    mode: LayerMode | None
+    """How lazysnap serves the layer (`WHOLE`: pulled whole by lazysnap); None when it did not say."""
     reason: str = ""
     """Why the layer is not lazy; empty when it is."""
     seconds: float = 0.0
+
+    @property
+    def lazy(self) -> bool:
+        return self.mode not in (LayerMode.WHOLE, LayerMode.FALLBACK)
+
+    @property
+    def how(self) -> str:
+        """As rpull's report says it: "lazy estargz", "lazy" (format not said), or `WHOLE_BY_LAZYSNAP`."""
+        if self.mode is LayerMode.WHOLE:
+            return WHOLE_BY_LAZYSNAP
+        if self.mode is LayerMode.FALLBACK:
+            return "pulled whole by containerd"
+        return f"lazy {self.mode}" if self.mode else "lazy"
 
 
 @dataclass(frozen=True)
@@ -54,7 +68,7 @@ class PullReport:
 
     @property
     def lazy_layers(self) -> int:
-        return sum(1 for layer in self.layers if layer.how.startswith(LAZY))
+        return sum(1 for layer in self.layers if layer.lazy)
 
 
 PullEvent = str | PullReport | SnapshotterError
@@ -73,6 +87,31 @@ def format_report(report: PullReport) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
+class WarmPhase(enum.Enum):
+    """Where the warming of one layer is (its value is how `lazysnap prefetch` says it)."""
+
+    WAITING = "waiting"
+    WARMING = "warming"
+    COMPLETE = "complete"
+    PARTIAL = "partial"
+    """Stopped with the cache full (the detail says so)."""
+    PULLED_WHOLE = "pulled whole"
+    NOT_LAZY = "not served lazily"
+    STOPPED = "stopped"
+    """The layer was released while warming."""
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class WarmState:
+    phase: WarmPhase
+    detail: str = ""
+    """Why, for the phases that need a reason."""
+
+    def __str__(self) -> str:
+        return f"{self.phase.value}: {self.detail}" if self.detail else self.phase.value
+
+
 @dataclass(frozen=True)
 class WarmedLayer:
     """How much of one layer of a prefetched image is in the chunk cache (compressed bytes)."""
@@ -81,8 +120,7 @@ class WarmedLayer:
     content_bytes: int
     complete_bytes: int
     fetched_bytes: int
-    state: str
-    """"complete", "warming", "waiting", "pulled whole", or what stopped it."""
+    state: WarmState
 
 
 @dataclass(frozen=True)
@@ -101,7 +139,7 @@ class WarmReport:
 
     @property
     def failed(self) -> bool:
-        return any(layer.state.startswith("failed") for layer in self.layers)
+        return any(layer.state.phase is WarmPhase.FAILED for layer in self.layers)
 
 
 PrefetchEvent = str | PullReport | WarmReport | SnapshotterError
@@ -121,7 +159,7 @@ def format_warm_report(report: WarmReport) -> str:
         lazy = layer.content_bytes > 0
         rows.append((layer.digest[:19], human_size(layer.content_bytes) if lazy else "-",
                      percent(layer.complete_bytes, layer.content_bytes) if lazy else "-",
-                     human_size(layer.fetched_bytes) if lazy else "-", layer.state))
+                     human_size(layer.fetched_bytes) if lazy else "-", str(layer.state)))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:4])) + "  " + row[4] for row in rows]
     total = sum(layer.content_bytes for layer in report.layers)

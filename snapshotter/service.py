@@ -235,14 +235,15 @@ def to_pb_warm_report(report: WarmReport) -> pull_pb2.WarmReport:
         sources=list(report.sources), note=report.note, finished=report.finished,
         layers=[pull_pb2.WarmedLayer(digest=layer.digest, content_bytes=layer.content_bytes,
                                      complete_bytes=layer.complete_bytes, fetched_bytes=layer.fetched_bytes,
-                                     state=layer.state) for layer in report.layers])
+                                     state=layer.state.phase.value, detail=layer.state.detail)
+                for layer in report.layers])
 
 
 def to_pb_report(report: PullReport) -> pull_pb2.PullReport:
     return pull_pb2.PullReport(
         image=report.image, manifest_digest=report.manifest_digest, seconds=report.seconds,
-        layers=[pull_pb2.PulledLayer(digest=layer.digest, size=layer.size, how=layer.how, reason=layer.reason,
-                                     seconds=layer.seconds) for layer in report.layers])
+        layers=[pull_pb2.PulledLayer(digest=layer.digest, size=layer.size, how=layer.how, mode=layer.mode or "",
+                                     reason=layer.reason, seconds=layer.seconds) for layer in report.layers])
 
 
 def to_pb_mounts(mounts: list[Mount]) -> list[mount_pb2.Mount]:

@@ -14,7 +14,8 @@ import grpc
 
 from .api.lazysnap.v1 import pull_pb2, pull_pb2_grpc, status_pb2, status_pb2_grpc
 from .grpc_status import error_from_status
-from .pull_records import LayerOutcome, PullReport, WarmedLayer, WarmReport
+from .layer_modes import mode_named
+from .pull_records import LayerOutcome, PullReport, WarmedLayer, WarmPhase, WarmReport, WarmState
 
 
 @contextmanager
@@ -77,11 +78,18 @@ class StatusClient:
 def from_pb_warm_report(report: pull_pb2.WarmReport) -> WarmReport:
     return WarmReport(report.image, report.manifest_digest,
                       tuple(WarmedLayer(layer.digest, layer.content_bytes, layer.complete_bytes, layer.fetched_bytes,
-                                        layer.state) for layer in report.layers),
+                                        _warm_state(layer)) for layer in report.layers),
                       report.seconds, tuple(report.sources), report.note, report.finished)
+
+
+def _warm_state(layer: pull_pb2.WarmedLayer) -> WarmState:
+    try:
+        return WarmState(WarmPhase(layer.state), layer.detail)
+    except ValueError:  # a phase of a newer daemon: shown in its words
+        return WarmState(WarmPhase.STOPPED, f"{layer.state}: {layer.detail}" if layer.detail else layer.state)
 
 
 def from_pb_report(report: pull_pb2.PullReport) -> PullReport:
     return PullReport(report.image, report.manifest_digest,
-                      [LayerOutcome(layer.digest, layer.size, layer.how, layer.reason, layer.seconds)
+                      [LayerOutcome(layer.digest, layer.size, mode_named(layer.mode), layer.reason, layer.seconds)
                        for layer in report.layers], report.seconds)

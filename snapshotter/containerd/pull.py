@@ -20,17 +20,15 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 import trio
 
 from .. import labels as L
 from ..errors import AlreadyExists, NotFound, SnapshotterError
-from ..layer_modes import LayerMode
 from ..layers.served import Explanation
 from ..pull_records import (
-    LAZY,
-    WHOLE_BY_LAZYSNAP,
     LayerOutcome,
     PrefetchEvent,
     PullEvent,
@@ -99,8 +97,8 @@ async def rpull(ref: str, *, registry: RegistryClient, containerd: ContainerdCli
         await trio.to_thread.run_sync(containerd.write_content, config_desc, [config_raw], None)
         manifest_desc = Descriptor(manifest.media_type, manifest.digest, len(manifest.raw))
         await trio.to_thread.run_sync(containerd.write_content, manifest_desc, [manifest.raw], manifest_labels)
-        outcomes = await unpack_image(containerd, snapshotter, layers, chain, image_name, manifest.digest,
-                                      explain, progress)
+        image = ImageLayers(snapshotter, image_name, manifest.digest, tuple(layers), tuple(chain))
+        outcomes = await unpack_image(containerd, image, explain, progress)
         await trio.to_thread.run_sync(
             containerd.set_content_labels, config_desc.digest,
             {f"containerd.io/gc.ref.snapshot.{snapshotter}": chain[-1]} if chain else {},
@@ -109,49 +107,54 @@ async def rpull(ref: str, *, registry: RegistryClient, containerd: ContainerdCli
     return PullReport(image_name, manifest.digest, outcomes, time.monotonic() - start)
 
 
-async def unpack_image(containerd: ContainerdClient, snapshotter: str, layers: list[Descriptor], chain: list[str],
-                       image_name: str, manifest_digest: str, explain: Callable[[str], Explanation] | None,
+@dataclass(frozen=True)
+class ImageLayers:
+    """An image's layers to unpack for `snapshotter`, bottom up, with their snapshot names (chain IDs)."""
+
+    snapshotter: str
+    image_name: str
+    manifest_digest: str
+    layers: tuple[Descriptor, ...]
+    chain: tuple[str, ...]
+
+
+async def unpack_image(containerd: ContainerdClient, image: ImageLayers,
+                       explain: Callable[[str], Explanation] | None,
                        progress: Callable[[str], None]) -> list[LayerOutcome]:
     """`_unpack_layers`, again from the bottom when a snapshot it counted on was collected meanwhile."""
     for attempt in range(1, UNPACK_ATTEMPTS + 1):
         try:
-            return await _unpack_layers(containerd, snapshotter, layers, chain, image_name, manifest_digest,
-                                        explain, progress)
+            return await _unpack_layers(containerd, image, explain, progress)
         except _SnapshotGone as e:
             if attempt == UNPACK_ATTEMPTS:
                 raise PullError(f"{e} (gone {attempt} times: containerd kept collecting this image's "
                                 "snapshots; try again)") from None
-            log.info("pull of %s: %s; unpacking again (attempt %d)", image_name, e, attempt + 1)
+            log.info("pull of %s: %s; unpacking again (attempt %d)", image.image_name, e, attempt + 1)
             progress(f"  {e}: unpacking again")
     raise AssertionError("unreachable")
 
 
-async def _unpack_layers(containerd: ContainerdClient, snapshotter: str, layers: list[Descriptor], chain: list[str],
-                         image_name: str, manifest_digest: str, explain: Callable[[str], Explanation] | None,
+async def _unpack_layers(containerd: ContainerdClient, image: ImageLayers,
+                         explain: Callable[[str], Explanation] | None,
                          progress: Callable[[str], None]) -> list[LayerOutcome]:
     """Prepare each layer on its parent, bottom up; how each came."""
     outcomes: list[LayerOutcome] = []
     parent = ""
+    layers, chain = image.layers, image.chain
     for i, layer in enumerate(layers):
         layer_start = time.monotonic()
-        labels = L.cri_labels(chain[i], image_name, manifest_digest, layer.digest,
+        labels = L.cri_labels(chain[i], image.image_name, image.manifest_digest, layer.digest,
                               [above.digest for above in layers[i:]])
         labels |= {k: v for k, v in layer.annotations.items() if k.startswith(L.PREFIX)}
-        await _unpack_layer(containerd, snapshotter, layer, chain[i], parent, labels, explain)
+        await _unpack_layer(containerd, image.snapshotter, layer, chain[i], parent, labels, explain)
         explained = explain(layer.digest) if explain is not None else Explanation()
-        outcome = LayerOutcome(layer.digest, layer.size, how_obtained(explained.mode), explained.reason,
+        outcome = LayerOutcome(layer.digest, layer.size, explained.mode, explained.reason,
                                time.monotonic() - layer_start)
         outcomes.append(outcome)
         progress(f"  layer {i + 1}/{len(layers)} {layer.digest[:19]}: {outcome.how} in {outcome.seconds:.2f} s"
                  + (f" ({outcome.reason})" if outcome.reason else ""))
         parent = chain[i]
     return outcomes
-
-
-def how_obtained(mode: LayerMode | None) -> str:
-    """How a layer came, as rpull's report says it: lazily (in which format, when lazysnap says),
-    or pulled whole by lazysnap (containerd downloaded nothing either way)."""
-    return WHOLE_BY_LAZYSNAP if mode is LayerMode.WHOLE else f"{LAZY} {mode}" if mode else LAZY
 
 
 async def _unpack_layer(containerd: ContainerdClient, snapshotter: str, layer: Descriptor, chain_id: str,

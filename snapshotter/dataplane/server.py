@@ -134,6 +134,8 @@ class DataPlane:
         self.layers: dict[int, _Served] = {}
         self.retiring = False
         self.done = trio.Event()
+        self._readahead_warned = False
+        """The kernel could not raise a mount's readahead: said once as a warning, then at debug level."""
         """Set to stop: a signal, or retired with nothing left to serve."""
         self._handlers = {"hello": self._hello, "attach": self._attach, "detach": self._detach,
                           "stats": self._stats, "retire": self._retire}
@@ -210,7 +212,7 @@ class DataPlane:
                 try:
                     await trio.to_thread.run_sync(erofs.mount, saved.files_of(self.settings.root, record).meta,
                                                   self.fuse_dir / name / "data", target)
-                    await trio.to_thread.run_sync(raise_readahead, target, EROFS_READAHEAD_KB)
+                    await self._raise_readahead(target)
                     metadata = "erofs"
                 except OSError:
                     await self.fs.detach(name)
@@ -228,6 +230,16 @@ class DataPlane:
         self.layers[record.id] = _Served(record, metadata)
         log.info("serving layer %s at %s (metadata by %s)", record.digest, target, metadata)
         return Message({"metadata": metadata})
+
+    async def _raise_readahead(self, mountpoint: Path) -> None:
+        """Best effort: where the kernel cannot raise it, cached reads stay at 128 KiB requests."""
+        try:
+            await trio.to_thread.run_sync(raise_readahead, mountpoint, EROFS_READAHEAD_KB)
+        except OSError as e:
+            log.log(logging.DEBUG if self._readahead_warned else logging.WARNING,
+                    "cannot raise the readahead of %s (%s): its data device is read 128 KiB at a time",
+                    mountpoint, e)
+            self._readahead_warned = True
 
     async def _device(self, record: LayerRecord) -> MappedDevice | erofs.DataDevice:
         """The layer's data device: from its device map (eStargz, zstd:chunked: no TOC to parse), else from its zTOC."""
@@ -304,34 +316,27 @@ FS_IOC_GETFSSYSFSPATH = (2 << 30) | (129 << 16) | (0x15 << 8) | 1
 """_IOR(0x15, 1, struct fs_sysfs_path {u8 len; u8 name[128]}): a superblock's sysfs name (Linux 6.9+)."""
 
 
-def raise_readahead(mountpoint: Path, kb: int) -> int | None:
-    """Set the readahead of the file-backed EROFS mount at `mountpoint`; what is now set, or None.
+def raise_readahead(mountpoint: Path, kb: int) -> int:
+    """Set the readahead of the file-backed EROFS mount at `mountpoint`; what is now set.
 
     The kernel names the mount's sysfs directory after its bdi (`erofs/erofs-<n>`, and
-    `/sys/class/bdi/erofs-<n>`). Best effort: where the kernel cannot say, reads stay smaller.
+    `/sys/class/bdi/erofs-<n>`). OSError where the kernel cannot say.
     """
     buf = bytearray(129)
+    fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            fcntl.ioctl(fd, FS_IOC_GETFSSYSFSPATH, buf)
-        finally:
-            os.close(fd)
-        name = bytes(buf[1:1 + buf[0]]).decode().rpartition("/")[2]
-        if not name.startswith("erofs-"):
-            raise OSError(errno.ENODEV, f"{name!r} is not a file-backed EROFS mount's bdi")
-        knob = Path("/sys/class/bdi") / name / "read_ahead_kb"
-        knob.write_text(f"{kb}\n")
+        fcntl.ioctl(fd, FS_IOC_GETFSSYSFSPATH, buf)
+    finally:
+        os.close(fd)
+    name = bytes(buf[1:1 + buf[0]]).decode(errors="replace").rpartition("/")[2]
+    if not name.startswith("erofs-"):
+        raise OSError(errno.ENODEV, f"{name!r} is not a file-backed EROFS mount's bdi")
+    knob = Path("/sys/class/bdi") / name / "read_ahead_kb"
+    knob.write_text(f"{kb}\n")
+    try:
         return int(knob.read_text())
-    except (OSError, ValueError) as e:
-        global _readahead_warned
-        log.log(logging.DEBUG if _readahead_warned else logging.WARNING,
-                "cannot raise the readahead of %s (%s): its data device is read 128 KiB at a time", mountpoint, e)
-        _readahead_warned = True
-        return None
-
-
-_readahead_warned = False
+    except ValueError as e:
+        raise OSError(errno.EINVAL, f"{knob} reads {e}") from None
 
 
 async def _listen(path: Path) -> trio.socket.SocketType:

@@ -31,7 +31,7 @@ from ..fetch.progress import COMPLETE, cached_units
 from ..fetch.units import FetchableLayer, Unit
 from ..labels import LayerRequest
 from ..layer_modes import LayerMode
-from ..pull_records import PullReport, WarmedLayer, WarmReport, percent
+from ..pull_records import PullReport, WarmedLayer, WarmPhase, WarmReport, WarmState, percent
 from ..sizes import human_size
 from .images import Image, Images, prefetch_units
 from .served import LayerStatus, ServedLayers
@@ -49,6 +49,9 @@ PASSES = 3
 """Tries of a layer's GETs: what failed (or was in flight for another reader) is tried again
 after 1 s, then 2 s, before the layer is reported as failed."""
 
+COMPLETED = WarmState(WarmPhase.COMPLETE)
+NO_ROOM = WarmState(WarmPhase.PARTIAL, "no room in the cache")
+
 Jobs = list[Job]
 """A layer's GETs for the image's `FetchQueue`."""
 
@@ -61,7 +64,7 @@ class LayerWarming:
     content_bytes: int = 0
     complete_bytes: int = 0
     fetched_bytes: int = 0
-    state: str = "waiting"
+    state: WarmState = WarmState(WarmPhase.WAITING)
     cached: set[int] = field(default_factory=set)
     """Indexes of the units known to be in the cache."""
     done: trio.Event = field(default_factory=trio.Event)
@@ -71,7 +74,7 @@ class LayerWarming:
         self.content_bytes = sum(u.end - u.start for u in layer.units)
         self.complete_bytes = sum(u.end - u.start for u in layer.units if u.index in cached)
 
-    def finish(self, state: str) -> None:
+    def finish(self, state: WarmState) -> None:
         self.state = state
         self.done.set()
 
@@ -111,7 +114,7 @@ class Warming:
         first = f"{' and '.join(self.sources)} first" if self.sources else "no start profile: whole layers"
         say(f"warming {self.image}: {len(lazy)} lazy layer(s), {human_size(total)}, "
             f"{human_size(sum(lw.complete_bytes for lw in lazy))} in the cache already; {first}")
-        said: dict[int, tuple[int, str]] = {}
+        said: dict[int, tuple[int, WarmState]] = {}
         last = -math.inf
         while True:
             changed = self._changed
@@ -163,8 +166,8 @@ class Warmer:
                 except Exception as e:  # a bug here must not take the daemon's other layers down
                     log.exception("warming %s failed", warming.image)
                     for lw in warming.layers:
-                        if not lw.done.is_set() and lw.state == "waiting":
-                            lw.finish(f"failed: {e!r}")
+                        if not lw.done.is_set() and lw.state.phase is WarmPhase.WAITING:
+                            lw.finish(WarmState(WarmPhase.FAILED, repr(e)))
             for lw in warming.layers:
                 await lw.done.wait()
             done = sum(lw.complete_bytes for lw in warming.layers)
@@ -185,7 +188,8 @@ class Warmer:
         for lw in warming.layers:
             status = self.served.status.get(lw.digest)
             if status is None or status.layer is None:
-                lw.finish("pulled whole" if status is not None and status.mode is LayerMode.WHOLE else "not served lazily")
+                lw.finish(WarmState(WarmPhase.PULLED_WHOLE if status is not None and status.mode is LayerMode.WHOLE
+                                    else WarmPhase.NOT_LAZY))
                 continue
             first, found = prefetch_units(image, lw.digest, status.layer)
             lw.count(status.layer, await cached_units(status.layer))
@@ -209,7 +213,7 @@ class Warmer:
         warming.changed()
         for (lw, status), layer_jobs in zip(lazy, jobs, strict=True):
             if not layer_jobs:
-                lw.finish("complete" if lw.complete_bytes == lw.content_bytes else "partial: no room in the cache")
+                lw.finish(COMPLETED if lw.complete_bytes == lw.content_bytes else NO_ROOM)
                 continue
             self.nursery.start_soon(status.run_task, self._warm_layer, warming, lw, status, layer_jobs, image.queue)
 
@@ -218,12 +222,12 @@ class Warmer:
         """Fetch the layer's planned GETs through the image's queue; runs as one of the layer's tasks."""
         layer = status.layer
         if layer is None or self.served.status.get(lw.digest) is not status:
-            lw.finish("stopped: the layer was released")
+            lw.finish(WarmState(WarmPhase.STOPPED, "the layer was released"))
             warming.changed()
             return
         progress = status.progress
         progress.warming = True
-        lw.state = "warming"
+        lw.state = WarmState(WarmPhase.WARMING)
         counting = _Counting(layer, lw, warming)
         failure = ""
         try:
@@ -237,19 +241,20 @@ class Warmer:
             lw.count(layer, await cached_units(layer))
             if lw.complete_bytes == lw.content_bytes:
                 progress.state = COMPLETE
-                lw.finish("complete")
+                lw.finish(COMPLETED)
             elif jobs:
-                lw.finish(f"failed: {failure or f'{sum(map(len, (r for _, r in jobs)))} unit(s) not cached'}")
+                lw.finish(WarmState(WarmPhase.FAILED,
+                                    failure or f"{sum(map(len, (r for _, r in jobs)))} unit(s) not cached"))
                 log.warning("warming layer %s stopped: %s", lw.digest, lw.state)
             else:
-                lw.finish("partial: no room in the cache")
+                lw.finish(NO_ROOM)
         except Exception as e:  # a bug here must not take the daemon's other layers down
             log.exception("warming layer %s failed", lw.digest)
-            lw.finish(f"failed: {e!r}")
+            lw.finish(WarmState(WarmPhase.FAILED, repr(e)))
         finally:
             progress.warming = False
             if not lw.done.is_set():
-                lw.finish("stopped: the layer was released")
+                lw.finish(WarmState(WarmPhase.STOPPED, "the layer was released"))
             warming.changed()
 
 

@@ -20,6 +20,7 @@ from snapshotter import cli
 from snapshotter.api.lazysnap.v1 import pull_pb2, pull_pb2_grpc
 from snapshotter.containerd.pull import Puller, PullError
 from snapshotter.errors import NotFound
+from snapshotter.layer_modes import LayerMode
 from snapshotter.pull_records import (
     LayerOutcome,
     PrefetchEvent,
@@ -27,7 +28,9 @@ from snapshotter.pull_records import (
     PullOrder,
     PullReport,
     WarmedLayer,
+    WarmPhase,
     WarmReport,
+    WarmState,
 )
 from snapshotter.registry.options import RegistryOptions
 from snapshotter.service import ImagesService
@@ -35,8 +38,8 @@ from snapshotter.status import StatusClient
 from tests.harness.grpc_server import serving
 
 REPORT = PullReport("reg.test/app:1", "sha256:" + "a" * 64,
-                    [LayerOutcome("sha256:" + "b" * 64, 1 << 20, "lazy estargz", "", 0.25),
-                     LayerOutcome("sha256:" + "c" * 64, 300, "pulled whole", "not an eStargz layer", 0.5)], 1.5)
+                    [LayerOutcome("sha256:" + "b" * 64, 1 << 20, LayerMode.ESTARGZ, "", 0.25),
+                     LayerOutcome("sha256:" + "c" * 64, 300, LayerMode.WHOLE, "not an eStargz layer", 0.5)], 1.5)
 
 
 class ScriptedPuller:
@@ -172,8 +175,8 @@ async def test_puller_cancel_ends_the_pull_with_an_error(tmp_path: Path) -> None
 # ---------------------------------------------------------------- `lazysnap prefetch`
 
 WARMED = WarmReport("reg.test/app:1", "sha256:" + "a" * 64,
-                    (WarmedLayer("sha256:" + "b" * 64, 1 << 20, 1 << 20, 3 << 18, "complete"),
-                     WarmedLayer("sha256:" + "c" * 64, 0, 0, 0, "pulled whole")), 2.5, ("start profile",), "", True)
+                    (WarmedLayer("sha256:" + "b" * 64, 1 << 20, 1 << 20, 3 << 18, WarmState(WarmPhase.COMPLETE)),
+                     WarmedLayer("sha256:" + "c" * 64, 0, 0, 0, WarmState(WarmPhase.PULLED_WHOLE))), 2.5, ("start profile",), "", True)
 
 
 def test_prefetch_streams_the_pull_then_the_warming(tmp_path: Path) -> None:
@@ -205,7 +208,7 @@ def test_prefetch_prints_the_pull_and_the_warming_tables(tmp_path: Path, capsys:
 
 def test_prefetch_without_wait_says_the_daemon_warms_on(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     started = WarmReport(WARMED.image, WARMED.manifest_digest,
-                         (WarmedLayer("sha256:" + "b" * 64, 4 << 20, 1 << 20, 0, "warming"),), 0.1)
+                         (WarmedLayer("sha256:" + "b" * 64, 4 << 20, 1 << 20, 0, WarmState(WarmPhase.WARMING)),), 0.1)
     with images_server(tmp_path, ScriptedPuller([REPORT, started])) as address:
         with pytest.raises(SystemExit) as done:
             cli.main(["prefetch", "reg.test/app:1", "--address", str(address)])
@@ -216,7 +219,7 @@ def test_prefetch_without_wait_says_the_daemon_warms_on(tmp_path: Path, capsys: 
 
 def test_a_failed_layer_makes_prefetch_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     failed = WarmReport(WARMED.image, WARMED.manifest_digest,
-                        (WarmedLayer("sha256:" + "b" * 64, 4 << 20, 1 << 20, 0, "failed: RegistryUnavailable: 503"),),
+                        (WarmedLayer("sha256:" + "b" * 64, 4 << 20, 1 << 20, 0, WarmState(WarmPhase.FAILED, "RegistryUnavailable: 503")),),
                         1.0, finished=True)
     with images_server(tmp_path, ScriptedPuller([REPORT, failed])) as address:
         with pytest.raises(SystemExit) as done:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from snapshotter.containerd.pull import UNPACK_ATTEMPTS, PullError, chain_ids, unpack_image
+from snapshotter.containerd.pull import UNPACK_ATTEMPTS, ImageLayers, PullError, chain_ids, unpack_image
 from snapshotter.errors import AlreadyExists, NotFound
 from snapshotter.layer_modes import LayerMode
 from snapshotter.layers.served import Explanation
@@ -52,8 +52,9 @@ class Snapshots:
 
 
 async def unpack(snapshots: Snapshots, lines: list[str]) -> list[str]:
-    outcomes = await unpack_image(snapshots, "lazysnap", LAYERS, CHAIN, "example.com/app:1",  # type: ignore[arg-type]
-                                  "sha256:" + "f" * 64, lambda digest: Explanation(LayerMode.ESTARGZ, ""), lines.append)
+    image = ImageLayers("lazysnap", "example.com/app:1", "sha256:" + "f" * 64, tuple(LAYERS), tuple(CHAIN))
+    outcomes = await unpack_image(snapshots, image,  # type: ignore[arg-type]
+                                  lambda digest: Explanation(LayerMode.ESTARGZ, ""), lines.append)
     return [o.digest for o in outcomes]
 
 

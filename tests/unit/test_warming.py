@@ -25,6 +25,7 @@ from snapshotter.fetch.units import Unit
 from snapshotter.layers.manager import open_manager
 from snapshotter.layers.warming import REST, plan
 from snapshotter.profiles import ProfileStore
+from snapshotter.layer_modes import LayerMode
 from snapshotter.pull_records import LayerOutcome, PullReport, format_warm_report
 from snapshotter.store import Store
 from tests.unit.fakes import Built, FakePlane, FakeRegistry, build
@@ -89,7 +90,7 @@ async def pull(env: Env, layers: list[Built]) -> PullReport:
         req = request_for(built, layers=digests[i:])
         with trio.fail_after(5):
             assert await env.manager._mount(type(req)(**{**req.__dict__, "manifest_digest": MANIFEST})) is not None
-    return PullReport(REF, MANIFEST, [LayerOutcome(b.digest, len(b.blob), "lazy estargz") for b in layers], 0.1)
+    return PullReport(REF, MANIFEST, [LayerOutcome(b.digest, len(b.blob), LayerMode.ESTARGZ) for b in layers], 0.1)
 
 
 def overlapping(reads: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
@@ -112,7 +113,7 @@ async def test_a_warming_completes_every_layer_fetching_each_byte_once(tmp_path:
             await warming.follow(lines.append)
         done = warming.report()
         assert done.finished and not done.failed and done.sources == ()
-        assert [layer.state for layer in done.layers] == ["complete", "complete"]
+        assert [str(layer.state) for layer in done.layers] == ["complete", "complete"]
         assert all(layer.complete_bytes == layer.content_bytes == layer.fetched_bytes > 0 for layer in done.layers)
         warm_reads = registry.reads[mark:]
         assert warm_reads and overlapping(warm_reads) == [], "no blob byte is fetched twice"
@@ -153,7 +154,7 @@ async def test_the_start_profile_is_said_and_warmed(tmp_path: Path) -> None:
             await warming.follow(lines.append)
         assert warming.report().sources == ("start profile",)
         assert lines[0].endswith("; start profile first"), lines
-        assert warming.report().layers[0].state == "complete"
+        assert str(warming.report().layers[0].state) == "complete"
         assert overlapping(registry.reads[mark:]) == []
 
 
@@ -169,7 +170,7 @@ async def test_an_image_larger_than_the_cache_is_warmed_as_far_as_it_fits(tmp_pa
         done = warming.report()
         assert "more than 80 % of its" in done.note and "cache_max_mib" in done.note
         (layer,) = done.layers
-        assert layer.state == "partial: no room in the cache" and 0 < layer.complete_bytes < layer.content_bytes
+        assert str(layer.state) == "partial: no room in the cache" and 0 < layer.complete_bytes < layer.content_bytes
         assert env.manager.cache.size <= 0.8 * size + 1, "nothing the warming fetched was evicted"
         assert "note: " in format_warm_report(done)
 
@@ -195,7 +196,7 @@ async def test_releasing_a_layer_stops_its_warming(tmp_path: Path) -> None:
             assert rows[0].fetch_state == "warming"
             await env.manager.served.release(env.layers())
             await warming.done.wait()
-        assert warming.report().layers[0].state == "stopped: the layer was released"
+        assert str(warming.report().layers[0].state) == "stopped: the layer was released"
 
 
 # --------------------------------------------------------------------------- `lazysnap status`

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16lazysnap/v1/pull.proto\x12\x0blazysnap.v1\"\x9c\x01\n\x0bPullRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x1a\n\x12\x63ontainerd_address\x18\x03 \x01(\t\x12\x13\n\x0bsnapshotter\x18\x04 \x01(\t\x12\x12\n\nplain_http\x18\x05 \x01(\x08\x12\x11\n\tcerts_dir\x18\x06 \x01(\t\x12\x15\n\rdocker_config\x18\x07 \x01(\t\"Y\n\x0bPulledLayer\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0b\n\x03how\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0f\n\x07seconds\x18\x05 \x01(\x01\"o\n\nPullReport\x12\r\n\x05image\x18\x01 \x01(\t\x12\x17\n\x0fmanifest_digest\x18\x02 \x01(\t\x12(\n\x06layers\x18\x03 \x03(\x0b\x32\x18.lazysnap.v1.PulledLayer\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\"S\n\tPullEvent\x12\x12\n\x08progress\x18\x01 \x01(\tH\x00\x12)\n\x06report\x18\x02 \x01(\x0b\x32\x17.lazysnap.v1.PullReportH\x00\x42\x07\n\x05\x65vent\"G\n\x0fPrefetchRequest\x12&\n\x04pull\x18\x01 \x01(\x0b\x32\x18.lazysnap.v1.PullRequest\x12\x0c\n\x04wait\x18\x02 \x01(\x08\"r\n\x0bWarmedLayer\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x15\n\rcontent_bytes\x18\x02 \x01(\x03\x12\x16\n\x0e\x63omplete_bytes\x18\x03 \x01(\x03\x12\x15\n\rfetched_bytes\x18\x04 \x01(\x03\x12\r\n\x05state\x18\x05 \x01(\t\"\xa0\x01\n\nWarmReport\x12\r\n\x05image\x18\x01 \x01(\t\x12\x17\n\x0fmanifest_digest\x18\x02 \x01(\t\x12(\n\x06layers\x18\x03 \x03(\x0b\x32\x18.lazysnap.v1.WarmedLayer\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\x12\x0f\n\x07sources\x18\x05 \x03(\t\x12\x0c\n\x04note\x18\x06 \x01(\t\x12\x10\n\x08\x66inished\x18\x07 \x01(\x08\"\x82\x01\n\rPrefetchEvent\x12\x12\n\x08progress\x18\x01 \x01(\tH\x00\x12)\n\x06pulled\x18\x02 \x01(\x0b\x32\x17.lazysnap.v1.PullReportH\x00\x12)\n\x06report\x18\x03 \x01(\x0b\x32\x17.lazysnap.v1.WarmReportH\x00\x42\x07\n\x05\x65vent2\x8c\x01\n\x06Images\x12:\n\x04Pull\x12\x18.lazysnap.v1.PullRequest\x1a\x16.lazysnap.v1.PullEvent0\x01\x12\x46\n\x08Prefetch\x12\x1c.lazysnap.v1.PrefetchRequest\x1a\x1a.lazysnap.v1.PrefetchEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16lazysnap/v1/pull.proto\x12\x0blazysnap.v1\"\x9c\x01\n\x0bPullRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x1a\n\x12\x63ontainerd_address\x18\x03 \x01(\t\x12\x13\n\x0bsnapshotter\x18\x04 \x01(\t\x12\x12\n\nplain_http\x18\x05 \x01(\x08\x12\x11\n\tcerts_dir\x18\x06 \x01(\t\x12\x15\n\rdocker_config\x18\x07 \x01(\t\"g\n\x0bPulledLayer\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0b\n\x03how\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0f\n\x07seconds\x18\x05 \x01(\x01\x12\x0c\n\x04mode\x18\x06 \x01(\t\"o\n\nPullReport\x12\r\n\x05image\x18\x01 \x01(\t\x12\x17\n\x0fmanifest_digest\x18\x02 \x01(\t\x12(\n\x06layers\x18\x03 \x03(\x0b\x32\x18.lazysnap.v1.PulledLayer\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\"S\n\tPullEvent\x12\x12\n\x08progress\x18\x01 \x01(\tH\x00\x12)\n\x06report\x18\x02 \x01(\x0b\x32\x17.lazysnap.v1.PullReportH\x00\x42\x07\n\x05\x65vent\"G\n\x0fPrefetchRequest\x12&\n\x04pull\x18\x01 \x01(\x0b\x32\x18.lazysnap.v1.PullRequest\x12\x0c\n\x04wait\x18\x02 \x01(\x08\"\x82\x01\n\x0bWarmedLayer\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x15\n\rcontent_bytes\x18\x02 \x01(\x03\x12\x16\n\x0e\x63omplete_bytes\x18\x03 \x01(\x03\x12\x15\n\rfetched_bytes\x18\x04 \x01(\x03\x12\r\n\x05state\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\"\xa0\x01\n\nWarmReport\x12\r\n\x05image\x18\x01 \x01(\t\x12\x17\n\x0fmanifest_digest\x18\x02 \x01(\t\x12(\n\x06layers\x18\x03 \x03(\x0b\x32\x18.lazysnap.v1.WarmedLayer\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\x12\x0f\n\x07sources\x18\x05 \x03(\t\x12\x0c\n\x04note\x18\x06 \x01(\t\x12\x10\n\x08\x66inished\x18\x07 \x01(\x08\"\x82\x01\n\rPrefetchEvent\x12\x12\n\x08progress\x18\x01 \x01(\tH\x00\x12)\n\x06pulled\x18\x02 \x01(\x0b\x32\x17.lazysnap.v1.PullReportH\x00\x12)\n\x06report\x18\x03 \x01(\x0b\x32\x17.lazysnap.v1.WarmReportH\x00\x42\x07\n\x05\x65vent2\x8c\x01\n\x06Images\x12:\n\x04Pull\x12\x18.lazysnap.v1.PullRequest\x1a\x16.lazysnap.v1.PullEvent0\x01\x12\x46\n\x08Prefetch\x12\x1c.lazysnap.v1.PrefetchRequest\x1a\x1a.lazysnap.v1.PrefetchEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,19 +34,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PULLREQUEST']._serialized_start=40
   _globals['_PULLREQUEST']._serialized_end=196
   _globals['_PULLEDLAYER']._serialized_start=198
-  _globals['_PULLEDLAYER']._serialized_end=287
-  _globals['_PULLREPORT']._serialized_start=289
-  _globals['_PULLREPORT']._serialized_end=400
-  _globals['_PULLEVENT']._serialized_start=402
-  _globals['_PULLEVENT']._serialized_end=485
-  _globals['_PREFETCHREQUEST']._serialized_start=487
-  _globals['_PREFETCHREQUEST']._serialized_end=558
-  _globals['_WARMEDLAYER']._serialized_start=560
-  _globals['_WARMEDLAYER']._serialized_end=674
-  _globals['_WARMREPORT']._serialized_start=677
-  _globals['_WARMREPORT']._serialized_end=837
-  _globals['_PREFETCHEVENT']._serialized_start=840
-  _globals['_PREFETCHEVENT']._serialized_end=970
-  _globals['_IMAGES']._serialized_start=973
-  _globals['_IMAGES']._serialized_end=1113
+  _globals['_PULLEDLAYER']._serialized_end=301
+  _globals['_PULLREPORT']._serialized_start=303
+  _globals['_PULLREPORT']._serialized_end=414
+  _globals['_PULLEVENT']._serialized_start=416
+  _globals['_PULLEVENT']._serialized_end=499
+  _globals['_PREFETCHREQUEST']._serialized_start=501
+  _globals['_PREFETCHREQUEST']._serialized_end=572
+  _globals['_WARMEDLAYER']._serialized_start=575
+  _globals['_WARMEDLAYER']._serialized_end=705
+  _globals['_WARMREPORT']._serialized_start=708
+  _globals['_WARMREPORT']._serialized_end=868
+  _globals['_PREFETCHEVENT']._serialized_start=871
+  _globals['_PREFETCHEVENT']._serialized_end=1001
+  _globals['_IMAGES']._serialized_start=1004
+  _globals['_IMAGES']._serialized_end=1144
 # @@protoc_insertion_point(module_scope)

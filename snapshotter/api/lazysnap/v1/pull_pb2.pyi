@@ -25,18 +25,20 @@ class PullRequest(_message.Message):
     def __init__(self, ref: _Optional[str] = ..., namespace: _Optional[str] = ..., containerd_address: _Optional[str] = ..., snapshotter: _Optional[str] = ..., plain_http: _Optional[bool] = ..., certs_dir: _Optional[str] = ..., docker_config: _Optional[str] = ...) -> None: ...
 
 class PulledLayer(_message.Message):
-    __slots__ = ("digest", "size", "how", "reason", "seconds")
+    __slots__ = ("digest", "size", "how", "reason", "seconds", "mode")
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     HOW_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
     digest: str
     size: int
     how: str
     reason: str
     seconds: float
-    def __init__(self, digest: _Optional[str] = ..., size: _Optional[int] = ..., how: _Optional[str] = ..., reason: _Optional[str] = ..., seconds: _Optional[float] = ...) -> None: ...
+    mode: str
+    def __init__(self, digest: _Optional[str] = ..., size: _Optional[int] = ..., how: _Optional[str] = ..., reason: _Optional[str] = ..., seconds: _Optional[float] = ..., mode: _Optional[str] = ...) -> None: ...
 
 class PullReport(_message.Message):
     __slots__ = ("image", "manifest_digest", "layers", "seconds")
@@ -67,18 +69,20 @@ class PrefetchRequest(_message.Message):
     def __init__(self, pull: _Optional[_Union[PullRequest, _Mapping]] = ..., wait: _Optional[bool] = ...) -> None: ...
 
 class WarmedLayer(_message.Message):
-    __slots__ = ("digest", "content_bytes", "complete_bytes", "fetched_bytes", "state")
+    __slots__ = ("digest", "content_bytes", "complete_bytes", "fetched_bytes", "state", "detail")
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     CONTENT_BYTES_FIELD_NUMBER: _ClassVar[int]
     COMPLETE_BYTES_FIELD_NUMBER: _ClassVar[int]
     FETCHED_BYTES_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
     digest: str
     content_bytes: int
     complete_bytes: int
     fetched_bytes: int
     state: str
-    def __init__(self, digest: _Optional[str] = ..., content_bytes: _Optional[int] = ..., complete_bytes: _Optional[int] = ..., fetched_bytes: _Optional[int] = ..., state: _Optional[str] = ...) -> None: ...
+    detail: str
+    def __init__(self, digest: _Optional[str] = ..., content_bytes: _Optional[int] = ..., complete_bytes: _Optional[int] = ..., fetched_bytes: _Optional[int] = ..., state: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class WarmReport(_message.Message):
     __slots__ = ("image", "manifest_digest", "layers", "seconds", "sources", "note", "finished")
