@@ -8,10 +8,15 @@ VENV   := .venv
 PYTHON := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: test test-unit test-component test-system demo bench fuzz deps apt-deps venv proto clean install
+.PHONY: test typecheck test-unit test-component test-system demo bench fuzz deps apt-deps venv proto clean install
 
-test: deps
+# Type checking first: it takes seconds, the suite minutes.
+test: deps typecheck
 	$(PYTHON) -m pytest -v $(PYTEST_ARGS)
+
+# mypy over the package, configured in pyproject.toml ([tool.mypy]).
+typecheck: venv
+	$(VENV)/bin/mypy snapshotter
 
 # The suite's three tiers, each alone (tests/conftest.py says which test is which):
 # unit needs neither root nor processes; component mounts, starts a registry or one daemon;
@@ -106,4 +111,4 @@ proto: venv
 	$(PYTHON) proto/generate_ztoc.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache

@@ -99,8 +99,8 @@ class ProfileStore:
         index = self.dir / "layers"
         try:
             if not index.is_dir() and self.dir.is_dir():  # profiles saved before the index existed
-                for profile in self.all():
-                    self._index(profile)
+                for earlier in self.all():
+                    self._index(earlier)
                 index.mkdir(exist_ok=True)
             image = (index / _hex(layer_digest)).read_text().strip()
             profile = self.get(image)

@@ -15,10 +15,19 @@ import trio
 from .formats.profile import LayerProfile, Profile
 
 
+class ReadHook(Protocol):
+    """What a layer's `recordings` hold: a `Recording`, or in the data plane the link that
+    reports first reads to the control plane (where the recording is)."""
+
+    def touch(self, layer: str, start: int, end: int) -> None:
+        """Bytes [start, end) of layer `layer`'s blob (a unit) were read."""
+        ...
+
+
 class Recorded(Protocol):
     """A layer a recording can be attached to."""
 
-    recordings: list[Recording]
+    recordings: list[ReadHook]
 
 
 @dataclass(eq=False)
@@ -39,7 +48,7 @@ class Recording:
     touched: dict[tuple[str, int], tuple[int, int, int]] = field(default_factory=dict)
     """(layer digest, unit start) -> (start, end, milliseconds after the first read), in first-read order."""
     max_units: int = 1 << 18
-    _attached: list[list[Recording]] = field(default_factory=list, repr=False)
+    _attached: list[list[ReadHook]] = field(default_factory=list, repr=False)
     """The `recordings` lists of the layers it is attached to."""
 
     def attach(self, layer: Recorded) -> None:

@@ -10,6 +10,7 @@ the transaction commits, and anything the store does not know is deleted by
 
 from __future__ import annotations
 
+import builtins  # `list` below a class's own list() method means the method to a type checker
 import errno
 import logging
 import os
@@ -206,7 +207,7 @@ class Snapshotter:
         log.debug("committed %r as %r (id %d, %d bytes)", key, name, snap.id, snap.size)
         return snap
 
-    def update(self, key: str, labels: dict[str, str], paths: list[str]) -> Snapshot:
+    def update(self, key: str, labels: dict[str, str], paths: builtins.list[str]) -> Snapshot:
         """Change labels as containerd's storage.UpdateInfo does; only labels are mutable."""
         for path in paths:
             if path != "labels" and not path.startswith("labels."):
@@ -231,7 +232,7 @@ class Snapshotter:
         self._delete_dir(self.dir / str(snap.id))
         log.debug("removed snapshot %r (id %d)", key, snap.id)
 
-    def cleanup(self) -> list[Path]:
+    def cleanup(self) -> builtins.list[Path]:
         """Delete every directory the store has no snapshot for, and stop serving unused layers."""
         with self.store.transaction() as tx:
             known = {str(i) for i in tx.ids()}
@@ -257,7 +258,7 @@ class Snapshotter:
     def lower_path(self, parent: Parent) -> Path:
         return self.layer_path(parent.layer_id) if parent.layer_id is not None else self.fs_path(parent.id)
 
-    def _mounts(self, snap: Snapshot) -> list[Mount]:
+    def _mounts(self, snap: Snapshot) -> builtins.list[Mount]:
         own = self.dir / str(snap.id)
         lowers = [self.lower_path(p) for p in snap.parents]
         return compose(snap.kind, own / "fs", own / "work", lowers, index_off=self.index_off)

@@ -11,6 +11,7 @@ crash can never be mistaken for a later snapshot's.
 
 from __future__ import annotations
 
+import builtins  # `list` below a class's own list() method means the method to a type checker
 import enum
 import json
 import sqlite3
@@ -226,10 +227,10 @@ class Transaction:
         row = self._db.execute(f"SELECT {_LAYER_COLUMNS} FROM layers WHERE digest = ?", (digest,)).fetchone()
         return LayerRecord(*row)
 
-    def layers(self) -> list[LayerRecord]:
+    def layers(self) -> builtins.list[LayerRecord]:
         return [LayerRecord(*row) for row in self._db.execute(f"SELECT {_LAYER_COLUMNS} FROM layers ORDER BY id")]
 
-    def remove_unused_layers(self) -> list[LayerRecord]:
+    def remove_unused_layers(self) -> builtins.list[LayerRecord]:
         """Forget layers no snapshot uses any more; the caller detaches and deletes their files."""
         unused = [LayerRecord(*row) for row in self._db.execute(
             f"SELECT {_LAYER_COLUMNS} FROM layers WHERE id NOT IN"

@@ -37,7 +37,7 @@ from ..layers.layer import ReadError
 from ..layers.soci import SociLayer
 from ..store import LayerRecord
 from . import MNT_DIR
-from .wire import PROTOCOL, Channel, ChannelClosed, Message, RemoteError
+from .wire import PROTOCOL, Channel, ChannelClosed, Handler, Message, RemoteError
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +137,8 @@ class DataPlane:
         self._readahead_warned = False
         """The kernel could not raise a mount's readahead: said once as a warning, then at debug level."""
         """Set to stop: a signal, or retired with nothing left to serve."""
-        self._handlers = {"hello": self._hello, "attach": self._attach, "detach": self._detach,
-                          "stats": self._stats, "retire": self._retire}
+        self._handlers: dict[str, Handler] = {"hello": self._hello, "attach": self._attach,
+                                              "detach": self._detach, "stats": self._stats, "retire": self._retire}
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)

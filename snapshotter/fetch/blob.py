@@ -16,17 +16,19 @@ from .. import metrics
 from ..store import LayerRecord
 
 if TYPE_CHECKING:  # the data plane uses StoredBlob, and must not load the HTTP stack
-    from ..registry.client import RegistryClient
+    from ..registry.client import BlobLocation, RegistryClient
 
 
 class StoredBlob:
     """A layer blob known by name and size only: the data plane's, which never reads the registry."""
 
-    fetched_bytes = 0
-    """Bytes read from the registry so far (for `lazysnap status`)."""
-
     def __init__(self, digest: str, size: int) -> None:
         self._digest, self._size = digest, size
+
+    @property
+    def fetched_bytes(self) -> int:
+        """Bytes read from the registry so far (for `lazysnap status`): none."""
+        return 0
 
     @property
     def digest(self) -> str:
@@ -45,7 +47,10 @@ class StoredBlob:
 class RegistryBlob(StoredBlob):
     """A `Blob` whose location in the registry is known (it was just resolved)."""
 
-    def __init__(self, client: RegistryClient, ref: str, digest: str, size: int, location: object) -> None:
+    fetched_bytes = 0
+    """Counted by each fetch: a plain attribute here, in place of StoredBlob's read-only property."""
+
+    def __init__(self, client: RegistryClient, ref: str, digest: str, size: int, location: BlobLocation) -> None:
         super().__init__(digest, size)
         self.client, self.ref, self.location = client, ref, location
         self.fetched_bytes = 0

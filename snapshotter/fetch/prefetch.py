@@ -76,7 +76,8 @@ class FetchQueue:
             heapq.heappush(self._heap, _Job(priority, next(self._seq), batch, owner))
         try:
             async with trio.open_nursery() as nursery:
-                for _ in range(min(len(todo), self.limiter.total_tokens)):
+                # int(): total_tokens is a float only when it is math.inf, and then min() is len(todo)
+                for _ in range(int(min(len(todo), self.limiter.total_tokens))):
                     nursery.start_soon(self._work)
             await owner.done.wait()
         finally:

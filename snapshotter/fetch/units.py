@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from ..recording import Recording
+    from ..recording import ReadHook
     from .activity import FetchActivity
 
 
@@ -39,7 +39,7 @@ class FetchableLayer(Protocol):
     """What prefetch, readahead and background fetch need of a layer."""
 
     activity: FetchActivity
-    recordings: list[Recording]
+    recordings: list[ReadHook]
 
     @property
     def units(self) -> Sequence[Unit]:

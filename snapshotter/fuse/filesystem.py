@@ -359,8 +359,9 @@ class LayerFilesystem(pyfuse3.Operations):
         direct = getattr(att.layer, "direct_io", False)
         return pyfuse3.FileInfo(fh=fh, keep_cache=not direct, direct_io=direct)
 
+    # pyfuse3 replies with any contiguous buffer (PyObject_GetBuffer), though its stub says bytes.
     @_guarded
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]
         f = self._files[fh]
         att, node = f.att, f.node
         if not att.attached:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from ..cache import ChunkCache, Verify, sha256_verifier
 from ..formats.erofs import Image
 from ..formats.errors import FormatError
-from ..recording import Recording
+from ..recording import ReadHook
 from .estargz import EStargzLayer
 from .layer import ReadError, UnitSource
 from .tree import ROOT_INO, LayerTree, Node
@@ -93,7 +93,9 @@ def estargz_map(layer: EStargzLayer, image: Image) -> DeviceMap:
     for extent in image.extents:
         content = layer.tree.nodes[extent.ino].content
         if isinstance(content, bytes):
-            offsets.append(extent.offset), sizes.append(len(content)), units.append(LITERAL)
+            offsets.append(extent.offset)
+            sizes.append(len(content))
+            units.append(LITERAL)
             unit_offsets.append(len(literal))
             literal += content
             continue
@@ -105,7 +107,9 @@ def estargz_map(layer: EStargzLayer, image: Image) -> DeviceMap:
                 keys.append(key)
                 digests.append(chunk.digest or "")
                 blob_ranges.extend((chunk.compressed_offset, chunk.compressed_end))
-            offsets.append(extent.offset + chunk.file_offset), sizes.append(chunk.size), units.append(unit)
+            offsets.append(extent.offset + chunk.file_offset)
+            sizes.append(chunk.size)
+            units.append(unit)
             unit_offsets.append(0)
     return DeviceMap(image.data_size, offsets, sizes, units, unit_offsets, keys, digests, blob_ranges, bytes(literal))
 
@@ -175,7 +179,7 @@ class MappedDevice:
         self.digest = digest
         self.cache = cache
         self.source = source
-        self.recordings: list[Recording] = []
+        self.recordings: list[ReadHook] = []
         self.held = held if held is not None else HeldUnits()
         self._loaded: set[int] = set()
         """Units loaded (so verified) once: the cache then reads just the bytes asked for."""
@@ -218,16 +222,17 @@ class MappedDevice:
         key, digest = device.keys[unit], device.digests[unit]
         verify = sha256_verifier(digest) if digest else None
         whole = self.held.get(key)
+        part: bytes | memoryview | None = None
         if whole is None and unit in self._loaded:
             part = await self.cache.get_range(key, start, start + n, verify)  # just these bytes
-            if part is None:
-                whole = await self._whole(key, verify)
         elif whole is None:
             # A chunk's first read loads all of it and checks its digest, once however many
             # reads of it are in flight (they wait for it in the cache, and share its failure).
             whole = await self._whole(key, verify)
             self._loaded.add(unit)
-        if whole is not None:
+        if part is None:
+            if whole is None:  # loaded before, but the cache no longer has it
+                whole = await self._whole(key, verify)
             self.held.hold(key, whole)
             part = memoryview(whole)[start:start + n]  # a view: no copy
         if len(part) != n:

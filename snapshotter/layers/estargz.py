@@ -24,7 +24,7 @@ from ..formats import estargz, zstd_chunked
 from ..formats.entries import LayerEntry
 from ..formats.errors import FormatError
 from ..layer_modes import LayerMode
-from ..recording import Recording
+from ..recording import ReadHook
 from .directories import Directories
 from .layer import Blob, ReadError, UnitSource
 from .tree import LayerTree, Node, build_tree
@@ -121,7 +121,7 @@ class EStargzLayer:
         self.source = source
         self.cache = cache
         self.activity = activity or FetchActivity()
-        self.recordings: list[Recording] = []
+        self.recordings: list[ReadHook] = []
         self._decompress = index.format.decompress_chunk
         entries = index.format.layer_entries(index.toc, index.footer.toc_offset)
         toc_file = estargz.toc_file_entry(index.toc)

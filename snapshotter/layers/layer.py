@@ -20,9 +20,11 @@ class Layer(Protocol):
     @property
     def tree(self) -> LayerTree: ...
 
-    async def read(self, node: Node, offset: int, size: int) -> bytes:
+    async def read(self, node: Node, offset: int, size: int) -> bytes | memoryview:
         """Up to `size` bytes of regular file `node` from `offset` (short only at EOF).
 
+        A memoryview lets a layer answer from a unit it holds without copying (the data
+        plane's `MappedDevice`); the mount hands either to the kernel as it is.
         Raises ReadError when the bytes cannot be had; never returns unverified data.
         """
         ...

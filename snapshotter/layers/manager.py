@@ -179,6 +179,7 @@ class LayerManager:
                 except FormatError as e:
                     note = f" ({resolution.note})" if resolution.note else ""
                     raise Fallback(f"{e}{note}", FallbackCause.VERIFICATION) from None
+            layer: EStargzLayer | SociLayer
             try:
                 # In a worker thread: building a 30,000-entry tree takes a while, and the
                 # data planes' misses must not wait for it. An eStargz or zstd:chunked TOC is already parsed.

@@ -21,7 +21,7 @@ from ..fetch.batching import fill_batch
 from ..fetch.units import Unit
 from ..formats import gzip_index, ztoc
 from ..formats.errors import FormatError
-from ..recording import Recording
+from ..recording import ReadHook
 from .layer import Blob, ReadError, UnitSource
 from .tree import LayerTree, Node, build_tree
 
@@ -47,7 +47,7 @@ class SociLayer:
         self._inflated: OrderedDict[int, bytes] = OrderedDict()
         self._inflating: dict[int, trio.Event] = {}
         self.activity = activity or FetchActivity()
-        self.recordings: list[Recording] = []
+        self.recordings: list[ReadHook] = []
         spans = [self.index.span(i) for i in range(self.index.max_span_id + 1)]
         self._by_digest: dict[str, int] | None = None
         extents = sorted({e.content for e in entries if isinstance(e.content, ztoc.FileExtent) and e.content.size})

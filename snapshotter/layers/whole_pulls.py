@@ -124,7 +124,12 @@ class WholePulls:
             if pull.done.is_set() and now - pull.finished > UNCLAIMED_TTL:
                 del self._pulls[digest]
                 log.info("layer %s was pulled whole ahead but never claimed; deleting it", digest)
-                self.nursery.start_soon(trio.to_thread.run_sync, shutil.rmtree, pull.dir, True)
+                self.nursery.start_soon(trio.to_thread.run_sync, _remove, pull.dir)
+
+
+def _remove(path: Path) -> None:
+    """shutil.rmtree(path, ignore_errors=True) as a plain function, which start_soon(run_sync, ...) can type-check."""
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _move(src: Path, dest: Path) -> None:

@@ -93,6 +93,12 @@ _NODES = {tarfile.CHRTYPE: stat.S_IFCHR, tarfile.BLKTYPE: stat.S_IFBLK, tarfile.
 _SUPPORTED = frozenset({tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE,
                         *_NODES})
 _READ_ERRORS = (tarfile.TarError, ValueError, LookupError, OverflowError)
+# What stopped the reader (`Reader.stopped_by`), by tarfile's classes, which typeshed does not declare.
+_END_MARKER: type[tarfile.HeaderError] = getattr(tarfile, "EOFHeaderError")
+_CUT_SHORT: dict[type[object], str] = {
+    getattr(tarfile, "EmptyHeaderError"): "the stream ends without the end-of-archive marker (truncated?)",
+    getattr(tarfile, "TruncatedHeaderError"): "the stream ends inside a header (truncated)",
+}
 
 
 @dataclass(frozen=True)
@@ -204,7 +210,9 @@ class _Applier:
 
     def run(self, source: _Source) -> None:
         try:
-            tar = Reader.open(fileobj=source, mode="r|", encoding="utf-8", errors="surrogateescape")
+            # typeshed wants a fileobj that can also write, seek and tell; stream mode only reads.
+            tar: Reader = Reader.open(fileobj=source, mode="r|", encoding="utf-8",  # type: ignore[call-overload]
+                                      errors="surrogateescape")
         except ApplyError:
             raise
         except _READ_ERRORS as e:
@@ -223,11 +231,9 @@ class _Applier:
                     raise
                 except _READ_ERRORS as e:
                     raise ApplyError(f"after member {last!r}: {e}") from e
-            if not isinstance(tar.stopped_by, tarfile.EOFHeaderError):
+            if not isinstance(tar.stopped_by, _END_MARKER):
                 where = "at the start of the stream" if last is None else f"after member {last!r}"
-                why = {tarfile.EmptyHeaderError: "the stream ends without the end-of-archive marker (truncated?)",
-                       tarfile.TruncatedHeaderError: "the stream ends inside a header (truncated)"}.get(
-                    type(tar.stopped_by), f"invalid header ({tar.stopped_by})")
+                why = _CUT_SHORT.get(type(tar.stopped_by), f"invalid header ({tar.stopped_by})")
                 raise ApplyError(f"{where}: {why}")
         self._set_dir_times()
 

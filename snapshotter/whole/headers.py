@@ -48,9 +48,9 @@ class Header(tarfile.TarInfo):
             raise ApplyError(f"a {self.type.decode('ascii', 'replace')!r} header of {self.size} bytes "
                              f"(at most {MAX_META_SIZE})")
         if self.type == tarfile.XGLTYPE:  # ignored, as containerd ignores it
-            tarfile_.fileobj.read(self._block(self.size))
+            tarfile_.fileobj.read(self._block(self.size))  # type: ignore[attr-defined]  # private: typeshed omits it
             return self.fromtarfile(tarfile_)
-        return super()._proc_member(tarfile_)
+        return super()._proc_member(tarfile_)  # type: ignore[misc]  # private: typeshed omits it
 
 
 class Reader(tarfile.TarFile):
@@ -58,6 +58,9 @@ class Reader(tarfile.TarFile):
 
     tarinfo = Header
     stopped_by: tarfile.HeaderError | None = None
+    # tarfile's own state, which the applier uses in stream mode and typeshed does not declare:
+    firstmember: tarfile.TarInfo | None
+    members: list[tarfile.TarInfo]
 
 
 def member_ids(m: tarfile.TarInfo) -> tuple[int, int]:

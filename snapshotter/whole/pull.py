@@ -20,7 +20,7 @@ import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import isal.igzip
 import isal.isal_zlib
@@ -39,7 +39,8 @@ CHUNK_SIZE = 1 << 20
 SEGMENT = 4 << 20
 CONNECTIONS = 4
 """Range GETs in flight for one blob; memory held is at most CONNECTIONS x SEGMENT."""
-DECOMPRESSION_ERRORS = (EOFError, zstandard.ZstdError, isal.igzip.BadGzipFile, isal.isal_zlib.error)
+DECOMPRESSION_ERRORS = (EOFError, zstandard.ZstdError, isal.igzip.BadGzipFile,
+                        cast("type[Exception]", isal.isal_zlib.error))  # a class: isal's stub says an instance
 BUFFERED_CHUNKS = 8
 """Chunks between the network and the applier: enough to keep both busy, bounded memory."""
 
