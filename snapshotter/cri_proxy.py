@@ -46,7 +46,7 @@ class _Forwarder(grpc.GenericRpcHandler):
         self.store = store
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-        service, _, name = details.method.lstrip("/").partition("/")  # type: ignore[attr-defined]
+        service, _, name = details.method.lstrip("/").partition("/")
         method = SERVICE.methods_by_name.get(name) if service == SERVICE.full_name else None
         if method is None or method.client_streaming:
             return None  # UNIMPLEMENTED, as containerd answers what it does not know
@@ -139,7 +139,7 @@ def _name(path: str) -> str:
 
 
 def _metadata(context: grpc.ServicerContext) -> list[tuple[str, Any]]:
-    return [(m.key, m.value) for m in context.invocation_metadata()  # type: ignore[attr-defined]
+    return [(m.key, m.value) for m in context.invocation_metadata()
             if not m.key.startswith(":") and not m.key.startswith(_NOT_FORWARDED)]
 
 

@@ -130,9 +130,9 @@ def _apply(reader: _ChannelReader, dest: Path) -> tuple[str, Applied]:
         compression, stream = "gzip", isal.igzip.GzipFile(fileobj=buffered, mode="rb")  # type: ignore[assignment]
     elif magic == ZSTD_MAGIC:
         compression = "zstd"
-        stream = zstandard.ZstdDecompressor().stream_reader(buffered, read_across_frames=True)  # type: ignore[assignment]
+        stream = zstandard.ZstdDecompressor().stream_reader(buffered, read_across_frames=True)
     else:
-        compression, stream = "none", buffered  # type: ignore[assignment]
+        compression, stream = "none", buffered
     try:
         applied = apply_layer(stream, dest)
         while reader.readinto(bytearray(CHUNK_SIZE)):  # what follows the tar's end: the digest covers it too

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import flatbuffers  # type: ignore[import-untyped]
+import flatbuffers
 
 from ..tar import encode_text
 from ..ztoc_fbs.zinfo import TarZinfo as fb_tar_zinfo
