@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from .errors import SnapshotterError
 from .layer_modes import LayerMode
+from .phases import PhaseState
 from .registry.options import RegistryOptions
 from .sizes import human_size
 
@@ -102,14 +103,7 @@ class WarmPhase(enum.Enum):
     FAILED = "failed"
 
 
-@dataclass(frozen=True)
-class WarmState:
-    phase: WarmPhase
-    detail: str = ""
-    """Why, for the phases that need a reason."""
-
-    def __str__(self) -> str:
-        return f"{self.phase.value}: {self.detail}" if self.detail else self.phase.value
+WarmState = PhaseState[WarmPhase]
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import trio
 
+from ..phases import PhaseState
 from .units import FetchableLayer, Unit
 
 
@@ -25,14 +26,7 @@ class Phase(enum.Enum):
     """Background fetch gave up on it (the detail says why)."""
 
 
-@dataclass(frozen=True)
-class FetchState:
-    phase: Phase
-    detail: str = ""
-    """Why, for the phases that need a reason."""
-
-    def __str__(self) -> str:
-        return f"{self.phase.value}: {self.detail}" if self.detail else self.phase.value
+FetchState = PhaseState[Phase]
 
 
 ON_DEMAND = FetchState(Phase.ON_DEMAND)
