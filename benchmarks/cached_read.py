@@ -15,6 +15,8 @@ layer's mount (`<root>/mnt/<id>/data/big.bin`, EROFS by default), drops the page
 are resident) and times `dd if=big.bin of=/dev/null bs=1M`:
 
 - `first`: this data plane's first read of each chunk (reads it from disk, checks its sha256);
+- `native`: first, the same bytes from a plain file on the same disk (copied there from the
+  first node), page cache dropped: what the disk gives a reader that is not lazysnap's;
 - `again`: page cache dropped once more, the same data plane reads it again (chunks it
   has verified before: no sha256).
 
@@ -133,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
                 t = dd(path)
                 expect = sha256_of(path)
                 print(f"filled the cache through the registry: {path.stat().st_size / 1e6 / t:.0f} MB/s", flush=True)
+                native = tmp / "native.bin"
+                shutil.copyfile(path, native)
                 node.lazysnap.stop()  # the writer of the cache, before its files are linked
                 cache = tmp / "cache"
                 subprocess.run(["cp", "-al", str(node.lazysnap.root / "cache"), str(cache)], check=True)
@@ -145,7 +149,10 @@ def main(argv: list[str] | None = None) -> int:
                     assert node.lazysnap is not None
                     path = find_in_layers(node.lazysnap.root, FILE)
                     mark = link.registry.mark() if link.registry is not None else 0
-                    run = {"first": timed_read(node, path)}
+                    drop_caches()
+                    seconds = dd(native)
+                    run: dict = {"native": {"seconds": seconds, "mb_s": native.stat().st_size / 1e6 / seconds}}
+                    run["first"] = timed_read(node, path)
                     if sha256_of(path) != expect:
                         raise RuntimeError("the bytes read differ from the first node's")
                     run["again"] = timed_read(node, path)
@@ -158,9 +165,10 @@ def main(argv: list[str] | None = None) -> int:
                     node.close()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    for phase in ("first", "again"):
-        report[phase] = {key: summarize([r[phase][key] for r in report["runs"]])
-                         for key in ("mb_s", "mean_request_kib", "handler_ms_per_request", "dataplane_cpu_s")}
+    for phase in ("native", "first", "again"):
+        keys = ("mb_s",) if phase == "native" else ("mb_s", "mean_request_kib", "handler_ms_per_request",
+                                                    "dataplane_cpu_s")
+        report[phase] = {key: summarize([r[phase][key] for r in report["runs"]]) for key in keys}
         s = report[phase]["mb_s"]
         print(f"{phase}: {s['median']:.0f} MB/s median [{s['min']:.0f}-{s['max']:.0f}] of {s['n']}", flush=True)
     print(f"wrote {write_results(args.out, 'cached-read', report)}.json")

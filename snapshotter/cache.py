@@ -201,21 +201,21 @@ class ChunkCache:
         return data
 
     async def get(self, key: str, verify: Verify | None = None) -> bytes | None:
-        data = self._from_memory(key)
-        if data is not None:
-            return data
+        remembered = self._from_memory(key)
+        if remembered is not None:
+            return remembered
         name = _name(key)
         if not self._known(name):
             self.stats.misses += 1
             return None
         path = self._path(name)
         try:
-            data = await trio.to_thread.run_sync(path.read_bytes)
+            data, good = await trio.to_thread.run_sync(_load, path, verify)
         except FileNotFoundError:
             self._forget(name)
             self.stats.misses += 1
             return None
-        if verify is not None and not verify(data):
+        if not good:
             log.error("cache entry %s for %s failed verification; dropping it", path, key)
             self.stats.corrupt += 1
             self._forget(name, unlink=self.writer)  # the writer fetches it again and replaces it
@@ -338,6 +338,23 @@ class ChunkCache:
     def _path(self, name: str) -> Path:
         return self.dir / name[:2] / name
 
+    async def preload(self, key: str, verify: Verify | None = None) -> bool:
+        """Load the chunk for `key` from disk into memory, if it is on disk: for a reader about to
+        ask for it. Never fetches. Readers that ask meanwhile wait for this load rather than
+        loading the file again, and load or fetch it themselves if it was not there.
+        Whether it is now in memory."""
+        if key in self._memory:
+            return True
+        if key in self._inflight or key not in self:
+            return False
+        flight = self._inflight[key] = _InFlight()
+        try:
+            flight.data = await self.get(key, verify)
+            return flight.data is not None
+        finally:
+            del self._inflight[key]
+            flight.done.set()
+
     def _load_index(self) -> None:
         """Rebuild the index from disk, oldest first, dropping half-written temporaries."""
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -356,6 +373,14 @@ class ChunkCache:
             self._bytes += size
         if self._bytes > self.max_bytes:
             self._evict(int(self.max_bytes * 0.9))
+
+
+def _load(path: Path, verify: Verify | None) -> tuple[bytes, bool]:
+    """A chunk file's bytes, and whether they pass `verify`: both in one worker thread, so
+    that the digest check (2.4 ms for a 4 MiB chunk) neither holds up the trio thread that
+    answers reads nor waits for it, and two loads hash on two cores."""
+    data = path.read_bytes()
+    return data, verify is None or verify(data)
 
 
 def _pread(path: Path, offset: int, length: int) -> bytes:

@@ -58,6 +58,8 @@ class _Served:
     record: LayerRecord
     metadata: str
     """"erofs" (the kernel serves the tree, we serve its data device) or "fuse" (we serve the tree)."""
+    device: MappedDevice | None = None
+    """The data device, when it runs tasks of its own (stopped on detach)."""
 
 
 class ControlLink:
@@ -134,6 +136,8 @@ class DataPlane:
         self.layers: dict[int, _Served] = {}
         self.retiring = False
         self.done = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        """`run`'s, where each served layer's own tasks run."""
         self._readahead_warned = False
         """The kernel could not raise a mount's readahead: said once as a warning, then at debug level."""
         """Set to stop: a signal, or retired with nothing left to serve."""
@@ -146,6 +150,7 @@ class DataPlane:
         sock = self.dir / "sock"
         sock.unlink(missing_ok=True)
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             await nursery.start(serve_fuse, self.fuse_dir, self.fs)
             listener = trio.SocketListener(await _listen(sock))
             (self.dir / "pid").write_text(f"{os.getpid()}\n")
@@ -206,14 +211,19 @@ class DataPlane:
         target = self.mnt_dir / name
         await trio.to_thread.run_sync(erofs.release, target)  # a dead mount a lost data plane left
         metadata = ""
+        mapped: MappedDevice | None = None
         if request.header.get("erofs"):
             try:
-                self.fs.attach(name, await self._device(record))
+                data_device = await self._device(record)
+                self.fs.attach(name, data_device)
                 try:
                     await trio.to_thread.run_sync(erofs.mount, saved.files_of(self.settings.root, record).meta,
                                                   self.fuse_dir / name / "data", target)
                     await self._raise_readahead(target)
                     metadata = "erofs"
+                    if isinstance(data_device, MappedDevice) and self._nursery is not None:
+                        mapped = data_device
+                        await self._nursery.start(mapped.run)
                 except OSError:
                     await self.fs.detach(name)
                     raise
@@ -227,7 +237,7 @@ class DataPlane:
                 await self.fs.detach(name)
                 raise RemoteError(f"cannot mount layer {record.digest} at {target}: {e}") from None
             metadata = "fuse"
-        self.layers[record.id] = _Served(record, metadata)
+        self.layers[record.id] = _Served(record, metadata, mapped)
         log.info("serving layer %s at %s (metadata by %s)", record.digest, target, metadata)
         return Message({"metadata": metadata})
 
@@ -268,6 +278,8 @@ class DataPlane:
         served = self.layers.pop(layer_id, None)
         if served is not None:
             await self._unmount(layer_id)
+            if served.device is not None:
+                served.device.stop()
             self.link.forget(served.record.digest)
             log.info("stopped serving layer %s", served.record.digest)
         if self.retiring and not self.layers:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from snapshotter.cache import ChunkCache
 from snapshotter.layers import device
@@ -124,3 +125,43 @@ def test_a_failed_read_fails_fast_only_over_its_own_bytes() -> None:
     assert not f.fails_fast(0, 4096, now=9.0), "a read elsewhere in the device is served"
     assert not f.fails_fast(2 << 20, 4096, now=9.0), "the failed read's end is exclusive"
     assert not f.fails_fast((1 << 20) + 4096, 4096, now=10.5), "after the window, the bytes are tried again"
+
+
+async def test_a_sequential_reader_finds_the_next_cached_chunk_loaded_ahead(tmp_path: Path) -> None:
+    """While the layer is served (`run`), the first read of a chunk after the one before it was
+    read loads the next chunk from the disk cache beside it; a read elsewhere loads nothing
+    ahead, and a chunk not in the cache is never fetched ahead."""
+    layer, image, source, served, node, big = await served_layer(tmp_path)
+    expect = await reference_bytes(layer, image)
+    dev = served.device
+    first = next(i for i, off in enumerate(dev.offsets) if off == big.offset)
+    keys = [dev.keys[dev.units[first + k]] for k in range(4)]
+    writer = ChunkCache(tmp_path / "reader", 1 << 30)  # the control plane filled the cache before
+    for key in keys[:3]:  # not the fourth: it must not be fetched ahead
+        await writer.put(key, await layer.cached_unit(key))
+    loaded: list[str] = []
+    real_get = served.cache.get
+
+    async def counting_get(k, verify=None):
+        loaded.append(k)
+        return await real_get(k, verify)
+
+    served.cache.get = counting_get  # type: ignore[method-assign]
+
+    async def read_chunk(k: int) -> None:
+        offset = big.offset + k * CHUNK
+        assert bytes(await served.read(node, offset, 4096)) == expect[offset:offset + 4096]
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(served.run)
+        await read_chunk(0)
+        assert loaded == [keys[0]], "a first read with nothing read before it loads nothing ahead"
+        await read_chunk(1)
+        await trio.testing.wait_all_tasks_blocked()
+        assert sorted(loaded) == sorted(keys[:3]), "the chunk after a sequential reader's is loaded ahead"
+        await read_chunk(2)
+        assert loaded.count(keys[2]) == 1, "the reader finds it loaded, not loading it again"
+        await trio.testing.wait_all_tasks_blocked()
+        assert source.asked == [] and keys[3] not in loaded, "the fourth chunk, not in the cache, is not fetched ahead"
+        served.stop()
+    assert served._ahead is None
