@@ -301,15 +301,15 @@ def _estargz(ctd: Containerd, gzip_ref: str, ref: str) -> None:
     ctd.ctr("images", "push", "--plain-http", ref, timeout=900)
 
 
-def _soci(ctd: Containerd, gzip_ref: str, ref: str) -> None:
-    """SOCI v2: `lazysnap index convert` builds zTOCs for the gzip image's layers (its defaults:
-    4 MiB spans, layers under 10 MiB get none) and pushes the image plus its index at `ref`.
-    The layers themselves are the gzip image's, byte for byte. The index store is a temp dir,
+def _soci(ctd: Containerd, gzip_ref: str, ref: str, span_size: str = "") -> None:
+    """SOCI v2: `lazysnap index convert` builds zTOCs for the gzip image's layers (its defaults,
+    or spans of `span_size`; layers under 10 MiB get none) and pushes the image plus its index at
+    `ref`. The layers themselves are the gzip image's, byte for byte. The index store is a temp dir,
     so no node state is touched and every benchmark node starts without it."""
     store = Path(tempfile.mkdtemp(prefix="lzsb-soci-", dir="/var/tmp"))
     try:
         run([sys.executable, "-m", "snapshotter", "index", "convert", "--plain-http", "--store", str(store),
-             gzip_ref, ref], timeout=1800)
+             *(["--span-size", span_size] if span_size else []), gzip_ref, ref], timeout=1800)
     finally:
         shutil.rmtree(store, ignore_errors=True)
 
@@ -318,6 +318,9 @@ VARIANTS: dict[str, Callable[[Containerd, str, str], None] | None] = {
     "gzip": None,            # pushed from the OCI layout with skopeo, bytes unchanged
     "estargz": _estargz,
     "soci": _soci,
+    # span-size experiments (issue 15, bytes): the same index with smaller spans
+    "soci-1m": functools.partial(_soci, span_size="1MiB"),
+    "soci-512k": functools.partial(_soci, span_size="512KiB"),
 }
 REBUILDS = {"estargz-v2": "estargz"}
 """A rebuild variant -> the variant whose layers but the top one it keeps."""

@@ -76,6 +76,8 @@ MODES = {m.name: m for m in (
     Mode("whole", "gzip", lazy=True),      # the plain image, no index: every layer pulled whole by lazysnap
     Mode("estargz+profile", "estargz", lazy=True, profile=True),
     Mode("soci+profile", "soci", lazy=True, profile=True),
+    Mode("soci-1m", "soci-1m", lazy=True),    # the same SOCI index with 1 MiB spans (span-size experiment)
+    Mode("soci-512k", "soci-512k", lazy=True),
     # python-app's next build (a new top layer only; benchmarks/images.py REBUILDS), cold on a node
     # that never saw it, with only the previous build's profile in the registry: it borrows
     # that profile's ranges of the layers the two builds share
