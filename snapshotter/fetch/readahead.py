@@ -51,8 +51,14 @@ readahead, or in a miss's fetch window): a package's next module is, the first c
 large file nobody opened is not. Issue 15: reading busybox, /etc/passwd and a small file of
 a 6.5 MiB layer swept in the first 4 MiB chunk of a large unread file after them (78 % of
 the layer). Python modules and /etc files are well under it; a larger file that a start
-does read costs one miss more at its start (the streak then continues within it). The bound
-is a choice: not yet measured against the python-app start's reads."""
+does read costs one miss more at its start (the streak then continues within it).
+
+Measured on python-app's first start without a profile (100 Mbit/s + 20 ms; 9 cold runs in
+three interleaved rounds, pooled median; benchmarks/RESULTS.md): 64 KiB 10.09 s, 41.3 MiB,
+255 GETs (3 runs); 256 KiB 9.48 s, 48.4 MiB, 153 GETs; 512 KiB 9.03 s, 50.4 MiB (3 runs);
+1 MiB 9.03 s, 50.1 MiB, 137 GETs; 2 MiB 10.37 s, 50.4 MiB (6 runs). Between 256 KiB and 1 MiB
+the difference is within the rounds' drift (one round put 256 KiB first), so the bound
+that fetches the fewest bytes stays."""
 
 
 def fetch_ahead(unit: Unit, read_file: int) -> bool:
