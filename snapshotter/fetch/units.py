@@ -9,17 +9,22 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
+
+import msgspec
 
 if TYPE_CHECKING:
     from ..recording import ReadHook
     from .activity import FetchActivity
 
 
-@dataclass(frozen=True, order=True)
-class Unit:
-    """A piece of a layer blob that is fetched, verified and cached as a whole."""
+class Unit(msgspec.Struct, frozen=True, order=True, gc=False):
+    """A piece of a layer blob that is fetched, verified and cached as a whole.
+
+    A frozen msgspec struct rather than a dataclass: built and compared in C, and never tracked
+    by the collector. `EStargzLayer(...)` builds one per chunk, 30,000 for benchmarks.pull_cpu's
+    layer, where the dataclass's `__init__` alone took 0.022 s.
+    """
 
     start: int
     end: int

@@ -12,6 +12,7 @@ import bisect
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 
 import trio
 
@@ -126,15 +127,15 @@ class EStargzLayer:
         entries = index.format.layer_entries(index.toc, index.footer.toc_offset)
         toc_file = estargz.toc_file_entry(index.toc)
         self._tree = build_tree(entries + ([toc_file] if toc_file is not None else []))
-        self._in_blob_order = sorted({c for e in entries if isinstance(e.content, tuple) for c in e.content},
-                                     key=lambda c: (c.compressed_offset, c.inner_offset))
-        self._offsets = [c.compressed_offset for c in self._in_blob_order]
         files: dict[estargz.Chunk, tuple[int, int]] = {}  # chunk -> (where its file starts, the file's compressed bytes)
         for e in entries:
-            if isinstance(e.content, tuple) and e.content:
-                lo, hi = e.content[0].compressed_offset, e.content[-1].compressed_end
-                for c in e.content:
-                    files.setdefault(c, (lo, hi - lo))
+            content = e.content
+            if isinstance(content, tuple) and content:
+                where = (content[0].compressed_offset, content[-1].compressed_end - content[0].compressed_offset)
+                for c in content:
+                    files.setdefault(c, where)
+        self._in_blob_order = sorted(files, key=attrgetter("compressed_offset", "inner_offset"))
+        self._offsets = [c.compressed_offset for c in self._in_blob_order]
         self._units = [Unit(c.compressed_offset, c.compressed_end, i, c.size, *files[c])
                        for i, c in enumerate(self._in_blob_order)]
         self._by_key: dict[str, estargz.Chunk] | None = None
