@@ -165,3 +165,36 @@ async def test_a_sequential_reader_finds_the_next_cached_chunk_loaded_ahead(tmp_
         assert source.asked == [] and keys[3] not in loaded, "the fourth chunk, not in the cache, is not fetched ahead"
         served.stop()
     assert served._ahead is None
+
+
+@pytest.mark.parametrize("error", [OSError(5, "Input/output error"), RuntimeError("a bug in the load")])
+async def test_a_failing_load_ahead_leaves_the_layer_served(tmp_path: Path, error: Exception) -> None:
+    """A load ahead that fails (a disk error reading the cache file, or a bug) is dropped quietly:
+    the layer's task group lives on, and the reader that needs the chunk tries it itself."""
+    layer, image, source, served, node, big = await served_layer(tmp_path)
+    dev = served.device
+    first = next(i for i, off in enumerate(dev.offsets) if off == big.offset)
+    keys = [dev.keys[dev.units[first + k]] for k in range(3)]
+    writer = ChunkCache(tmp_path / "reader", 1 << 30)
+    for key in keys:
+        await writer.put(key, await layer.cached_unit(key))
+    real_get = served.cache.get
+    failed: list[str] = []
+
+    async def failing_get(k, verify=None):
+        if k == keys[2] and not failed:
+            failed.append(k)
+            raise error
+        return await real_get(k, verify)
+
+    served.cache.get = failing_get  # type: ignore[method-assign]
+    expect = await reference_bytes(layer, image)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(served.run)
+        for k in range(3):
+            offset = big.offset + k * CHUNK
+            assert bytes(await served.read(node, offset, 4096)) == expect[offset:offset + 4096]
+            await trio.testing.wait_all_tasks_blocked()
+        assert failed == [keys[2]], "the load ahead of the third chunk failed"
+        assert served._ahead is not None, "and the layer's loads ahead live on"
+        served.stop()
