@@ -286,9 +286,10 @@ class MappedDevice:
         key, digest = self.device.keys[unit], self.device.digests[unit]
         try:
             await self.cache.preload(key, sha256_verifier(digest) if digest else None)
-        except Exception as e:  # a load ahead must never take the data plane down: the reader that
-            # needs the chunk loads it itself, and its read says what failed
-            log.debug("layer %s: loading chunk %s ahead: %r", self.digest, key, e)
+        except OSError as e:  # the reader that needs the chunk loads it itself, and says what failed
+            log.debug("layer %s: loading chunk %s ahead: %s", self.digest, key, e)
+        except Exception:  # a bug: said, but a load ahead must never take the data plane down
+            log.exception("layer %s: loading chunk %s ahead failed", self.digest, key)
 
     async def _whole(self, key: str, verify: Verify | None) -> bytes:
         """The unit's verified bytes: from the cache (checked there), else from the source (checked here)."""
