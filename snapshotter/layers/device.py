@@ -270,7 +270,7 @@ class MappedDevice:
 
     def _load_ahead(self, i: int) -> None:
         """At the first read of piece `i`'s chunk, when the piece before it was read (a sequential
-        reader), load the next piece's chunk from the disk cache beside it, in the background.
+        reader), load the chunks of the next `LOAD_AHEAD` pieces from the disk cache, in the background.
 
         A chunk's load (the file read and its sha256) is what a cached sequential read waited
         for, one load at a time (py-spy of `benchmarks.cached_read`). Never fetches.
