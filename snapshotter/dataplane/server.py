@@ -136,11 +136,11 @@ class DataPlane:
         self.layers: dict[int, _Served] = {}
         self.retiring = False
         self.done = trio.Event()
+        """Set to stop: a signal, or retired with nothing left to serve."""
         self._nursery: trio.Nursery | None = None
         """`run`'s, where each served layer's own tasks run."""
         self._readahead_warned = False
         """The kernel could not raise a mount's readahead: said once as a warning, then at debug level."""
-        """Set to stop: a signal, or retired with nothing left to serve."""
         self._handlers: dict[str, Handler] = {"hello": self._hello, "attach": self._attach,
                                               "detach": self._detach, "stats": self._stats, "retire": self._retire}
 

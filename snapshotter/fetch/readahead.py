@@ -120,14 +120,13 @@ class Readahead:
             log.debug("readahead stopped: %s", failure)
 
     def miss(self, layer: FetchableLayer, start: int, end: int) -> None:
-        self._directory(layer, start)
-        self._streak(layer, start, end)
-
-    def _directory(self, layer: FetchableLayer, start: int) -> None:
-        """Once misses reach `DIRECTORY_FILES` files of one directory, fetch its other small files."""
         unit = _unit_at(layer, start)
-        if unit is None:
-            return
+        if unit is not None:
+            self._directory(layer, unit, start)
+        self._streak(layer, start, end, unit.file if unit is not None else -1)
+
+    def _directory(self, layer: FetchableLayer, unit: Unit, start: int) -> None:
+        """Once misses reach `DIRECTORY_FILES` files of one directory, fetch its other small files."""
         directory = layer.directory(unit)
         if directory < 0:
             return
@@ -152,7 +151,8 @@ class Readahead:
         if units:
             self.spawn(layer, sorted(units))
 
-    def _streak(self, layer: FetchableLayer, start: int, end: int) -> None:
+    def _streak(self, layer: FetchableLayer, start: int, end: int, read_file: int) -> None:
+        """`read_file`: where the file the miss read starts (`Unit.file`; -1 if unknown)."""
         stream = self._streams.get(layer)
         if stream is None or not stream.end - STREAK_GAP <= start <= stream.end + STREAK_GAP:
             self._streams[layer] = _Stream(end)
@@ -160,8 +160,6 @@ class Readahead:
         stream.ahead = min(self.maximum, stream.ahead * 2 if stream.ahead else self.first)
         lo = max(end, stream.end)
         units = [u for u in units_in(layer.units, [(lo, lo + stream.ahead)]) if u.start >= lo]
-        unit = _unit_at(layer, start)
-        read_file = unit.file if unit is not None else -1
         stop = next((k for k, u in enumerate(units) if not fetch_ahead(u, read_file)), None)
         if stop is None:
             stream.end = max(end, lo + stream.ahead)

@@ -247,8 +247,7 @@ class MappedDevice:
             return device.literal[start:start + n]
         for recording in self.recordings:
             recording.touch(self.digest, device.blob_ranges[2 * unit], device.blob_ranges[2 * unit + 1])
-        key, digest = device.keys[unit], device.digests[unit]
-        verify = sha256_verifier(digest) if digest else None
+        key, verify = self._key_and_check(unit)
         whole = self.held.get(key)
         part: bytes | memoryview | None = None
         if whole is None and unit in self._loaded:
@@ -283,13 +282,18 @@ class MappedDevice:
                 self._ahead.start_soon(self._preload, after)
 
     async def _preload(self, unit: int) -> None:
-        key, digest = self.device.keys[unit], self.device.digests[unit]
+        key, verify = self._key_and_check(unit)
         try:
-            await self.cache.preload(key, sha256_verifier(digest) if digest else None)
+            await self.cache.preload(key, verify)
         except OSError as e:  # the reader that needs the chunk loads it itself, and says what failed
             log.debug("layer %s: loading chunk %s ahead: %s", self.digest, key, e)
         except Exception:  # a bug: said, but a load ahead must never take the data plane down
             log.exception("layer %s: loading chunk %s ahead failed", self.digest, key)
+
+    def _key_and_check(self, unit: int) -> tuple[str, Verify | None]:
+        """The unit's cache key, and the check of its bytes (none when the TOC gives no digest)."""
+        digest = self.device.digests[unit]
+        return self.device.keys[unit], sha256_verifier(digest) if digest else None
 
     async def _whole(self, key: str, verify: Verify | None) -> bytes:
         """The unit's verified bytes: from the cache (checked there), else from the source (checked here)."""

@@ -51,6 +51,7 @@ after 1 s, then 2 s, before the layer is reported as failed."""
 
 COMPLETED = WarmState(WarmPhase.COMPLETE)
 NO_ROOM = WarmState(WarmPhase.PARTIAL, "no room in the cache")
+RELEASED = WarmState(WarmPhase.STOPPED, "the layer was released")
 
 Jobs = list[Job]
 """A layer's GETs for the image's `FetchQueue`."""
@@ -222,7 +223,7 @@ class Warmer:
         """Fetch the layer's planned GETs through the image's queue; runs as one of the layer's tasks."""
         layer = status.layer
         if layer is None or self.served.status.get(lw.digest) is not status:
-            lw.finish(WarmState(WarmPhase.STOPPED, "the layer was released"))
+            lw.finish(RELEASED)
             warming.changed()
             return
         progress = status.progress
@@ -254,7 +255,7 @@ class Warmer:
         finally:
             progress.warming = False
             if not lw.done.is_set():
-                lw.finish(WarmState(WarmPhase.STOPPED, "the layer was released"))
+                lw.finish(RELEASED)
             warming.changed()
 
 
