@@ -23,9 +23,10 @@ a container over loopback 0.65 s before and after (median of 5; 0.62-0.81 s, 0.6
 and the same GETs and misses with a simulated 100 Mbit/s + 20 ms link (eStargz, SOCI).
 
 A package's modules are imported in the order its code asks for them, not in blob order, so
-half of a first start's misses go backward and form no streak; the directory prediction
-(`DIRECTORY_FILES`, `layers/directories.py`) covers those. SOCI layers do not tell their
-directories: a span already holds a run of neighbouring files.
+half of a first start's misses go backward and form no streak. A miss's own window reaches
+back over the small files of its directory just before it (`layers.estargz.BEHIND_WINDOW`),
+and the directory prediction (`DIRECTORY_FILES`, `layers/directories.py`) covers the rest.
+SOCI layers do not tell their directories: a span already holds a run of neighbouring files.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from snapshotter.fetch.activity import FetchActivity
 from snapshotter.fetch.blob import RegistryBlob
 from snapshotter.fetch.readahead import Readahead
 from snapshotter.fetch.units import FetchableLayer, Unit
-from snapshotter.layers.estargz import EStargzLayer, fetch_index
+from snapshotter.layers.estargz import BEHIND_WINDOW, EStargzLayer, fetch_index
 from snapshotter.layers.soci import SociLayer
 from snapshotter.formats import ztoc
 from tests.harness.estargz import build_estargz
@@ -210,11 +210,17 @@ async def test_reads_of_two_modules_of_a_package_fetch_its_other_small_files(tmp
         assert into == 0, f"{into} bytes of unread {path} fetched"
 
 
-async def test_one_read_in_a_directory_fetches_no_other_file_of_it(tmp_path: Path) -> None:
+async def test_one_read_in_a_directory_fetches_only_the_files_just_before_it(tmp_path: Path) -> None:
+    """A miss brings the small files of its directory within `BEHIND_WINDOW` before its file
+    (a package's `__init__` is read first, the modules it imports next, in no tar order);
+    one read fetches no file of its directory further away."""
     files = package_like()
     layer, blob = await read_with_readahead(tmp_path, files, ["pkg/mod39.py"], 256 << 10)
     await trio.testing.wait_all_tasks_blocked()
     lo, _ = file_range(layer, "pkg/mod00.py")
     _, hi = file_range(layer, "pkg/mod38.py")
-    into = sum(max(0, min(end, hi) - max(start, lo)) for start, end in blob.ranges)
-    assert into == 0, f"{into} bytes of other modules fetched after one read"
+    near = sum(max(0, min(end, hi) - max(start, lo)) for start, end in blob.ranges)
+    assert 0 < near <= BEHIND_WINDOW, f"{near} bytes of the modules before the one read fetched"
+    _, far = file_range(layer, "pkg/mod33.py")
+    into = sum(max(0, min(end, far) - max(start, lo)) for start, end in blob.ranges)
+    assert into == 0, f"{into} bytes of modules more than {BEHIND_WINDOW} bytes away fetched after one read"
