@@ -14,6 +14,15 @@ from typing import Any
 
 from .errors import ConfigError
 
+FETCH_CONCURRENCY = 6
+"""Range GETs one image's prefetch keeps in flight (`fetch_concurrency`). A GET's slot is held
+while its batch is decoded and cached too (0.78 s of python-app's 2.9 s replay), so 4 left the
+link at 78 Mbit/s of 95. Measured on python-app's first start with its start profile
+(100 Mbit/s + 20 ms, interleaved rounds of one cold run each; benchmarks/RESULTS.md): 4 GETs
+4.28 s median of 6 runs [3.99-4.46], 5 GETs 4.06 s (3 runs), 6 GETs 3.97 s [3.87-4.30] (6 runs),
+8 GETs 4.31 s (3 runs); the same 28.9 MiB in 72 GETs each time. More GETs than that share
+the link among more batches, and the most urgent ones arrive later."""
+
 DEFAULT_CONFIG_PATH = Path("/etc/lazysnap/config.toml")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MAX_SOCKET_PATH = 107
@@ -70,7 +79,7 @@ class Config:
     """Record the start profile of an image that has none, under <root>/profiles."""
     profile_seconds: float = 30.0
     """How long after an image's first read its start profile records."""
-    fetch_concurrency: int = 4
+    fetch_concurrency: int = FETCH_CONCURRENCY
     """Parallel range GETs of one image's prefetch."""
     readahead_max_mib: int = 8
     """Largest readahead when reads walk forward through a layer blob; 0 turns it off."""

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from ..config import FETCH_CONCURRENCY
 from ..fetch.prefetch import FetchQueue
 from ..fetch.units import Unit, first_reached
 from ..formats import estargz, soci_index
@@ -50,7 +51,7 @@ class ImageOptions:
     prefetch: bool = True
     record_profiles: bool = True
     profile_seconds: float = 30.0
-    fetch_concurrency: int = 4
+    fetch_concurrency: int = FETCH_CONCURRENCY
 
 
 @dataclass(eq=False)

@@ -29,6 +29,7 @@ from pathlib import Path
 import trio
 
 from .. import metrics
+from ..config import FETCH_CONCURRENCY
 from ..cache import ChunkCache
 from ..fetch.activity import FetchActivity
 from ..fetch.background import BackgroundFetcher, BackgroundOptions, Target
@@ -73,7 +74,7 @@ class ManagerOptions:
     record_profiles: bool = True
     """Record a start profile for an image that has none."""
     profile_seconds: float = 30.0
-    fetch_concurrency: int = 4
+    fetch_concurrency: int = FETCH_CONCURRENCY
     """Parallel range GETs of one image's prefetch."""
     background: BackgroundOptions | None = field(default_factory=BackgroundOptions)
     """None: no background fetch."""
