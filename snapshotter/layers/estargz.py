@@ -46,14 +46,15 @@ BEHIND_WINDOW = 128 << 10
 to this many compressed bytes: a package's `__init__` is read first, then the modules it
 imports, in the order its code names them, not in tar order, so half of them lie behind it.
 
-Measured on python-app's first start without a profile (100 Mbit/s + 20 ms, four interleaved
+Measured on python-app's first start without a profile (100 Mbit/s + 20 ms, interleaved
 rounds of one cold run each; benchmarks/RESULTS.md): the window forward across directories
-(as before) 10.02 s median, 48.4 MiB, 154 GETs; forward within the directory and 128 KiB
-behind 9.35 s, 44.9-46.3 MiB, 161-167 GETs. Either half alone changed nothing (9.99 s and
-10.0 s): forward within the directory alone turns the next directory's files into more
-misses, 128 KiB behind alone fetches more per miss (122 GETs, 48.0 MiB). A trace of the
-old window's start had 93 misses, 19 of them a file of the same directory within 128 KiB
-before an earlier miss's file."""
+(as before) 10.13 s median of 7, 48.4 MiB, 154 GETs; forward within the directory and 128 KiB
+behind 9.53 s (7 runs), 44.9-46.3 MiB, 161-170 GETs. Either half alone changed nothing
+(10.34 s and 10.21 s, 4 runs each): forward within the directory alone turns the next
+directory's files into more misses (204-208 GETs), 128 KiB behind alone fetches more per miss
+(122 GETs, 48.0 MiB); 256 KiB behind or a 1 MiB window forward were no better (9.67 s, 9.82 s).
+A trace of the old window's start had 93 misses, 19 of them a file of the same directory within
+128 KiB before an earlier miss's file."""
 
 
 @dataclass(frozen=True)
