@@ -61,7 +61,7 @@ async def serve(config: Config) -> None:
             snapshotter = Snapshotter(config.root, store, index_off=overlay_index_off(), remote=remote)
             await trio.to_thread.run_sync(snapshotter.cleanup)
             puller = Puller(nursery, remote.registry if remote else None, remote.explain if remote else None,
-                            remote.warm if remote else None)
+                            remote.warm if remote else None, remote.expect if remote else None)
             server = service.start_server(snapshotter, config.address, config.grpc_workers, status=remote,
                                           puller=puller, registry=registry_options(config),
                                           renewed=functools.partial(last_renewed, keychain.renewals))

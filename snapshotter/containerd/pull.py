@@ -74,11 +74,24 @@ def chain_ids(diff_ids: list[str]) -> list[str]:
 
 async def rpull(ref: str, *, registry: RegistryClient, containerd: ContainerdClient, snapshotter: str = "lazysnap",
                 explain: Callable[[str], Explanation] | None = None,
-                progress: Callable[[str], None] = lambda line: None) -> PullReport:
-    """Pull `ref` into containerd for `snapshotter`; `explain(digest)` says how lazysnap obtained a layer."""
+                progress: Callable[[str], None] = lambda line: None,
+                expect: Callable[[L.LayerRequest], None] | None = None) -> PullReport:
+    """Pull `ref` into containerd for `snapshotter`; `explain(digest)` says how lazysnap obtained a layer.
+
+    `expect(request)` (the daemon's layer manager) hears of the image as soon as its manifest
+    is resolved, with what its first Prepare will say, so that its layers' indexes are fetched
+    while the config is fetched and containerd's content, lease and Prepares go by.
+    """
     start = time.monotonic()
     manifest = await registry.resolve(ref)
     image_name = str(manifest.ref)
+    if expect is not None and manifest.layers:
+        # The snapshot names (chain IDs) need the config; resolving a layer does not use them.
+        described = tuple(manifest.layers)
+        first = L.LayerRequest.from_labels(_layer_labels(
+            ImageLayers(snapshotter, image_name, manifest.digest, described, tuple(d.digest for d in described)), 0))
+        if first is not None:
+            expect(first)
     config_desc = manifest.config
     config_raw = await registry.fetch_blob(ref, config_desc.digest)
     try:
@@ -143,9 +156,7 @@ async def _unpack_layers(containerd: ContainerdClient, image: ImageLayers,
     layers, chain = image.layers, image.chain
     for i, layer in enumerate(layers):
         layer_start = time.monotonic()
-        labels = L.cri_labels(chain[i], image.image_name, image.manifest_digest, layer.digest,
-                              [above.digest for above in layers[i:]])
-        labels |= {k: v for k, v in layer.annotations.items() if k.startswith(L.PREFIX)}
+        labels = _layer_labels(image, i)
         await _unpack_layer(containerd, image.snapshotter, layer, chain[i], parent, labels, explain)
         explained = explain(layer.digest) if explain is not None else Explanation()
         outcome = LayerOutcome(layer.digest, layer.size, explained.mode, explained.reason,
@@ -155,6 +166,14 @@ async def _unpack_layers(containerd: ContainerdClient, image: ImageLayers,
                  + (f" ({outcome.reason})" if outcome.reason else ""))
         parent = chain[i]
     return outcomes
+
+
+def _layer_labels(image: ImageLayers, i: int) -> dict[str, str]:
+    """What the Prepare of layer `i` tells lazysnap: the CRI labels, and the layer's own annotations for it."""
+    layer = image.layers[i]
+    labels = L.cri_labels(image.chain[i], image.image_name, image.manifest_digest, layer.digest,
+                          [above.digest for above in image.layers[i:]])
+    return labels | {k: v for k, v in layer.annotations.items() if k.startswith(L.PREFIX)}
 
 
 async def _unpack_layer(containerd: ContainerdClient, snapshotter: str, layer: Descriptor, chain_id: str,
@@ -206,13 +225,16 @@ class Puller:
 
     def __init__(self, nursery: trio.Nursery, registry: RegistryClient | None,
                  explain: Callable[[str], Explanation] | None,
-                 warm: Callable[[PullReport], Warming] | None = None) -> None:
-        """`warm` starts warming a pulled image's lazy layers (the layer manager's; None when lazy is off)."""
+                 warm: Callable[[PullReport], Warming] | None = None,
+                 expect: Callable[[L.LayerRequest], None] | None = None) -> None:
+        """`warm` starts warming a pulled image's lazy layers, `expect` starts resolving them (the
+        layer manager's; None when lazy is off)."""
         self.nursery = nursery
         self.token = trio.lowlevel.current_trio_token()
         self.registry = registry
         self.explain = explain
         self.warm = warm
+        self.expect = expect
 
     def start(self, order: PullOrder, emit: Callable[[PullEvent], None]) -> Callable[[], None]:
         """From any thread: start pulling; `emit` gets every event on the trio thread.
@@ -283,4 +305,4 @@ class Puller:
             containerd = stack.enter_context(ContainerdClient(order.containerd, order.namespace))
             await trio.to_thread.run_sync(containerd.wait_ready, abandon_on_cancel=True)
             return await rpull(order.ref, registry=registry, containerd=containerd, snapshotter=order.snapshotter,
-                               explain=self.explain, progress=progress)
+                               explain=self.explain, progress=progress, expect=self.expect)

@@ -155,10 +155,7 @@ class LayerManager:
         if served is not None:  # another image's layer too: nothing to resolve, and nothing to break
             return served.id
         status = self.served.status_of(request)
-        for other in request.image_layers:
-            if other != request.layer_digest and self.served.serving(other) is None:
-                ahead = self.resolver.start(request, other, retry_after=RETRY_FAILED_AFTER)
-                self.nursery.start_soon(self._pull_ahead_if_settled, request.image_ref, other, ahead)
+        self._resolve_ahead(request, request.layer_digest)
         resolution = self.resolver.start(request, request.layer_digest, retry_after=0.0)
         with trio.move_on_after(self.options.resolve_timeout):
             await resolution.done.wait()
@@ -214,6 +211,18 @@ class LayerManager:
                                 layer, status)
         self.resolver.forget(request.layer_digest)
         return record.id
+
+    def expect(self, request: LayerRequest) -> None:
+        """On the trio thread: an image is being pulled (`lazysnap rpull`), `request` is what its
+        first Prepare will say; start resolving its layers now."""
+        self._resolve_ahead(request)
+
+    def _resolve_ahead(self, request: LayerRequest, but: str = "") -> None:
+        """Start resolving the image's layers other than `but` that are not served yet."""
+        for other in request.image_layers:
+            if other != but and self.served.serving(other) is None:
+                ahead = self.resolver.start(request, other, retry_after=RETRY_FAILED_AFTER)
+                self.nursery.start_soon(self._pull_ahead_if_settled, request.image_ref, other, ahead)
 
     async def _pull_ahead_if_settled(self, image_ref: str, digest: str, resolution: Resolution) -> None:
         """Start pulling a layer whole as soon as it is known to have no usable index."""

@@ -226,6 +226,24 @@ async def test_mounting_a_layer_resolves_the_images_other_layers_ahead(tmp_path:
         assert registry.calls.count("resolve") == 1
 
 
+async def test_an_expected_image_has_every_layer_resolved_before_its_first_prepare(tmp_path: Path) -> None:
+    one, two = build(9), build(10)
+    registry = FakeRegistry({one.digest: one.blob, two.digest: two.blob})
+    async with opened(tmp_path, registry) as env:
+        env.manager.expect(request_for(one, layers=(one.digest, two.digest)))  # rpull, once the manifest is resolved
+        with trio.fail_after(5):
+            while not all(any(d == b.digest for d, _, _ in registry.reads) for b in (one, two)):
+                await trio.sleep(0.01)
+        assert env.plane.attached == [], "expecting an image attaches nothing: only its Prepares do"
+        with trio.fail_after(5):
+            first = await env.manager._mount(request_for(one, layers=(one.digest, two.digest)))
+            second = await env.manager._mount(request_for(two))
+        assert first is not None and second is not None
+        assert (registry.opens_of(one.digest), registry.opens_of(two.digest)) == (1, 1), \
+            "the Prepares use the indexes fetched when the image was expected"
+        assert [r.digest for r, _ in env.plane.attached] == [one.digest, two.digest]
+
+
 # --------------------------------------------------------------------------- release
 
 
