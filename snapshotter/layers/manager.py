@@ -11,7 +11,8 @@ misses arrive on the same loop (`serve_unit`), so nothing here needs a lock.
 
 What makes it different from its peers:
 - the first Prepare of an image starts resolving *all* the image's layers at once,
-  so later Prepares find their index already fetched;
+  so later Prepares find their index already fetched (`lazysnap rpull` starts it sooner
+  still, once the manifest is resolved: `expect`);
 - every fallback has a reason, which is logged, kept, and shown by `lazysnap status`
   and `lazysnap rpull`;
 - a layer's index is saved on disk once verified, so after a restart every layer is
