@@ -62,19 +62,22 @@ async def serve(config: Config) -> None:
             await trio.to_thread.run_sync(snapshotter.cleanup)
             puller = Puller(nursery, remote.registry if remote else None, remote.explain if remote else None,
                             remote.warm if remote else None, remote.expect if remote else None)
-            server = service.start_server(snapshotter, config.address, config.grpc_workers, status=remote,
-                                          puller=puller, registry=registry_options(config),
-                                          renewed=functools.partial(last_renewed, keychain.renewals))
-            proxy = None
-            if cri is not None and config.cri_image_service_address is not None:
-                proxy = cri_proxy.start(config.cri_image_service_address, config.cri_containerd_address, cri,
-                                        config.grpc_workers)
-            log.info("serving containerd snapshots API on %s (root %s, lazy %s)", config.address, config.root,
-                     "on" if config.lazy else "off")
-            if config.metrics_address and remote is not None:
-                stack.callback(metrics.serve(config.metrics_address, remote.metrics))
+            # The handler is in place before the socket accepts: a SIGTERM as soon as it does (systemd,
+            # a test) stops the daemon cleanly; CI once killed it in the gap between the two. It is
+            # gone again before the shutdown, so that a second signal still stops a stuck one.
+            server = proxy = None
             try:
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    server = service.start_server(snapshotter, config.address, config.grpc_workers, status=remote,
+                                                  puller=puller, registry=registry_options(config),
+                                                  renewed=functools.partial(last_renewed, keychain.renewals))
+                    if cri is not None and config.cri_image_service_address is not None:
+                        proxy = cri_proxy.start(config.cri_image_service_address, config.cri_containerd_address,
+                                                cri, config.grpc_workers)
+                    log.info("serving containerd snapshots API on %s (root %s, lazy %s)", config.address,
+                             config.root, "on" if config.lazy else "off")
+                    if config.metrics_address and remote is not None:
+                        stack.callback(metrics.serve(config.metrics_address, remote.metrics))
                     notify("READY=1")
                     async for signum in signals:
                         log.info("received %s, shutting down (data planes keep serving running containers)",
@@ -84,7 +87,8 @@ async def serve(config: Config) -> None:
                 notify("STOPPING=1")
                 if proxy is not None:  # first: a pull it forwards may still need the snapshots API
                     await trio.to_thread.run_sync(proxy.stop)
-                await trio.to_thread.run_sync(lambda: server.stop(grace=5).wait())
+                if server is not None:
+                    await trio.to_thread.run_sync(server.stop(grace=5).wait)
                 config.address.unlink(missing_ok=True)
                 nursery.cancel_scope.cancel()
     finally:
